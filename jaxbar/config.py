@@ -1,0 +1,610 @@
+"""The crossbar configuration tree: frozen, validated, hashable dataclasses.
+
+A `CrossbarConfig` describes one analog core (array size, weight and input
+encoding, device non-idealities, converters, parasitics). It is hashable, so it
+can be a static argument under `jax.jit`, and round-trips through plain dicts,
+JSON and YAML. Every field is validated on construction; a bad value raises
+`ConfigError` naming the dotted field path and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ADCConfig",
+    "ArrayConfig",
+    "ConfigError",
+    "CrossbarConfig",
+    "DeviceConfig",
+    "InputsConfig",
+    "MappingConfig",
+    "NoiseConfig",
+    "ParasiticsConfig",
+    "WeightsConfig",
+    "PRESETS",
+]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field path."""
+
+
+def _fail(path: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{path} = {value!r} is invalid: expected {allowed}")
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _check_real(path: str, v: Any, allowed: str = "a finite number") -> None:
+    if not _is_real(v) or math.isnan(v) or math.isinf(v):
+        _fail(path, v, allowed)
+
+
+def _check_int(path: str, v: Any, lo: int, hi: int | None = None) -> None:
+    allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+        _fail(path, v, allowed)
+
+
+def _check_choice(path: str, v: Any, choices: tuple[str, ...]) -> None:
+    if v not in choices:
+        _fail(path, v, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _tuplify(v: Any) -> Any:
+    if isinstance(v, list | tuple):
+        return tuple(_tuplify(x) for x in v)
+    return v
+
+
+def _bits(v: Any) -> Any:
+    """`None` and "ideal" mean an ideal converter, like 0."""
+    return 0 if v is None or v == "ideal" else v
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayConfig:
+    """Physical array size; larger matrices are partitioned (PHYSICS §5).
+
+    Attributes:
+      rows: maximum rows (inputs) per array; None = unlimited.
+      cols: maximum columns (outputs) per array; None = unlimited.
+    """
+
+    rows: int | None = None
+    cols: int | None = None
+
+    def _validate(self, path: str) -> None:
+        for name in ("rows", "cols"):
+            v = getattr(self, name)
+            if v is not None:
+                _check_int(f"{path}.{name}", v, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsConfig:
+    """Weight clipping and quantization (PHYSICS §1.1–1.2).
+
+    Attributes:
+      bits: signed weight bits (0 = unquantized; otherwise >= 2, one sign bit).
+      clip_percentile: p in (50, 100]; 100 clips at max|W|.
+    """
+
+    bits: int = 0
+    clip_percentile: float = 100.0
+
+    def _validate(self, path: str) -> None:
+        if self.bits != 0:
+            _check_int(f"{path}.bits", self.bits, 2, 32)
+        _check_real(f"{path}.clip_percentile", self.clip_percentile)
+        if not 50.0 < self.clip_percentile <= 100.0:
+            _fail(f"{path}.clip_percentile", self.clip_percentile, "a number in (50, 100]")
+
+
+@dataclasses.dataclass(frozen=True)
+class MappingConfig:
+    """How signed weights become conductances (PHYSICS §1.3).
+
+    Attributes:
+      scheme: "differential" (a pair of one-sided cells per weight) or "offset"
+        (one cell per weight, zero weight mid-range).
+      slices: number of weight bit slices (1 = unsliced).
+      subtract: differential only: subtract the pair currents "analog" (before
+        the ADC) or "digital" (digitize both).
+      offset_subtraction: offset only: subtract the zero-weight current
+        "digital"ly (exact) or via an analog "unit_column".
+    """
+
+    scheme: str = "differential"
+    slices: int = 1
+    subtract: str = "analog"
+    offset_subtraction: str = "digital"
+
+    def _validate(self, path: str) -> None:
+        _check_choice(f"{path}.scheme", self.scheme, ("differential", "offset"))
+        _check_int(f"{path}.slices", self.slices, 1)
+        _check_choice(f"{path}.subtract", self.subtract, ("analog", "digital"))
+        _check_choice(
+            f"{path}.offset_subtraction", self.offset_subtraction, ("digital", "unit_column")
+        )
+
+
+NOISE_MODELS = ("none", "independent", "proportional", "custom")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseConfig:
+    """A conductance error model: `g' = g + s(g)·ε`, `ε ~ N(0, 1)` (PHYSICS §2).
+
+    Attributes:
+      model: "none"; "independent" (s = sigma, relative to g_max = 1);
+        "proportional" (s = sigma·g); "custom" (s = fn(g), e.g. a fit to
+        measured device data).
+      sigma: the error scale (>= 0).
+      fn: for "custom": a JAX-traceable function g -> standard deviation. It is
+        compared by identity, so define it once (not as a fresh lambda per call).
+    """
+
+    model: str = "none"
+    sigma: float = 0.0
+    fn: Callable[[Any], Any] | None = dataclasses.field(default=None, compare=True)
+
+    def _validate(self, path: str) -> None:
+        _check_choice(f"{path}.model", self.model, NOISE_MODELS)
+        _check_real(f"{path}.sigma", self.sigma, "a finite number >= 0")
+        if self.sigma < 0:
+            _fail(f"{path}.sigma", self.sigma, "a finite number >= 0")
+        if self.model == "custom" and not callable(self.fn):
+            _fail(f"{path}.fn", self.fn, "a callable g -> sigma(g) when model is 'custom'")
+        if self.model != "custom" and self.fn is not None:
+            _fail(f"{path}.fn", self.fn, "None unless model is 'custom'")
+
+    @property
+    def active(self) -> bool:
+        return self.model == "custom" or (self.model != "none" and self.sigma > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceConfig:
+    """Memory-cell properties (PHYSICS §0–2).
+
+    Attributes:
+      on_off_ratio: Gmax/Gmin (> 1); None = infinite (g_min = 0).
+      cell_bits: quantize each cell to 2^cell_bits conductance levels; None = analog.
+      programming_error: static per trial (drawn in `program`).
+      read_noise: fresh on every MVM (drawn in `matmul`).
+      clip: after programming error, clip conductances at "zero" (g >= 0) or
+        to the "range" [g_min, 1].
+    """
+
+    on_off_ratio: float | None = None
+    cell_bits: int | None = None
+    programming_error: NoiseConfig = NoiseConfig()
+    read_noise: NoiseConfig = NoiseConfig()
+    clip: str = "zero"
+
+    def _validate(self, path: str) -> None:
+        if self.on_off_ratio is not None:
+            _check_real(f"{path}.on_off_ratio", self.on_off_ratio, "a number > 1, or null")
+            if not self.on_off_ratio > 1:
+                _fail(f"{path}.on_off_ratio", self.on_off_ratio, "a number > 1, or null")
+        if self.cell_bits is not None:
+            _check_int(f"{path}.cell_bits", self.cell_bits, 1, 32)
+        self.programming_error._validate(f"{path}.programming_error")
+        self.read_noise._validate(f"{path}.read_noise")
+        _check_choice(f"{path}.clip", self.clip, ("zero", "range"))
+
+    @property
+    def g_min(self) -> float:
+        return 0.0 if self.on_off_ratio is None else 1.0 / self.on_off_ratio
+
+
+@dataclasses.dataclass(frozen=True)
+class InputsConfig:
+    """The DAC (PHYSICS §3).
+
+    Attributes:
+      bits: DAC bits (0 = ideal: no clipping, no quantization).
+      range: (lo, hi) = (-m, m) for signed (sign-magnitude) or (0, m) unsigned.
+      bit_serial: apply the input magnitude `slice_bits` bits at a time.
+      slice_bits: bits per input slice when bit-serial.
+    """
+
+    bits: int = 0
+    range: tuple[float, float] = (-1.0, 1.0)
+    bit_serial: bool = False
+    slice_bits: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "range", _tuplify(self.range))
+
+    def _validate(self, path: str) -> None:
+        _check_int(f"{path}.bits", self.bits, 0, 32)
+        rng = self.range
+        allowed = "[-m, m] (signed) or [0, m] (unsigned) with m > 0"
+        if not (isinstance(rng, tuple) and len(rng) == 2):
+            _fail(f"{path}.range", rng, allowed)
+        for v in rng:
+            _check_real(f"{path}.range", v, allowed)
+        lo, hi = rng
+        if not (hi > 0 and (lo == 0 or lo == -hi)):
+            _fail(f"{path}.range", list(rng), allowed)
+        if self.signed and self.bits == 1:
+            _fail(f"{path}.bits", self.bits, "0 or >= 2 for a signed (sign-magnitude) range")
+        if not isinstance(self.bit_serial, bool):
+            _fail(f"{path}.bit_serial", self.bit_serial, "true or false")
+        _check_int(f"{path}.slice_bits", self.slice_bits, 1)
+        if self.bit_serial:
+            if not 1 <= self.bits <= 24:
+                _fail(f"{path}.bits", self.bits,
+                      "an integer in [1, 24] when bit_serial is true (slicing needs a DAC)")
+            if self.slice_bits > self.magnitude_bits:
+                _fail(
+                    f"{path}.slice_bits",
+                    self.slice_bits,
+                    f"an integer in [1, {self.magnitude_bits}] (the input magnitude bits)",
+                )
+
+    @property
+    def signed(self) -> bool:
+        return self.range[0] < 0
+
+    @property
+    def x_max(self) -> float:
+        return float(self.range[1])
+
+    @property
+    def magnitude_bits(self) -> int:
+        """m: bits of the input magnitude (B_in, or B_in - 1 for sign-magnitude)."""
+        return self.bits - 1 if self.signed else self.bits
+
+    @property
+    def num_slices(self) -> int:
+        """J: MVMs per input vector."""
+        return -(-self.magnitude_bits // self.slice_bits) if self.bit_serial else 1
+
+
+ADC_MODES = ("max", "granular", "calibrated")
+
+
+@dataclasses.dataclass(frozen=True)
+class ADCConfig:
+    """The ADC (PHYSICS §4), in array output units.
+
+    Attributes:
+      bits: ADC bits (0 = ideal: no clipping, no quantization).
+      range: None (only with an ideal ADC), (lo, hi), one (lo, hi) per weight
+        slice (LSB slice first), or "max" | "granular" | "calibrated".
+        "calibrated" marks a range a calibration fills in; using it unfilled is
+        an error.
+      per_input_slice: with bit-serial inputs, digitize every input slice (and
+        shift-and-add digitally) instead of accumulating in analog first.
+    """
+
+    bits: int = 0
+    range: Any = None
+    per_input_slice: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "range", _tuplify(self.range))
+
+    def _validate(self, path: str) -> None:
+        _check_int(f"{path}.bits", self.bits, 0, 32)
+        if not isinstance(self.per_input_slice, bool):
+            _fail(f"{path}.per_input_slice", self.per_input_slice, "true or false")
+        rng = self.range
+        if rng is None:
+            if self.bits > 0:
+                _fail(f"{path}.range", rng, "[lo, hi], per-slice ranges, 'max', 'granular' or "
+                      "'calibrated' when bits > 0")
+            return
+        if isinstance(rng, str):
+            _check_choice(f"{path}.range", rng, ADC_MODES)
+            return
+        allowed = "[lo, hi] with lo < hi, a list of them (one per weight slice), or a mode"
+        pairs = self.ranges
+        if pairs is None:
+            _fail(f"{path}.range", rng, allowed)
+        for i, pair in enumerate(pairs):
+            p = f"{path}.range" if self.per_slice is False else f"{path}.range[{i}]"
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                _fail(p, pair, allowed)
+            for v in pair:
+                _check_real(p, v, allowed)
+            if not pair[0] < pair[1]:
+                _fail(p, list(pair), "[lo, hi] with lo < hi")
+
+    @property
+    def per_slice(self) -> bool:
+        return isinstance(self.range, tuple) and bool(self.range) and isinstance(
+            self.range[0], tuple
+        )
+
+    @property
+    def ranges(self) -> tuple[tuple[float, float], ...] | None:
+        """The explicit ranges as a tuple of pairs, or None for a mode / ideal."""
+        if not isinstance(self.range, tuple) or not self.range:
+            return None
+        return self.range if self.per_slice else (self.range,)
+
+
+TOPOLOGIES = ("none", "input_source", "gated_source")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParasiticsConfig:
+    """Wire resistance (PHYSICS §6); resistances normalized, r = Rp·Gmax.
+
+    Attributes:
+      topology: "none" | "input_source" | "gated_source".
+      r_row: row-line (input-source) or supply-line (gated-source) segment resistance.
+      r_col: bit-line segment resistance.
+      interleaved: differential pairs share one bit line.
+      r_driver: terminal resistance at the driver end.
+      r_integrator: terminal resistance at the integrator end.
+      tol: relative tolerance of the output currents.
+      max_iters: iteration limit of the solver.
+      on_nonconvergence: "error" | "warn" | "ignore".
+      batch_chunk: input vectors solved at a time (None = automatic).
+    """
+
+    topology: str = "none"
+    r_row: float = 0.0
+    r_col: float = 0.0
+    interleaved: bool = False
+    r_driver: float = 0.0
+    r_integrator: float = 0.0
+    tol: float = 1e-6
+    max_iters: int = 1000
+    on_nonconvergence: str = "error"
+    batch_chunk: int | None = None
+
+    def _validate(self, path: str) -> None:
+        _check_choice(f"{path}.topology", self.topology, TOPOLOGIES)
+        for name in ("r_row", "r_col", "r_driver", "r_integrator"):
+            v = getattr(self, name)
+            _check_real(f"{path}.{name}", v, "a finite number >= 0")
+            if v < 0:
+                _fail(f"{path}.{name}", v, "a finite number >= 0")
+        if not isinstance(self.interleaved, bool):
+            _fail(f"{path}.interleaved", self.interleaved, "true or false")
+        _check_real(f"{path}.tol", self.tol, "a number in (0, 1)")
+        if not 0 < self.tol < 1:
+            _fail(f"{path}.tol", self.tol, "a number in (0, 1)")
+        _check_int(f"{path}.max_iters", self.max_iters, 1)
+        _check_choice(f"{path}.on_nonconvergence", self.on_nonconvergence,
+                      ("error", "warn", "ignore"))
+        if self.batch_chunk is not None:
+            _check_int(f"{path}.batch_chunk", self.batch_chunk, 1)
+
+
+_SECTIONS = {
+    "array": ArrayConfig,
+    "weights": WeightsConfig,
+    "mapping": MappingConfig,
+    "device": DeviceConfig,
+    "inputs": InputsConfig,
+    "adc": ADCConfig,
+    "parasitics": ParasiticsConfig,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossbarConfig:
+    """The whole analog core. See the module docstring and PHYSICS.md."""
+
+    array: ArrayConfig = ArrayConfig()
+    weights: WeightsConfig = WeightsConfig()
+    mapping: MappingConfig = MappingConfig()
+    device: DeviceConfig = DeviceConfig()
+    inputs: InputsConfig = InputsConfig()
+    adc: ADCConfig = ADCConfig()
+    parasitics: ParasiticsConfig = ParasiticsConfig()
+
+    def __post_init__(self):
+        for name, cls in _SECTIONS.items():
+            section = getattr(self, name)
+            if not isinstance(section, cls):
+                _fail(name, section, f"a {cls.__name__}")
+            section._validate(name)
+        self._validate_cross()
+
+    def _validate_cross(self) -> None:
+        w, m, adc = self.weights, self.mapping, self.adc
+        if m.slices > 1:
+            if w.bits == 0:
+                _fail("mapping.slices", m.slices, "1 when weights.bits is 0 (slicing needs "
+                      "quantized weights)")
+            top = w.bits - 1 if m.scheme == "differential" else w.bits
+            if (m.slices - 1) * self.slice_bits >= top:
+                _fail("mapping.slices", m.slices,
+                      f"at most a count that leaves every slice >= 1 bit of the {top} "
+                      f"{'magnitude ' if m.scheme == 'differential' else ''}bits")
+        if adc.per_slice and len(adc.range) != m.slices:
+            _fail("adc.range", adc.range,
+                  f"{m.slices} [lo, hi] pairs (one per weight slice, LSB first)")
+        if adc.range == "granular" and adc.bits > 0 and (w.bits == 0 or self.inputs.bits == 0):
+            _fail("adc.range", "granular", "a mode other than 'granular' unless weights.bits "
+                  "and inputs.bits are both > 0")
+        p = self.parasitics
+        if p.interleaved and p.topology != "none":
+            if m.scheme != "differential":
+                _fail("parasitics.interleaved", True, "false for the offset scheme")
+            if m.subtract != "analog":
+                _fail("parasitics.interleaved", True,
+                      "false with mapping.subtract = 'digital' (interleaving subtracts in analog)")
+        if p.topology == "gated_source":
+            if not (self.inputs.bit_serial and self.inputs.slice_bits == 1):
+                _fail("parasitics.topology", "gated_source",
+                      "a topology other than 'gated_source' unless inputs are bit-serial with "
+                      "slice_bits = 1 (the cells are gated by input bits)")
+
+    # ---- derived structure -------------------------------------------------
+    @property
+    def slice_bits(self) -> int:
+        """b: bits per weight slice (PHYSICS §1.3)."""
+        bw, s = self.weights.bits, self.mapping.slices
+        if s == 1:
+            return bw
+        if bw % s == 0:
+            return bw // s
+        top = bw - 1 if self.mapping.scheme == "differential" else bw
+        return -(-top // s)
+
+    # ---- construction and serialization ------------------------------------
+    def replace(self, **changes: Any) -> CrossbarConfig:
+        """Returns a copy with changes; dotted keys reach into sections.
+
+        Example: `cfg.replace(**{"adc.bits": 6, "device.programming_error.sigma": 0.05})`
+        or `cfg.replace(adc=ADCConfig(bits=6, range="max"))`.
+        """
+        d = self.to_dict(_keep_callables=True)
+        for key, value in changes.items():
+            if isinstance(value, _DATACLASSES):
+                value = _asdict(value)
+            node = d
+            *parents, leaf = key.split(".")
+            for i, part in enumerate(parents):
+                if not isinstance(node, dict) or part not in node:
+                    raise ConfigError(f"unknown field {'.'.join(parents[: i + 1])!r}")
+                node = node[part]
+            if not isinstance(node, dict) or leaf not in node:
+                raise ConfigError(f"unknown field {key!r}")
+            node[leaf] = value
+        return CrossbarConfig.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CrossbarConfig:
+        """Builds a validated config from the documented dict schema.
+
+        Unknown keys are an error; omitted keys take their defaults.
+        """
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"config must be a mapping, got {type(d).__name__}")
+        _reject_unknown("", d, _SECTIONS)
+        kwargs = {}
+        for name, sec_cls in _SECTIONS.items():
+            if name in d:
+                kwargs[name] = _section_from_dict(name, sec_cls, d[name])
+        return cls(**kwargs)
+
+    def to_dict(self, _keep_callables: bool = False) -> dict[str, Any]:
+        """The config as plain JSON-compatible dicts and lists."""
+        d = _asdict(self)
+        fn = self.device.programming_error.fn, self.device.read_noise.fn
+        for key, f in zip(("programming_error", "read_noise"), fn, strict=True):
+            if f is None:
+                d["device"][key].pop("fn")
+            elif not _keep_callables:
+                raise ConfigError(f"device.{key}.fn is a Python function and cannot be "
+                                  "serialized; use a device preset or a look-up table instead")
+        return d
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> CrossbarConfig:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"invalid JSON config: {e}") from e
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> CrossbarConfig:
+        try:
+            return cls.from_dict(yaml.safe_load(text) or {})
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid YAML config: {e}") from e
+
+    @classmethod
+    def load(cls, path_or_preset: str) -> CrossbarConfig:
+        """A preset name, or a .json / .yaml / .yml file."""
+        if path_or_preset in PRESETS:
+            return PRESETS[path_or_preset]()
+        from pathlib import Path
+
+        p = Path(path_or_preset)
+        if not p.is_file():
+            raise ConfigError(f"{path_or_preset!r} is neither a preset ({', '.join(PRESETS)}) "
+                              "nor an existing file")
+        text = p.read_text()
+        return cls.from_json(text) if p.suffix == ".json" else cls.from_yaml(text)
+
+    def save(self, path: str) -> None:
+        from pathlib import Path
+
+        p = Path(path)
+        p.write_text(self.to_json(indent=2) if p.suffix == ".json" else self.to_yaml())
+
+    # ---- presets -------------------------------------------------------------
+    @classmethod
+    def ideal(cls) -> CrossbarConfig:
+        """Every effect off: the analog result equals `x @ W` to float rounding."""
+        return cls()
+
+    @classmethod
+    def paper_baseline(cls) -> CrossbarConfig:
+        """Xiao et al. 2022 baseline: differential, 8-bit weights/inputs/ADC,
+        1152×256 arrays, on/off ratio 100, ADC range calibrated per layer."""
+        return cls(
+            array=ArrayConfig(rows=1152, cols=256),
+            weights=WeightsConfig(bits=8),
+            mapping=MappingConfig(scheme="differential", slices=1, subtract="analog"),
+            device=DeviceConfig(on_off_ratio=100.0),
+            inputs=InputsConfig(bits=8, range=(-1.0, 1.0)),
+            adc=ADCConfig(bits=8, range="calibrated"),
+        )
+
+
+PRESETS: dict[str, Callable[[], CrossbarConfig]] = {
+    "ideal": CrossbarConfig.ideal,
+    "paper_baseline": CrossbarConfig.paper_baseline,
+}
+
+_DATACLASSES = (CrossbarConfig, NoiseConfig, *_SECTIONS.values())
+
+
+def _asdict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _asdict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_asdict(v) for v in obj]
+    return obj
+
+
+def _reject_unknown(path: str, d: Mapping[str, Any], known: Mapping[str, Any]) -> None:
+    for k in d:
+        if k not in known:
+            where = f"{path}.{k}" if path else k
+            raise ConfigError(f"unknown config key {where!r}; allowed: {', '.join(known)}")
+
+
+def _section_from_dict(path: str, cls: type, d: Any) -> Any:
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{path} must be a mapping, got {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(path, d, fields)
+    kwargs = {}
+    for k, v in d.items():
+        if k in ("programming_error", "read_noise"):
+            kwargs[k] = _section_from_dict(f"{path}.{k}", NoiseConfig, v)
+        elif k in ("bits",):
+            kwargs[k] = _bits(v)
+        else:
+            kwargs[k] = _tuplify(v)
+    return cls(**kwargs)

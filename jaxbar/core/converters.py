@@ -1,0 +1,157 @@
+"""Converters: uniform quantizers, the DAC with bit-serial inputs, the ADC.
+
+PHYSICS §3–4. Rounding is half to even and passes gradients straight through
+(the quantizer's derivative is 1 inside its range and 0 where it clips).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxbar.config import ConfigError, CrossbarConfig, InputsConfig
+
+__all__ = [
+    "adc_levels",
+    "adc_ranges",
+    "dac",
+    "input_slices",
+    "input_slice_weights",
+    "quantize_uniform",
+    "round_ste",
+]
+
+
+def round_ste(x: jax.Array) -> jax.Array:
+    """Rounds half to even with a straight-through (identity) gradient."""
+    return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+def quantize_uniform(y: jax.Array, lo, hi, levels) -> jax.Array:
+    """Uniform quantizer with `levels` levels on [lo, hi] (PHYSICS §4).
+
+    `q(y) = lo + round((clip(y, lo, hi) - lo) / Δ)·Δ` with `Δ = (hi - lo)/(levels - 1)`.
+
+    Args:
+      y: values to quantize.
+      lo, hi: range limits (scalars or arrays broadcastable against `y`).
+      levels: number of levels (>= 2), scalar or broadcastable array.
+
+    Returns:
+      The quantized values, with straight-through gradients inside the range.
+    """
+    step = (hi - lo) / (levels - 1)
+    idx = round_ste((jnp.clip(y, lo, hi) - lo) / step)
+    return lo + idx * step
+
+
+def adc_levels(lo: float, hi: float, bits: int) -> int:
+    """Levels of a `bits`-bit converter on [lo, hi]: symmetric ranges are sign-magnitude."""
+    return 2**bits - 1 if lo == -hi else 2**bits
+
+
+def dac(x_n: jax.Array, inputs: InputsConfig) -> jax.Array:
+    """Quantizes normalized inputs `x_n = x / x_max` (PHYSICS §3).
+
+    Args:
+      x_n: inputs divided by the input range's magnitude `m`.
+      inputs: the DAC settings; `bits = 0` is ideal (no clipping, no rounding).
+
+    Returns:
+      `x_q` in [0, 1] (unsigned) or [-1, 1] (signed, sign-magnitude).
+    """
+    if inputs.bits == 0:
+        return x_n
+    if inputs.signed:
+        return quantize_uniform(x_n, -1.0, 1.0, 2**inputs.bits - 1)
+    return quantize_uniform(x_n, 0.0, 1.0, 2**inputs.bits)
+
+
+def input_slice_weights(inputs: InputsConfig) -> tuple[float, ...]:
+    """Shift-and-add weights `(2^s-1)/(2^m-1)·2^(k·s)` of the J input slices, LSB first."""
+    if not inputs.bit_serial:
+        return (1.0,)
+    s, m = inputs.slice_bits, inputs.magnitude_bits
+    return tuple((2**s - 1) / (2**m - 1) * 2 ** (k * s) for k in range(inputs.num_slices))
+
+
+def input_slices(x_q: jax.Array, inputs: InputsConfig) -> jax.Array:
+    """Splits DAC outputs into bit-serial input slices (PHYSICS §3).
+
+    Args:
+      x_q: DAC outputs, shape (..., K).
+      inputs: the DAC settings.
+
+    Returns:
+      Shape (J, ..., K): slice k is `sign·digit_k/(2^s-1)` of the magnitude integer
+      `round(|x_q|·(2^m-1))`, LSB first; J = 1 (x_q itself) unless bit-serial.
+      Gradients pass straight through: `Σ_k w_k·slice_k` has derivative 1 in `x_q`.
+    """
+    if not inputs.bit_serial:
+        return x_q[None]
+    s, m = inputs.slice_bits, inputs.magnitude_bits
+    xs = jax.lax.stop_gradient(x_q)
+    n = jnp.round(jnp.abs(xs) * (2**m - 1)).astype(jnp.int32)
+    shifts = jnp.arange(inputs.num_slices, dtype=jnp.int32).reshape((-1,) + (1,) * xs.ndim) * s
+    digits = ((n[None] >> shifts) & (2**s - 1)).astype(xs.dtype)
+    digits = jnp.sign(xs)[None] * digits * (1.0 / (2**s - 1))
+    # Straight-through: spread the gradient of x_q so the recombined input sees 1.
+    ste = (x_q - xs) / sum(input_slice_weights(inputs))
+    return digits + ste[None]
+
+
+def _max_range(config: CrossbarConfig, rows: int, polarity_split: bool) -> tuple[float, float]:
+    g_min = config.device.g_min
+    g_range = 1.0 - g_min
+    a = (-1.0, 1.0) if config.inputs.signed else (0.0, 1.0)
+    if config.mapping.scheme == "differential" and not polarity_split:
+        c = (-g_range, g_range)
+    else:
+        c = (g_min, 1.0)
+    corners = [ai * ci for ai in a for ci in c]
+    return rows * min(corners), rows * max(corners)
+
+
+def adc_ranges(config: CrossbarConfig, rows: int) -> tuple[tuple[float, float], ...]:
+    """The ADC range of each weight slice, LSB slice first, in array output units.
+
+    Args:
+      config: the crossbar config (with a filled-in ADC range).
+      rows: rows of the largest array partition of the layer (for "max"/"granular").
+
+    Returns:
+      One (lo, hi) per weight slice.
+
+    Raises:
+      ConfigError: an unfilled "calibrated" range.
+    """
+    adc, S = config.adc, config.mapping.slices
+    split = config.mapping.scheme == "differential" and config.mapping.subtract == "digital"
+    if adc.range == "calibrated":
+        raise ConfigError(
+            "adc.range = 'calibrated' has not been filled in: calibrate the layer "
+            "(jaxbar.nn calibration) or give explicit [lo, hi] ranges"
+        )
+    if adc.range == "max":
+        return (_max_range(config, rows, split),) * S
+    if adc.range == "granular":
+        w, inp = config.weights, config.inputs
+        g_range = 1.0 - config.device.g_min
+        if S > 1:
+            lsb_g = g_range / (2**config.slice_bits - 1)
+        elif config.mapping.scheme == "differential":
+            lsb_g = g_range / (2 ** (w.bits - 1) - 1)
+        else:
+            lsb_g = g_range / (2**w.bits - 1)
+        if inp.bit_serial and adc.per_input_slice:
+            lsb_x = 1.0 / (2**inp.slice_bits - 1)
+        else:
+            lsb_x = 1.0 / (2**inp.magnitude_bits - 1)
+        step = lsb_g * lsb_x
+        lo, _ = _max_range(config, rows, split)
+        B = adc.bits
+        if lo < 0:
+            h = step * (2 ** (B - 1) - 1)
+            return ((-h, h),) * S
+        return ((0.0, step * (2**B - 1)),) * S
+    return tuple(adc.ranges) if adc.per_slice else tuple(adc.ranges) * S
