@@ -1,0 +1,70 @@
+"""Shared test fixtures: where the shared data/models live, and skipping when they are absent.
+
+The shared folder is ``$JAXBAR_SHARED`` if set, else ``shared`` beside the repository root.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CIFAR_DEPTHS = (14, 20, 32, 56)
+
+
+def shared_dir() -> Path:
+    """The shared folder (may not exist)."""
+    env = os.environ.get("JAXBAR_SHARED")
+    return Path(env) if env else REPO_ROOT.parent / "shared"
+
+
+def require_shared(*parts: str) -> Path:
+    """``shared_dir() / parts``, or skip the test with the reason if it is absent."""
+    p = shared_dir().joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"shared resource not found: {p} (set JAXBAR_SHARED to the shared folder)")
+    return p
+
+
+def cifar_weights_path(depth: int) -> Path:
+    """Path of the Keras CIFAR-10 ResNet-v1 file of a depth, or skip."""
+    return require_shared("models", "cifar10-resnet-v1", f"resnet{depth}v1_cifar10.h5")
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """The shared folder; skips if absent."""
+    return require_shared()
+
+
+@pytest.fixture(scope="session")
+def cifar_models_dir() -> Path:
+    """``shared/models/cifar10-resnet-v1``; skips if absent."""
+    return require_shared("models", "cifar10-resnet-v1")
+
+
+@pytest.fixture(scope="session")
+def cifar_data_dir() -> Path:
+    """``shared/data/cifar10-jpeg``; skips if absent."""
+    return require_shared("data", "cifar10-jpeg")
+
+
+@pytest.fixture(scope="session")
+def cifar_mean(cifar_models_dir):
+    """The CIFAR-10 training-set mean the ResNet models expect."""
+    from jaxbar.data.preprocess import load_cifar_mean
+
+    return load_cifar_mean(cifar_models_dir)
+
+
+@pytest.fixture(scope="session")
+def cifar_test_batch(cifar_data_dir, cifar_mean, tmp_path_factory):
+    """``(x float32 preprocessed, labels)``: the first 2 test images of each class."""
+    from jaxbar.data.image_folder import load_image_folder
+    from jaxbar.data.preprocess import cifar_resnet_preprocess
+
+    images, labels, _ = load_image_folder(cifar_data_dir, "test", limit=20,
+                                          cache_dir=tmp_path_factory.mktemp("cache"))
+    return cifar_resnet_preprocess(images, cifar_mean), labels
