@@ -1,6 +1,27 @@
 """The physics: pure functions over arrays and a static `CrossbarConfig`."""
 
 from jaxbar.core.mapping import partition_sizes
-from jaxbar.core.mvm import Programmed, analog_matmul, array_outputs, matmul, program
+from jaxbar.core.mvm import (
+    ArrayOp,
+    Programmed,
+    analog_matmul,
+    array_outputs,
+    conv,
+    conv_op,
+    dense_op,
+    matmul,
+    program,
+)
 
-__all__ = ["Programmed", "analog_matmul", "array_outputs", "matmul", "partition_sizes", "program"]
+__all__ = [
+    "ArrayOp",
+    "Programmed",
+    "analog_matmul",
+    "array_outputs",
+    "conv",
+    "conv_op",
+    "dense_op",
+    "matmul",
+    "partition_sizes",
+    "program",
+]

@@ -88,7 +88,7 @@ class Layout:
 
     @functools.cached_property
     def out_index(self) -> np.ndarray:
-        return np.flatnonzero(self.col_index < self.N)
+        return np.flatnonzero(self.col_index < self.N).astype(np.int32)
 
     @functools.cached_property
     def mask(self) -> np.ndarray:

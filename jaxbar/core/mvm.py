@@ -14,6 +14,8 @@ subtraction are folded into one matrix `g+ - g-` (exact by linearity).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,17 @@ import numpy as np
 from jaxbar.config import ConfigError, CrossbarConfig
 from jaxbar.core import converters, devices, mapping
 
-__all__ = ["Programmed", "analog_matmul", "array_outputs", "matmul", "program"]
+__all__ = [
+    "ArrayOp",
+    "Programmed",
+    "analog_matmul",
+    "array_outputs",
+    "conv",
+    "conv_op",
+    "dense_op",
+    "matmul",
+    "program",
+]
 
 
 @jax.tree_util.register_dataclass
@@ -97,71 +109,157 @@ def program(W: jax.Array, config: CrossbarConfig, key: jax.Array | None = None) 
     return Programmed(g=g, w_max=w_max, shape=(K, N))
 
 
-def _read_noise(y, u, g, config, key):
+class ArrayOp(NamedTuple):
+    """How the inputs of a layer meet its arrays: a dense product or a convolution.
+
+    Attributes:
+      contract: `(u, g) -> y`: input slices u of shape (J, *batch, K-like) and tiles
+        g (pr, rows, S, P, M) → array outputs (J, *out_batch, pr, S, P, M).
+      row_sum: `x_q -> Σ_k x_q[k]` per output position (*out_batch,), for the
+        digital offset subtraction.
+      patches: `x -> (*out_batch, K)` im2col patches, for effects that need every
+        MVM's input vector explicitly (parasitics); identity for dense layers.
+    """
+
+    contract: Callable[[jax.Array, jax.Array], jax.Array]
+    row_sum: Callable[[jax.Array], jax.Array]
+    patches: Callable[[jax.Array], jax.Array]
+
+
+def dense_op(lay: mapping.Layout) -> ArrayOp:
+    """The array op of a dense layer: every input vector is one MVM per array."""
+
+    def contract(u, g):
+        if lay.trivial_rows:
+            u = u[..., None, :]
+        else:
+            pad = [(0, 0)] * (u.ndim - 1) + [(0, 1)]
+            u = jnp.pad(u, pad)[..., lay.row_index]  # (J, *batch, pr, rows)
+        pr, rows, S, P, M = g.shape
+        y = jnp.einsum("...pk,pkz->...pz", u, g.reshape(pr, rows, S * P * M)) if pr > 1 else (
+            u[..., 0, :] @ g.reshape(rows, S * P * M))[..., None, :]
+        return y.reshape(*y.shape[:-1], S, P, M)
+
+    return ArrayOp(contract, lambda x_q: jnp.sum(x_q, axis=-1), lambda x: x)
+
+
+def conv_op(lay: mapping.Layout, kernel_shape: tuple[int, int, int, int],
+            strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]) -> ArrayOp:
+    """The array op of a convolution with im2col semantics (PHYSICS §5).
+
+    Each output pixel is one MVM of its receptive-field patch (rows in (kh, kw, c_in)
+    order). Without per-MVM effects this is computed exactly by `lax.conv` with the
+    tiles' conductances as kernels: a row partition is a kernel that is zero outside
+    its rows, so no patches are materialized.
+
+    Args:
+      lay: the layout of the (kh·kw·c_in) × c_out matrix.
+      kernel_shape: (kh, kw, c_in, c_out).
+      strides: window strides.
+      padding: explicit ((top, bottom), (left, right)) padding.
+    """
+    kh, kw, cin, _ = kernel_shape
+    K = kh * kw * cin
+    dims = ("NHWC", "HWIO", "NHWC")
+    hp = jax.lax.Precision.HIGHEST
+    part = np.zeros(K, dtype=np.int32)
+    row = np.zeros(K, dtype=np.int32)
+    for p, idx in enumerate(lay.row_index):
+        real = idx < K
+        part[idx[real]] = p
+        row[idx[real]] = np.flatnonzero(real)
+
+    def conv(u, kernel):
+        lead = u.shape[:-3]
+        y = jax.lax.conv_general_dilated(u.reshape(-1, *u.shape[-3:]), kernel, strides, padding,
+                                         dimension_numbers=dims, precision=hp)
+        return y.reshape(*lead, *y.shape[1:])
+
+    def contract(u, g):
+        pr, rows, S, P, M = g.shape
+        if pr == 1:
+            kernel = g[0, :K].reshape(kh, kw, cin, S * P * M)
+        else:  # (K, pr, Z): each row of the kernel belongs to exactly one partition
+            sel = jnp.asarray(part[:, None] == np.arange(pr)[None, :], dtype=g.dtype)
+            kernel = (g[part, row][:, None] * sel[:, :, None, None, None])
+            kernel = kernel.reshape(kh, kw, cin, pr * S * P * M)
+        y = conv(u, kernel)
+        return y.reshape(*y.shape[:-1], pr, S, P, M)
+
+    def row_sum(x_q):
+        return conv(x_q, jnp.ones((kh, kw, cin, 1), dtype=x_q.dtype))[..., 0]
+
+    def patches(x):
+        lead = x.shape[:-3]
+        pt = jax.lax.conv_general_dilated_patches(
+            x.reshape(-1, *x.shape[-3:]), (kh, kw), strides, padding,
+            dimension_numbers=dims, precision=hp)
+        # Patch features come out in (c_in, kh, kw) order; rows are (kh, kw, c_in).
+        pt = pt.reshape(*pt.shape[:-1], cin, kh, kw)
+        pt = jnp.moveaxis(pt, -3, -1).reshape(*pt.shape[:-3], K)
+        return pt.reshape(*lead, *pt.shape[1:])
+
+    return ArrayOp(contract, row_sum, patches)
+
+
+def _read_noise(y, u, g, config, key, contract):
     """Adds per-MVM read noise, sampled exactly in output space.
 
     Independent Gaussian cell errors `s(g)·ε` contribute `Σ_k u_k s_k ε_k` to a
     column: a Gaussian with variance `Σ_k u_k² s(g_k)²`, drawn fresh per MVM.
     """
+    if key is None:
+        raise ValueError("read noise is on (device.read_noise): pass a PRNG key to matmul")
     var = devices.noise_std(g, config.device.read_noise) ** 2
     if config.mapping.scheme == "differential" and config.mapping.subtract == "analog":
         var = jnp.sum(var, axis=3, keepdims=True)
-    v = _contract(u * u, var)
+    v = contract(u * u, var)
     pos = v > 0
     std = jnp.where(pos, jnp.sqrt(jnp.where(pos, v, 1.0)), 0.0)  # finite gradient at v = 0
-    if key is None:
-        raise ValueError("read noise is on (device.read_noise): pass a PRNG key to matmul")
     return y + std * jax.random.normal(key, y.shape, dtype=y.dtype)
 
 
-def _contract(u: jax.Array, g: jax.Array) -> jax.Array:
-    """(J, B, pr, rows) × (pr, rows, S, P, M) → (J, B, pr, S, P, M)."""
-    J, B, pr, rows = u.shape
-    _, _, S, P, M = g.shape
-    if pr == 1:
-        y = u.reshape(J * B, rows) @ g.reshape(rows, S * P * M)
-        return y.reshape(J, B, 1, S, P, M)
-    y = jnp.einsum("jbpk,pkz->jbpz", u, g.reshape(pr, rows, S * P * M))
-    return y.reshape(J, B, pr, S, P, M)
+def _check_inputs(x, programmed):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(programmed.g.dtype)
+    return x
 
 
 def array_outputs(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
-                  key: jax.Array | None = None):
-    """Pre-ADC array outputs and the DAC outputs, for calibration and analysis.
+                  key: jax.Array | None = None, op: ArrayOp | None = None):
+    """Pre-ADC array outputs and the DAC outputs (for calibration and analysis).
 
     Args:
-      x: inputs, shape (B, K).
+      x: inputs, (..., K) for a dense op (the default) or NHWC images for a conv op.
       programmed: from `program`.
       config: the crossbar config.
       key: PRNG key for read noise.
+      op: the array op (`dense_op` by default).
 
     Returns:
-      (y, x_q): y of shape (J, B, pr, S, P, M) in array output units (J input
+      (y, x_q): y of shape (J, *batch, pr, S, P, M) in array output units (J input
       slices, or 1 after analog accumulation; P = 1 after analog differential
-      subtraction) and the DAC outputs x_q of shape (B, K).
+      subtraction), and the DAC outputs x_q.
     """
-    K, _ = programmed.shape
     lay = mapping.layout(*programmed.shape, config)
+    op = dense_op(lay) if op is None else op
+    x = _check_inputs(x, programmed)
     x_q = converters.dac(x / config.inputs.x_max, config.inputs)
-    u = converters.input_slices(x_q, config.inputs)  # (J, B, K)
-    if lay.trivial_rows:
-        u = u[:, :, None, :]
-    else:
-        u = jnp.pad(u, [(0, 0), (0, 0), (0, 1)])[:, :, lay.row_index]  # (J, B, pr, rows)
-    g = programmed.g.astype(u.dtype)
+    g = programmed.g.astype(x_q.dtype)
+    analog_diff = config.mapping.scheme == "differential" and config.mapping.subtract == "analog"
     if config.parasitics.topology != "none":
-        from jaxbar.core import crossbar_ir  # deferred: the solver is heavy to import
+        from jaxbar.core import crossbar_ir  # deferred: only parasitic runs need the solver
 
-        y = crossbar_ir.array_currents(u, g, config, lay)
         if config.device.read_noise.active:
             raise ConfigError("device.read_noise together with parasitics is not supported yet")
+        u = converters.input_slices(op.patches(x_q), config.inputs)
+        y = crossbar_ir.array_currents(u, g, config, lay)
     else:
-        if config.mapping.scheme == "differential" and config.mapping.subtract == "analog":
-            y = _contract(u, g[:, :, :, :1] - g[:, :, :, 1:])
-        else:
-            y = _contract(u, g)
+        u = converters.input_slices(x_q, config.inputs)
+        y = op.contract(u, g[:, :, :, :1] - g[:, :, :, 1:] if analog_diff else g)
         if config.device.read_noise.active:
-            y = _read_noise(y, u, g, config, key)
+            y = _read_noise(y, u, g, config, key, op.contract)
     if config.inputs.bit_serial and not config.adc.per_input_slice:
         y = _shift_add_inputs(y, config)  # analog accumulation before the ADC
     return y, x_q
@@ -173,7 +271,7 @@ def _shift_add_inputs(y: jax.Array, config: CrossbarConfig) -> jax.Array:
 
 
 def _adc(y: jax.Array, config: CrossbarConfig, rows: int) -> jax.Array:
-    """Digitizes (J, B, pr, S, P, M) array outputs with per-slice ranges."""
+    """Digitizes (..., S, P, M) array outputs with per-slice ranges."""
     if config.adc.bits == 0:
         return y
     ranges = converters.adc_ranges(config, rows)
@@ -183,6 +281,29 @@ def _adc(y: jax.Array, config: CrossbarConfig, rows: int) -> jax.Array:
     shape = (len(ranges), 1, 1)
     cast = lambda a: jnp.asarray(a.reshape(shape), dtype=y.dtype)  # noqa: E731
     return converters.quantize_uniform(y, cast(lo), cast(hi), cast(levels))
+
+
+def _digital(y, x_q, programmed, config, op) -> jax.Array:
+    """ADC and the digital steps: (J, *batch, pr, S, P, M) → (*batch, N)."""
+    K, N = programmed.shape
+    lay = mapping.layout(K, N, config)
+    y = _adc(y, config, lay.rows)
+    if config.inputs.bit_serial and config.adc.per_input_slice:
+        y = _shift_add_inputs(y, config)
+    y = y[0]  # (*batch, pr, S, P, M)
+    y = y[..., 0, :] - y[..., 1, :] if y.shape[-2] == 2 else y[..., 0, :]
+    if _unit_column(config):  # analog offset reference, digitized like the columns
+        pc = len(lay.col_sizes)
+        main, unit = y[..., :-pc], y[..., -pc:]
+        y = (main.reshape(*main.shape[:-1], pc, lay.cols) - unit[..., None]).reshape(main.shape)
+    y = jnp.sum(y, axis=-3)  # digital partial sums of the row partitions: (*batch, S, M)
+    if config.mapping.scheme == "offset" and not _unit_column(config):
+        g_zero = jnp.asarray(mapping.zero_weight_conductances(config), dtype=y.dtype)
+        y = y - g_zero[:, None] * op.row_sum(x_q)[..., None, None]
+    rec = jnp.asarray(mapping.slice_recombination(config), dtype=y.dtype)
+    y = jnp.einsum("...sm,s->...m", y, rec)
+    y = y * (programmed.w_max * config.inputs.x_max * mapping.output_scale(config))
+    return y if lay.trivial_cols else y[..., lay.out_index]
 
 
 def matmul(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
@@ -198,37 +319,42 @@ def matmul(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
     Returns:
       y of shape (..., N), in the units of `x @ W`.
     """
-    x = jnp.asarray(x)
     K, N = programmed.shape
+    x = _check_inputs(x, programmed)
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features but the crossbar has K = {K} rows")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(programmed.g.dtype)
-    batch = x.shape[:-1]
-    lay = mapping.layout(K, N, config)
-    y, x_q = array_outputs(x.reshape(-1, K), programmed, config, key)
-    y = _adc(y, config, lay.rows)
-    if config.inputs.bit_serial and config.adc.per_input_slice:
-        y = _shift_add_inputs(y, config)
-    y = y[0]  # (B, pr, S, P, M)
-    if y.shape[3] == 2:  # digital differential subtraction
-        y = y[:, :, :, 0] - y[:, :, :, 1]
-    else:
-        y = y[:, :, :, 0]
-    if _unit_column(config):  # analog offset reference, digitized like the columns
-        pc = len(lay.col_sizes)
-        main, unit = y[..., :-pc], y[..., -pc:]
-        y = (main.reshape(*main.shape[:-1], pc, lay.cols) - unit[..., None]).reshape(main.shape)
-    y = jnp.sum(y, axis=1)  # digital partial sums of the row partitions: (B, S, M)
-    if config.mapping.scheme == "offset" and not _unit_column(config):
-        g_zero = jnp.asarray(mapping.zero_weight_conductances(config), dtype=y.dtype)
-        y = y - g_zero[None, :, None] * jnp.sum(x_q, axis=-1)[:, None, None]
-    rec = jnp.asarray(mapping.slice_recombination(config), dtype=y.dtype)
-    y = jnp.tensordot(y, rec, axes=(1, 0))  # (B, M)
-    y = y * (programmed.w_max * config.inputs.x_max * mapping.output_scale(config))
-    if not lay.trivial_cols:
-        y = y[:, lay.out_index]
-    return y.reshape(*batch, N)
+    op = dense_op(mapping.layout(K, N, config))
+    y, x_q = array_outputs(x, programmed, config, key, op)
+    return _digital(y, x_q, programmed, config, op)
+
+
+def conv(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
+         kernel_shape: tuple[int, int, int, int], strides: tuple[int, int] = (1, 1),
+         padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)),
+         key: jax.Array | None = None) -> jax.Array:
+    """An analog 2-D convolution (NHWC, HWIO) with im2col semantics (PHYSICS §5).
+
+    Args:
+      x: NHWC inputs (extra leading axes allowed).
+      programmed: `program(kernel.reshape(kh·kw·c_in, c_out), config, key)`.
+      config: the crossbar config (static).
+      kernel_shape: (kh, kw, c_in, c_out).
+      strides: window strides.
+      padding: explicit ((top, bottom), (left, right)).
+      key: PRNG key for read noise.
+
+    Returns:
+      NHWC outputs, each pixel the analog MVM of its receptive field.
+    """
+    kh, kw, cin, cout = kernel_shape
+    if programmed.shape != (kh * kw * cin, cout):
+        raise ValueError(f"programmed shape {programmed.shape} does not match kernel "
+                         f"{kernel_shape} (expected {(kh * kw * cin, cout)})")
+    x = _check_inputs(x, programmed)
+    op = conv_op(mapping.layout(*programmed.shape, config), kernel_shape, tuple(strides),
+                 tuple(tuple(p) for p in padding))
+    y, x_q = array_outputs(x, programmed, config, key, op)
+    return _digital(y, x_q, programmed, config, op)
 
 
 def analog_matmul(x: jax.Array, W: jax.Array, config: CrossbarConfig,

@@ -1,0 +1,1 @@
+"""Studies built on the core: Monte Carlo error studies and sweeps."""
