@@ -12,7 +12,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     rows = mvm_error_study(trials=args.trials, seed=args.seed)
     print("Relative error ‖y - x@W‖/‖x@W‖ of a 1152×256 analog layer (paper_baseline: 8-bit "
-          "weights, inputs and ADC ('max' range), on/off ratio 100), "
+          "weights, inputs and ADC (calibrated ranges), on/off ratio 100), "
           f"mean ± std over {args.trials} programming-error trials:")
     print(format_table(rows))
     if args.json:
