@@ -15,7 +15,15 @@ import numpy as np
 from jaxbar.config import CrossbarConfig
 from jaxbar.core import mapping, mvm
 
-__all__ = ["adc_ranges", "calibrate", "input_range", "percentile_range"]
+__all__ = [
+    "adc_ranges",
+    "calibrate",
+    "input_range",
+    "percentile_range",
+    "pre_adc_samples",
+    "ranges_from_samples",
+    "with_ranges",
+]
 
 _MAX_SAMPLES = 1 << 22  # percentiles from at most 4M evenly spaced values
 
@@ -58,24 +66,18 @@ def input_range(x, percentile: float = 99.99, signed: bool | None = None) -> tup
     return (-m, m) if signed else (0.0, m)
 
 
-def adc_ranges(x, W, config: CrossbarConfig, percentile: float = 99.98,
-               op: mvm.ArrayOp | None = None, symmetric: bool = False,
-               power_of_two: bool = False) -> tuple[tuple[float, float], ...]:
-    """Per-weight-slice ADC ranges from pre-ADC array outputs.
+def pre_adc_samples(x, W, config: CrossbarConfig, op: mvm.ArrayOp | None = None
+                    ) -> list[np.ndarray]:
+    """Pre-ADC array outputs per weight slice (ADC and device errors off).
 
     Args:
-      x: calibration inputs (layer inputs; NHWC images with a conv `op`).
+      x: calibration inputs (NHWC images with a conv `op`).
       W: the (K, N) weight matrix.
-      config: the layer's crossbar config (its input range should be set); the ADC and
-        device errors are switched off for profiling.
-      percentile: inner percentage of values the range covers (99.98 in the paper).
+      config: the layer's crossbar config, with its input range set.
       op: the array op (dense by default).
-      symmetric: make each range [-h, h] (a sign-magnitude ADC).
-      power_of_two: snap each slice's range to a power of two (in array units), so that
-        slice ranges differ by powers of two.
 
     Returns:
-      One (lo, hi) per weight slice, LSB slice first, in array output units.
+      One flat sample of values per weight slice (real and unit columns, not padding).
     """
     quiet = config.replace(**{
         "adc.bits": 0, "adc.range": None,
@@ -84,12 +86,26 @@ def adc_ranges(x, W, config: CrossbarConfig, percentile: float = 99.98,
     prog = mvm.program(jnp.asarray(W), quiet)
     y, _ = mvm.array_outputs(jnp.asarray(x), prog, quiet, op=op)  # (J, *batch, pr, S, P, M)
     lay = mapping.layout(*prog.shape, config)
-    y = np.asarray(y)
     units = np.arange(len(lay.col_index), y.shape[-1])  # offset unit columns, if any
-    y = y[..., np.concatenate([lay.out_index, units])]  # real columns only, not padding
+    y = np.asarray(y)[..., np.concatenate([lay.out_index, units])]
+    return [_sample(y[..., s, :, :]) for s in range(y.shape[-3])]
+
+
+def ranges_from_samples(samples: list[np.ndarray], percentile: float = 99.98,
+                        symmetric: bool = False, power_of_two: bool = False
+                        ) -> tuple[tuple[float, float], ...]:
+    """ADC ranges (one per weight slice) covering the inner `percentile` % of samples.
+
+    Args:
+      samples: pre-ADC values per weight slice.
+      percentile: inner percentage covered (99.98 in the paper).
+      symmetric: make each range [-h, h] (a sign-magnitude ADC).
+      power_of_two: snap each slice's range to a power of two (in array units), so
+        that slice ranges differ by powers of two.
+    """
     ranges = []
-    for s in range(y.shape[-3]):
-        lo, hi = percentile_range(y[..., s, :, :], percentile)
+    for v in samples:
+        lo, hi = percentile_range(v, percentile)
         if symmetric or power_of_two:
             h = max(abs(lo), abs(hi))
             if power_of_two:
@@ -97,6 +113,27 @@ def adc_ranges(x, W, config: CrossbarConfig, percentile: float = 99.98,
             lo, hi = (-h, h) if lo < 0 or symmetric else (0.0, h)
         ranges.append((lo, hi))
     return tuple(ranges)
+
+
+def adc_ranges(x, W, config: CrossbarConfig, percentile: float = 99.98,
+               op: mvm.ArrayOp | None = None, symmetric: bool = False,
+               power_of_two: bool = False) -> tuple[tuple[float, float], ...]:
+    """Per-weight-slice ADC ranges from the pre-ADC outputs of `x` (see `ranges_from_samples`).
+
+    Returns:
+      One (lo, hi) per weight slice, LSB slice first, in array output units.
+    """
+    return ranges_from_samples(pre_adc_samples(x, W, config, op), percentile, symmetric,
+                               power_of_two)
+
+
+def with_ranges(config: CrossbarConfig, input_rng, adc_rngs) -> CrossbarConfig:
+    """The config with an input range and (if it is "calibrated") the ADC ranges filled in."""
+    cfg = config.replace(**{"inputs.range": tuple(input_rng)})
+    if cfg.adc.range == "calibrated" and adc_rngs is not None:
+        rngs = tuple(tuple(r) for r in adc_rngs)
+        cfg = cfg.replace(**{"adc.range": rngs if len(rngs) > 1 else rngs[0]})
+    return cfg
 
 
 def calibrate(x, W, config: CrossbarConfig, input_percentile: float = 99.99,
@@ -119,7 +156,7 @@ def calibrate(x, W, config: CrossbarConfig, input_percentile: float = 99.99,
       The config with `inputs.range` and, if `adc.range == "calibrated"`, `adc.range` set.
     """
     cfg = config.replace(**{"inputs.range": input_range(x, input_percentile, signed)})
+    rngs = None
     if cfg.adc.range == "calibrated":
-        ranges = adc_ranges(x, W, cfg, adc_percentile, op, symmetric, power_of_two)
-        cfg = cfg.replace(**{"adc.range": ranges if len(ranges) > 1 else ranges[0]})
-    return cfg
+        rngs = adc_ranges(x, W, cfg, adc_percentile, op, symmetric, power_of_two)
+    return with_ranges(cfg, cfg.inputs.range, rngs)

@@ -1,0 +1,102 @@
+"""Loading a model, its data and its analog configuration: what the CLI commands share."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from jaxbar.config import ConfigError
+from jaxbar.data.image_folder import load_image_folder
+from jaxbar.data.preprocess import cifar_resnet_preprocess, imagenet_preprocess, load_cifar_mean
+from jaxbar.nn.calibrate import Calibration, calibrate_network, resolve_layers
+from jaxbar.nn.folding import fold_batchnorm
+from jaxbar.nn.keras_import import load_keras_resnet50, load_keras_resnet_cifar
+from jaxbar.nn.network_config import NetworkConfig
+from jaxbar.nn.params_io import load_params
+
+__all__ = ["MODELS", "Task", "load_task", "prepare_configs"]
+
+CIFAR_MODELS = {"resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet56": 56}
+MODELS = (*CIFAR_MODELS, "resnet50")
+
+
+@dataclasses.dataclass
+class Task:
+    """A model with its preprocessing and data location."""
+
+    name: str
+    model: nnx.Module
+    weights: str | None
+    data: str
+    mean: np.ndarray | None
+
+    def images(self, split: str, limit: int | None, cache_dir: str | None = None):
+        """Preprocessed images and labels of a split (class-balanced `limit`)."""
+        raw, labels, _ = load_image_folder(self.data, split, limit=limit, cache_dir=cache_dir)
+        if self.name == "resnet50":
+            return imagenet_preprocess(raw), labels
+        return cifar_resnet_preprocess(raw, self.mean), labels
+
+
+def load_task(model: str, weights: str | None, data: str, params: str | None = None,
+              mean: str | None = None) -> Task:
+    """Loads a model from Keras HDF5 weights or a jaxbar parameter file.
+
+    Args:
+      model: one of `MODELS`.
+      weights: Keras .h5 file (CIFAR ResNet-v1 or keras.applications ResNet50).
+      data: image-folder root (`<data>/<split>/<class>/*.jpg`).
+      params: a jaxbar parameter file (`save_params`), instead of `weights`.
+      mean: the CIFAR `x_train_mean.npy` (default: beside the weights, or the params file).
+    """
+    if model not in MODELS:
+        raise ConfigError(f"--model {model!r} is not supported; choose from {', '.join(MODELS)}")
+    if (weights is None) == (params is None):
+        raise ConfigError("give exactly one of --weights (Keras .h5) or --params (jaxbar .npz)")
+    if params is not None:
+        net = load_params(params)
+    elif model == "resnet50":
+        net = load_keras_resnet50(weights)
+    else:
+        net = load_keras_resnet_cifar(weights, CIFAR_MODELS[model])
+    m = None
+    if model != "resnet50":
+        src = mean or os.environ.get("JAXBAR_CIFAR_MEAN") or weights or params
+        m = load_cifar_mean(src)
+    return Task(model, net, weights or params, data, m)
+
+
+def _needs_calibration(model, net: NetworkConfig) -> bool:
+    from jaxbar.nn.models import layer_names
+
+    cfgs = [net.crossbar_for(n) for n in layer_names(model)]
+    return any(c is not None and (c.inputs.bits > 0 or c.adc.range == "calibrated")
+               for c in cfgs)
+
+
+def prepare_configs(task: Task, net: NetworkConfig, calibration: str | Calibration | None,
+                    cache_dir: str | None = None, model: nnx.Module | None = None):
+    """Resolves per-layer configs, calibrating on the fly when needed.
+
+    Returns:
+      (model, layer configs or None, calibration or None); the model is batch-norm folded
+      when the config asks for it.
+    """
+    model = model or task.model
+    if net.fold_batchnorm:
+        model = fold_batchnorm(model)
+    if net.crossbar is None:
+        return model, None, None
+    if isinstance(calibration, str | Path):
+        calibration = Calibration.load(calibration)
+    if calibration is None and not _needs_calibration(model, net):
+        return model, resolve_layers(model, net), None
+    if calibration is None:
+        s = net.calibration
+        xc, _ = task.images(s.split, s.samples, cache_dir)
+        calibration = calibrate_network(model, net, xc)
+    return model, resolve_layers(model, net, calibration), calibration

@@ -1,0 +1,206 @@
+"""Networks on simulated crossbars: analog contraction, overrides, calibration, evaluation, CLI."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxbar import ConfigError, CrossbarConfig
+from jaxbar.cli import main as cli
+from jaxbar.nn import load_keras_resnet_cifar, save_params
+from jaxbar.nn.analog import Analog, forward, program_network
+from jaxbar.nn.calibrate import Calibration, calibrate_network, resolve_layers
+from jaxbar.nn.models import ResNetV1Cifar, layer_names
+from jaxbar.nn.network_config import NetworkConfig
+from jaxbar.study.engine import accuracy_stats, evaluate
+
+from .conftest import cifar_weights_path
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random ResNet-v1 of depth 8, width 4, and a few random images."""
+    model = ResNetV1Cifar(8, width=4, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).normal(size=(6, 32, 32, 3)).astype(np.float32)
+    return model, x
+
+
+MAPPINGS = {
+    "differential": {},
+    "offset": {"mapping": {"scheme": "offset"}},
+    "sliced": {"weights": {"bits": 8}, "mapping": {"slices": 4}},
+    "partitioned_digital": {"array": {"rows": 20, "cols": 3},
+                            "mapping": {"subtract": "digital"}},
+}
+
+
+@pytest.mark.parametrize("name", MAPPINGS)
+def test_effects_off_reproduces_digital_logits(tiny, name):
+    model, x = tiny
+    net = NetworkConfig(crossbar=CrossbarConfig.from_dict(MAPPINGS[name]))
+    configs = resolve_layers(model, net)
+    digital = model(jnp.asarray(x))
+    analog = forward(model, x, configs)
+    if name == "sliced":  # 8-bit weights: compare with the quantized digital network
+        ref = _quantized_digital(model, x, 8)
+    else:
+        ref = digital
+    np.testing.assert_allclose(analog, ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+
+
+def _quantized_digital(model, x, bits):
+    from jaxbar.nn.contraction import DIGITAL
+
+    L = 2 ** (bits - 1) - 1
+
+    class Quantized:
+        def q(self, k):
+            m = jnp.max(jnp.abs(k))
+            return jnp.round(k / m * L) / L * m
+
+        def conv(self, name, x, kernel, **kw):
+            return DIGITAL.conv(name, x, self.q(kernel), **kw)
+
+        def dense(self, name, x, kernel):
+            return DIGITAL.dense(name, x, self.q(kernel))
+
+    return model(jnp.asarray(x), Quantized())
+
+
+def test_layer_overrides_and_errors(tiny):
+    model, x = tiny
+    names = layer_names(model)
+    net = NetworkConfig.from_dict({
+        "crossbar": {"device": {"programming_error": {"model": "independent", "sigma": 0.2}}},
+        "layers": {"head.*": "digital", "stem.conv": {"device": {"programming_error": {
+            "sigma": 0.0}}}}})
+    configs = resolve_layers(model, net)
+    assert configs["head.dense"] is None
+    assert configs["stem.conv"].device.programming_error.sigma == 0.0
+    assert configs[names[1]].device.programming_error.sigma == 0.2
+    # A digital layer and an error-free layer compute exactly; the rest carries errors.
+    prog = program_network(model, configs, jax.random.key(0))
+    assert "head.dense" not in prog and names[1] in prog
+    with pytest.raises(ConfigError, match="layer 'stem.conv' has no analog configuration"):
+        model(jnp.asarray(x), Analog({n: c for n, c in configs.items() if n != "stem.conv"}))
+    with pytest.raises(ConfigError, match=r"layers\['stem.\*'\]|layer"):
+        NetworkConfig.from_dict({"layers": {"stem.*": {"adc": {"bits": -1}}}})
+
+
+def test_trial_is_a_key(tiny):
+    model, x = tiny
+    net = NetworkConfig(crossbar=CrossbarConfig.from_dict(
+        {"device": {"programming_error": {"model": "proportional", "sigma": 0.1}}}))
+    configs = resolve_layers(model, net)
+    a = forward(model, x, configs, jax.random.key(1))
+    b = forward(model, x, configs, jax.random.key(1))
+    c = forward(model, x, configs, jax.random.key(2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_calibration_signs_ranges_and_file(tiny, tmp_path):
+    model, x = tiny
+    net = NetworkConfig.load("paper_baseline")
+    cal = calibrate_network(model, net, x, batch_size=3)
+    names = layer_names(model)
+    assert set(cal.layers) == set(names)
+    stem = cal.layers["stem.conv"]
+    assert stem.input_range[0] < 0  # the first layer sees signed inputs
+    relu_fed = cal.layers[names[1]]  # the first block's conv1 follows a ReLU
+    assert relu_fed.input_range[0] == 0.0
+    for c in cal.layers.values():
+        assert len(c.adc_range) == 1 and c.adc_range[0][0] < c.adc_range[0][1]
+    # The input range is the 99.99th percentile of |x| of the first layer's inputs.
+    assert stem.input_range[1] == pytest.approx(np.percentile(np.abs(x), 99.99), rel=1e-6)
+    cal.save(tmp_path / "cal.json")
+    again = Calibration.load(tmp_path / "cal.json")
+    assert again.layers == cal.layers
+    configs = resolve_layers(model, net, again)
+    assert configs["stem.conv"].adc.range == tuple(stem.adc_range[0])
+    with pytest.raises(ConfigError, match="needs a calibrated ADC range"):
+        resolve_layers(model, net)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="cannot read calibration"):
+        Calibration.load(tmp_path / "bad.json")
+
+
+def test_evaluate_engine_strategies_agree(tiny):
+    model, x = tiny
+    labels = np.asarray(jnp.argmax(model(jnp.asarray(x)), -1))  # digital predictions
+    net = NetworkConfig(crossbar=CrossbarConfig.from_dict(
+        {"device": {"programming_error": {"model": "independent", "sigma": 0.05}}}))
+    configs = resolve_layers(model, net)
+    keys = jax.random.split(jax.random.key(0), 3)
+    r_map = evaluate(model, configs, x, labels, keys, batch_size=4, strategy="map",
+                     progress=False)
+    r_vmap = evaluate(model, configs, x, labels, keys, batch_size=4, strategy="vmap",
+                      trial_chunk=2, progress=False)
+    np.testing.assert_array_equal(r_map.accuracies, r_vmap.accuracies)
+    # Each trial's accuracy equals a direct forward pass with that trial's programming.
+    for k, acc in zip(keys, r_map.accuracies, strict=True):
+        tk, rk = jax.random.split(k)
+        prog = program_network(model, configs, tk)
+        hits = 0
+        for i in range(2):
+            xb = jnp.asarray(x[4 * i:4 * i + 4])
+            logits = model(xb, Analog(configs, prog, None, jax.random.fold_in(rk, i)))
+            hits += int((jnp.argmax(logits, -1) == labels[4 * i:4 * i + 4]).sum())
+        assert acc == pytest.approx(hits / 6)
+    assert evaluate(model, None, x, labels, progress=False).accuracies.tolist() == [1.0]
+
+
+def test_accuracy_stats_t_interval():
+    s = accuracy_stats([0.8, 0.82, 0.78, 0.81])
+    # t(0.975, 3) = 3.182446; std = 0.017078
+    assert s["mean"] == pytest.approx(0.8025)
+    half = 3.182446 * np.std([0.8, 0.82, 0.78, 0.81], ddof=1) / 2
+    assert s["ci95"] == pytest.approx((0.8025 - half, 0.8025 + half), rel=1e-5)
+
+
+def test_real_resnet14_ideal_and_baseline(cifar_test_batch):
+    x, labels = cifar_test_batch
+    model = load_keras_resnet_cifar(cifar_weights_path(14))
+    digital = model(jnp.asarray(x))
+    ideal = forward(model, x, resolve_layers(model, NetworkConfig.load("ideal")))
+    np.testing.assert_allclose(ideal, digital, rtol=1e-4, atol=1e-4 * float(
+        jnp.abs(digital).max()))
+    net = NetworkConfig.load("paper_baseline")
+    configs = resolve_layers(model, net, calibrate_network(model, net, x))
+    base = forward(model, x, configs)
+    # 8-bit everything: predictions mostly unchanged, logits close but not identical.
+    agree = np.mean(np.argmax(base, -1) == np.argmax(digital, -1))
+    assert agree >= 0.9 and not np.allclose(base, digital, atol=1e-3)
+
+
+def test_cli_evaluate_and_calibrate(tmp_path, cifar_data_dir):
+    weights = str(cifar_weights_path(14))
+    cal = tmp_path / "cal.json"
+    cfg = tmp_path / "net.yaml"
+    cfg.write_text("crossbar:\n  weights: {bits: 8}\n  inputs: {bits: 8}\n"
+                   "  adc: {bits: 8, range: calibrated}\ncalibration: {samples: 20}\n")
+    common = ["--model", "resnet14", "--weights", weights, "--data", str(cifar_data_dir),
+              "--config", str(cfg), "--cache-dir", str(tmp_path / "cache")]
+    assert cli(["calibrate", *common, "--out", str(cal)]) == 0
+    out = tmp_path / "ev.json"
+    assert cli(["evaluate", *common, "--calibration", str(cal), "--limit", "20", "--trials",
+                "2", "--set", "device.programming_error={model: independent, sigma: 0.02}",
+                "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in ("accuracy_mean", "accuracy_ci95", "accuracies", "n_images", "config",
+                "seconds"):
+        assert key in res
+    assert res["n_images"] == 20 and len(res["accuracies"]) == 2
+    assert res["config"]["crossbar"]["device"]["programming_error"]["sigma"] == 0.02
+    lo, hi = res["accuracy_ci95"]
+    assert lo <= res["accuracy_mean"] <= hi
+    # Parameter files are accepted in place of Keras weights.
+    params = tmp_path / "p.npz"
+    save_params(params, load_keras_resnet_cifar(weights))
+    assert cli(["evaluate", "--model", "resnet14", "--params", str(params), "--mean",
+                str(cifar_weights_path(14)), "--data", str(cifar_data_dir), "--config",
+                "digital", "--limit", "20", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert cli(["evaluate", *common[:4], "--data", "/nonexistent", "--config", "digital"]) == 2
