@@ -1,0 +1,87 @@
+"""ResNet20 analog forward cost relative to the digital jit forward, measured in one run.
+
+Batch 256 of CIFAR-sized images. For each analog config: one trial = program every
+layer (programming error drawn) + forward the batch; time per image vs the digital
+forward of the same batch (median of repeats, after compilation).
+
+Usage: python benchmarks/network.py [--weights resnet20v1_cifar10.h5] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxbar.nn import load_keras_resnet_cifar, resnet20
+from jaxbar.nn.analog import Analog, program_network
+from jaxbar.nn.calibrate import calibrate_network, resolve_layers
+from jaxbar.nn.network_config import NetworkConfig
+
+
+def median_time(fn, *args, repeats):
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    shared = Path(os.environ.get("JAXBAR_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    default = shared / "models/cifar10-resnet-v1/resnet20v1_cifar10.h5"
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--weights", default=str(default) if default.exists() else None)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+
+    model = load_keras_resnet_cifar(args.weights) if args.weights else resnet20(rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, 32, 32, 3)) * 0.25,
+                    jnp.float32)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def digital(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    t_dig = median_time(digital, state, x, repeats=args.repeats)
+    print(f"backend {jax.default_backend()}; ResNet20 ({'pretrained' if args.weights else 'random'}"
+          f" weights), batch {args.batch}")
+    print(f"digital forward: {t_dig / args.batch * 1e3:.3f} ms/image")
+
+    base = NetworkConfig.load("paper_baseline").replace(
+        **{"device.programming_error": {"model": "proportional", "sigma": 0.05}})
+    variants = {
+        "paper_baseline + programming error": base,
+        "4 weight slices": base.replace(**{"mapping.slices": 4}),
+        "8-bit bit-serial inputs, ADC per input bit": base.replace(
+            **{"inputs.bit_serial": True, "adc.per_input_slice": True}),
+    }
+    calib_x = np.asarray(x[:64])
+    print(f"{'variant':46s} {'ms/image':>9s} {'x digital':>9s}")
+    for name, net in variants.items():
+        configs = resolve_layers(model, net, calibrate_network(model, net, calib_x))
+
+        @jax.jit
+        def trial(state, x, key, configs=configs):
+            m = nnx.merge(graphdef, state)
+            tk, rk = jax.random.split(key)
+            prog = program_network(m, configs, tk)  # once per trial, amortized over the batch
+            return m(x, Analog(configs, prog, None, rk))
+
+        t = median_time(trial, state, x, jax.random.key(0), repeats=args.repeats)
+        print(f"{name:46s} {t / args.batch * 1e3:9.3f} {t / t_dig:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
