@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import yaml
 
 __all__ = [
@@ -47,6 +48,11 @@ def _is_real(v: Any) -> bool:
 def _check_real(path: str, v: Any, allowed: str = "a finite number") -> None:
     if not _is_real(v) or math.isnan(v) or math.isinf(v):
         _fail(path, v, allowed)
+
+
+def _concrete(v: Any) -> bool:
+    """False for traced (swept) values, which are validated where they are created."""
+    return not isinstance(v, jax.core.Tracer)
 
 
 def _check_int(path: str, v: Any, lo: int, hi: int | None = None) -> None:
@@ -160,9 +166,10 @@ class NoiseConfig:
 
     def _validate(self, path: str) -> None:
         _check_choice(f"{path}.model", self.model, NOISE_MODELS)
-        _check_real(f"{path}.sigma", self.sigma, "a finite number >= 0")
-        if self.sigma < 0:
-            _fail(f"{path}.sigma", self.sigma, "a finite number >= 0")
+        if _concrete(self.sigma):
+            _check_real(f"{path}.sigma", self.sigma, "a finite number >= 0")
+            if self.sigma < 0:
+                _fail(f"{path}.sigma", self.sigma, "a finite number >= 0")
         if self.model == "custom" and not callable(self.fn):
             _fail(f"{path}.fn", self.fn, "a callable g -> sigma(g) when model is 'custom'")
         if self.model != "custom" and self.fn is not None:
@@ -170,7 +177,8 @@ class NoiseConfig:
 
     @property
     def active(self) -> bool:
-        return self.model == "custom" or (self.model != "none" and self.sigma > 0)
+        """Structural: a model other than "none" draws errors (sigma may be traced)."""
+        return self.model != "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +201,7 @@ class DeviceConfig:
     clip: str = "zero"
 
     def _validate(self, path: str) -> None:
-        if self.on_off_ratio is not None:
+        if self.on_off_ratio is not None and _concrete(self.on_off_ratio):
             _check_real(f"{path}.on_off_ratio", self.on_off_ratio, "a number > 1, or null")
             if not self.on_off_ratio > 1:
                 _fail(f"{path}.on_off_ratio", self.on_off_ratio, "a number > 1, or null")
@@ -372,6 +380,8 @@ class ParasiticsConfig:
         _check_choice(f"{path}.topology", self.topology, TOPOLOGIES)
         for name in ("r_row", "r_col", "r_driver", "r_integrator"):
             v = getattr(self, name)
+            if not _concrete(v):
+                continue
             _check_real(f"{path}.{name}", v, "a finite number >= 0")
             if v < 0:
                 _fail(f"{path}.{name}", v, "a finite number >= 0")
@@ -608,3 +618,38 @@ def _section_from_dict(path: str, cls: type, d: Any) -> Any:
         else:
             kwargs[k] = _tuplify(v)
     return cls(**kwargs)
+
+
+# ---- pytrees: the numbers a sweep varies are leaves, everything else is structure ----------
+# Passed as a normal (non-static) argument to a jitted function, a config's leaves are traced,
+# so sweeping sigma, the on/off ratio or the wire resistances does not recompile; passed as a
+# static argument, the whole config is hashed.
+_PYTREE_LEAVES = {
+    NoiseConfig: ("sigma",),
+    DeviceConfig: ("on_off_ratio", "programming_error", "read_noise"),
+    ParasiticsConfig: ("r_row", "r_col", "r_driver", "r_integrator"),
+    CrossbarConfig: tuple(_SECTIONS),
+}
+
+
+def _register(cls: type) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    leaves = _PYTREE_LEAVES.get(cls, ())
+    static = tuple(n for n in names if n not in leaves)
+
+    def flatten(obj):
+        return tuple(getattr(obj, n) for n in leaves), tuple(getattr(obj, n) for n in static)
+
+    def unflatten(aux, children):
+        obj = object.__new__(cls)  # no validation: children may be tracers or placeholders
+        for n, v in zip(leaves, children, strict=True):
+            object.__setattr__(obj, n, v)
+        for n, v in zip(static, aux, strict=True):
+            object.__setattr__(obj, n, v)
+        return obj
+
+    jax.tree_util.register_pytree_node(cls, flatten, unflatten)
+
+
+for _cls in (*_SECTIONS.values(), NoiseConfig, CrossbarConfig):
+    _register(_cls)

@@ -14,6 +14,7 @@ from jaxbar.config import ConfigError, CrossbarConfig, InputsConfig
 __all__ = [
     "adc_levels",
     "adc_ranges",
+    "adc_slice_levels",
     "dac",
     "input_slices",
     "input_slice_weights",
@@ -48,6 +49,17 @@ def quantize_uniform(y: jax.Array, lo, hi, levels) -> jax.Array:
 def adc_levels(lo: float, hi: float, bits: int) -> int:
     """Levels of a `bits`-bit converter on [lo, hi]: symmetric ranges are sign-magnitude."""
     return 2**bits - 1 if lo == -hi else 2**bits
+
+
+def adc_slice_levels(config: CrossbarConfig) -> tuple[int, ...]:
+    """ADC levels per weight slice, decided from the config's structure (no traced values)."""
+    adc, S = config.adc, config.mapping.slices
+    if adc.range in ("max", "granular"):
+        split = config.mapping.scheme == "differential" and config.mapping.subtract == "digital"
+        sym = _max_symmetric(config, split)
+        return (2**adc.bits - 1 if sym else 2**adc.bits,) * S
+    pairs = adc.ranges if adc.per_slice else adc.ranges * S
+    return tuple(adc_levels(lo, hi, adc.bits) for lo, hi in pairs)
 
 
 def dac(x_n: jax.Array, inputs: InputsConfig) -> jax.Array:
@@ -100,16 +112,18 @@ def input_slices(x_q: jax.Array, inputs: InputsConfig) -> jax.Array:
     return digits + ste[None]
 
 
-def _max_range(config: CrossbarConfig, rows: int, polarity_split: bool) -> tuple[float, float]:
-    g_min = config.device.g_min
-    g_range = 1.0 - g_min
-    a = (-1.0, 1.0) if config.inputs.signed else (0.0, 1.0)
+def _max_range(config: CrossbarConfig, rows: int, polarity_split: bool):
+    """The largest possible array output range. Written without comparisons on g_min,
+    so the on/off ratio may be a traced (swept) value."""
+    g_range = 1.0 - config.device.g_min
+    signed = config.inputs.signed
     if config.mapping.scheme == "differential" and not polarity_split:
-        c = (-g_range, g_range)
-    else:
-        c = (g_min, 1.0)
-    corners = [ai * ci for ai in a for ci in c]
-    return rows * min(corners), rows * max(corners)
+        return -rows * g_range, rows * g_range  # x·(g+ - g-) ∈ [-g_range, g_range]
+    return (-float(rows) if signed else 0.0), float(rows)  # x·g, g ∈ [g_min, 1]
+
+
+def _max_symmetric(config: CrossbarConfig, polarity_split: bool) -> bool:
+    return (config.mapping.scheme == "differential" and not polarity_split) or config.inputs.signed
 
 
 def adc_ranges(config: CrossbarConfig, rows: int) -> tuple[tuple[float, float], ...]:
@@ -130,7 +144,7 @@ def adc_ranges(config: CrossbarConfig, rows: int) -> tuple[tuple[float, float], 
     if adc.range == "calibrated":
         raise ConfigError(
             "adc.range = 'calibrated' has not been filled in: calibrate the layer "
-            "(jaxbar.nn calibration) or give explicit [lo, hi] ranges"
+            "(jaxbar.calibration / jaxbar calibrate) or give explicit [lo, hi] ranges"
         )
     if adc.range == "max":
         return (_max_range(config, rows, split),) * S
@@ -148,9 +162,8 @@ def adc_ranges(config: CrossbarConfig, rows: int) -> tuple[tuple[float, float], 
         else:
             lsb_x = 1.0 / (2**inp.magnitude_bits - 1)
         step = lsb_g * lsb_x
-        lo, _ = _max_range(config, rows, split)
         B = adc.bits
-        if lo < 0:
+        if _max_symmetric(config, split):
             h = step * (2 ** (B - 1) - 1)
             return ((-h, h),) * S
         return ((0.0, step * (2**B - 1)),) * S

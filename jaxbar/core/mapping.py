@@ -231,8 +231,8 @@ def conductances(targets: jax.Array, config: CrossbarConfig) -> jax.Array:
     return quantize_cells(g, config)
 
 
-def zero_weight_conductances(config: CrossbarConfig) -> tuple[float, ...]:
-    """Offset mapping: the (cell-quantized) conductance of a zero weight, per slice."""
+def zero_weight_conductances(config: CrossbarConfig):
+    """Offset mapping: the (cell-quantized) conductance of a zero weight, per slice (S,)."""
     g_min = config.device.g_min
     g_range = 1.0 - g_min
     bits, S = config.weights.bits, config.mapping.slices
@@ -244,9 +244,9 @@ def zero_weight_conductances(config: CrossbarConfig) -> tuple[float, ...]:
         b = config.slice_bits
         zero = 2 ** (bits - 1)
         targets = [((zero >> (i * b)) % 2**b) / (2**b - 1) for i in range(S)]
-    g = np.asarray([g_min + g_range * t for t in targets], dtype=np.float64)
+    g = g_min + g_range * np.asarray(targets)
     c = config.device.cell_bits
     if c is not None:
         n = 2**c - 1
-        g = g_min + np.round((g - g_min) / g_range * n) * g_range / n
-    return tuple(float(v) for v in g)
+        g = g_min + jnp.round((g - g_min) / g_range * n) * g_range / n
+    return g

@@ -275,12 +275,13 @@ def _adc(y: jax.Array, config: CrossbarConfig, rows: int) -> jax.Array:
     if config.adc.bits == 0:
         return y
     ranges = converters.adc_ranges(config, rows)
-    lo = np.array([r[0] for r in ranges])
-    hi = np.array([r[1] for r in ranges])
-    levels = np.array([converters.adc_levels(a, b, config.adc.bits) for a, b in ranges])
-    shape = (len(ranges), 1, 1)
-    cast = lambda a: jnp.asarray(a.reshape(shape), dtype=y.dtype)  # noqa: E731
-    return converters.quantize_uniform(y, cast(lo), cast(hi), cast(levels))
+    levels = converters.adc_slice_levels(config)
+
+    def per_slice(values):  # (S,) → (S, 1, 1), broadcasting over polarity and columns
+        return jnp.stack([jnp.asarray(v, dtype=y.dtype) for v in values]).reshape(-1, 1, 1)
+
+    return converters.quantize_uniform(y, per_slice([r[0] for r in ranges]),
+                                       per_slice([r[1] for r in ranges]), per_slice(levels))
 
 
 def _digital(y, x_q, programmed, config, op) -> jax.Array:
