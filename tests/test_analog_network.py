@@ -204,3 +204,22 @@ def test_cli_evaluate_and_calibrate(tmp_path, cifar_data_dir):
                 str(cifar_weights_path(14)), "--data", str(cifar_data_dir), "--config",
                 "digital", "--limit", "20", "--cache-dir", str(tmp_path / "cache")]) == 0
     assert cli(["evaluate", *common[:4], "--data", "/nonexistent", "--config", "digital"]) == 2
+
+
+def test_sigma_sweep_compiles_once(tiny):
+    from jaxbar.study import engine
+
+    model, x = tiny
+    labels = np.zeros(len(x), np.int32)
+    keys = jax.random.split(jax.random.key(0), 2)
+    run = engine._runner(nnx.split(model)[0], engine.default_strategy(), 1, False)
+    before = run._cache_size()
+    accs = []
+    for sigma in (0.0, 0.05, 0.3):
+        net = NetworkConfig(crossbar=CrossbarConfig.from_dict(
+            {"device": {"programming_error": {"model": "independent", "sigma": sigma}}}))
+        r = evaluate(model, resolve_layers(model, net), x, labels, keys, batch_size=6,
+                     progress=False)
+        accs.append(r.accuracies)
+    assert run._cache_size() == before + 1  # one compilation for the whole sigma sweep
+    assert not np.array_equal(accs[0], accs[2]) or accs[0].tolist() != [1.0, 1.0]

@@ -11,6 +11,7 @@ are vmapped), in Python-level chunks so memory stays bounded and progress shows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 
@@ -78,6 +79,39 @@ def _batches(images, labels, batch_size):
             jnp.asarray(y.reshape(nb, batch_size)))
 
 
+@functools.lru_cache(maxsize=64)
+def _runner(graphdef, strategy: str, C: int, digital: bool):
+    """A jitted `(state, xs, ys, keys, configs) -> (T, 2, C)` hit/count tensor."""
+
+    def trial(state, xs, ys, key, configs):
+        net = nnx.merge(graphdef, state)
+        programmed, rk = None, None
+        if not digital:
+            tk, rk = jax.random.split(key)
+            programmed = program_network(net, configs, tk)  # once per trial
+
+        def body(carry, batch):
+            xb, yb, i = batch
+            if digital:
+                logits = net(xb)
+            else:
+                logits = net(xb, Analog(configs, programmed, None, jax.random.fold_in(rk, i)))
+            hit = (jnp.argmax(logits, -1) == yb).astype(jnp.float32)
+            onehot = jax.nn.one_hot(jnp.where(yb >= 0, yb, 0) if C > 1 else 0 * yb, C)
+            onehot = onehot * (yb >= 0)[:, None]
+            return carry + jnp.stack([hit @ onehot, onehot.sum(0)]), None
+
+        tot, _ = jax.lax.scan(body, jnp.zeros((2, C)), (xs, ys, jnp.arange(xs.shape[0])))
+        return tot
+
+    @jax.jit
+    def run(state, xs, ys, ks, configs):
+        f = lambda k: trial(state, xs, ys, k, configs)  # noqa: E731
+        return jax.vmap(f)(ks) if strategy == "vmap" else jax.lax.map(f, ks)
+
+    return run
+
+
 def evaluate(model: nnx.Module, configs: LayerConfigs | None, images: np.ndarray,
              labels: np.ndarray, keys: jax.Array | None = None, *, batch_size: int = 256,
              strategy: str = "auto", trial_chunk: int | None = None,
@@ -105,46 +139,20 @@ def evaluate(model: nnx.Module, configs: LayerConfigs | None, images: np.ndarray
         raise ValueError(f"strategy must be 'map', 'vmap' or 'auto', got {strategy!r}")
     xs, ys = _batches(np.asarray(images, np.float32), np.asarray(labels, np.int32), batch_size)
     graphdef, state = nnx.split(model)
-    C = num_classes or 1
-
-    def trial(state, xs, ys, key):
-        net = nnx.merge(graphdef, state)
-        programmed, rk = None, None
-        if configs is not None:
-            tk, rk = jax.random.split(key)
-            programmed = program_network(net, configs, tk)
-
-        def body(carry, batch):
-            xb, yb, i = batch
-            if configs is None:
-                logits = net(xb)
-            else:
-                logits = net(xb, Analog(configs, programmed, None, jax.random.fold_in(rk, i)))
-            hit = (jnp.argmax(logits, -1) == yb).astype(jnp.float32)
-            onehot = jax.nn.one_hot(jnp.where(yb >= 0, yb, 0) if C > 1 else 0 * yb, C)
-            onehot = onehot * (yb >= 0)[:, None]
-            return carry + jnp.stack([hit @ onehot, onehot.sum(0)]), None
-
-        tot, _ = jax.lax.scan(body, jnp.zeros((2, C)), (xs, ys, jnp.arange(xs.shape[0])))
-        return tot
-
     if keys is None:
         keys = jax.random.split(jax.random.key(0), 1)
     T = keys.shape[0]
     chunk = trial_chunk or min(T, 8 if strategy == "vmap" else 4)
-
-    @jax.jit
-    def run(state, xs, ys, ks):
-        f = lambda k: trial(state, xs, ys, k)  # noqa: E731
-        return jax.vmap(f)(ks) if strategy == "vmap" else jax.lax.map(f, ks)
-
+    # Configs go in as pytrees: swept numbers (sigma, ...) are traced and the compiled
+    # function is reused for every configuration of the same structure.
+    run = _runner(graphdef, strategy, num_classes or 1, configs is None)
     out = []
     bar = tqdm(total=T, desc="trials", unit="trial", disable=not progress or T == 1)
     for i in range(0, T, chunk):
         ks = keys[i:i + chunk]
         if ks.shape[0] < chunk:  # keep one compiled shape: pad the last chunk
             ks = jnp.concatenate([ks, jnp.repeat(ks[-1:], chunk - ks.shape[0], axis=0)])
-        res = np.asarray(run(state, xs, ys, ks))[: min(chunk, T - i)]
+        res = np.asarray(run(state, xs, ys, ks, configs))[: min(chunk, T - i)]
         out.append(res)
         bar.update(res.shape[0])
     bar.close()
