@@ -9,13 +9,18 @@ import time
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from jaxbar.study.mvm_error import format_table, mvm_error_study
+    if args.mvm:
+        from jaxbar.study.mvm_error import format_table, mvm_error_study
 
-    rows = mvm_error_study(trials=args.trials, seed=args.seed)
-    print("Relative error ‖y - x@W‖/‖x@W‖ of a 1152×256 analog layer (paper_baseline: 8-bit "
-          "weights, inputs and ADC (calibrated ranges), on/off ratio 100), "
-          f"mean ± std over {args.trials} programming-error trials:")
-    print(format_table(rows))
+        rows = mvm_error_study(trials=args.trials, seed=args.seed)
+        print("Relative error ‖y - x@W‖/‖x@W‖ of a 1152×256 analog layer (paper_baseline: "
+              "8-bit weights, inputs and ADC (calibrated ranges), on/off ratio 100), "
+              f"mean ± std over {args.trials} programming-error trials:")
+        print(format_table(rows))
+    else:
+        from jaxbar.study.demo import run_demo
+
+        rows = run_demo(trials=args.trials, seed=args.seed, out=args.out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -108,8 +113,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="jaxbar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a short analog-MVM Monte Carlo study on random matrices")
+    demo = sub.add_parser("demo", help="a short Monte Carlo study: a small CNN on 8x8 digits "
+                          "(scikit-learn's), programming error, differential vs offset")
     demo.add_argument("--trials", type=int, default=8)
+    demo.add_argument("--out", default="jaxbar-demo.png", help="plot file (PNG or SVG)")
+    demo.add_argument("--mvm", action="store_true",
+                      help="instead: the analog-MVM error study on random 1152x256 matrices")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", help="also write the rows to this JSON file")
     demo.set_defaults(func=_demo)
