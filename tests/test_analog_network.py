@@ -223,3 +223,42 @@ def test_sigma_sweep_compiles_once(tiny):
         accs.append(r.accuracies)
     assert run._cache_size() == before + 1  # one compilation for the whole sigma sweep
     assert not np.array_equal(accs[0], accs[2]) or accs[0].tolist() != [1.0, 1.0]
+
+
+SHARDED_SCRIPT = """
+import jax, numpy as np
+from flax import nnx
+from jaxbar import CrossbarConfig
+from jaxbar.nn.calibrate import resolve_layers
+from jaxbar.nn.models import ResNetV1Cifar
+from jaxbar.nn.network_config import NetworkConfig
+from jaxbar.study.engine import evaluate
+model = ResNetV1Cifar(8, width=4, rngs=nnx.Rngs(0))
+x = np.random.default_rng(0).normal(size=(6, 32, 32, 3)).astype(np.float32)
+labels = np.asarray(model(x).argmax(-1))
+net = NetworkConfig(crossbar=CrossbarConfig.from_dict(
+    {"device": {"programming_error": {"model": "independent", "sigma": 0.05}}}))
+keys = jax.random.split(jax.random.key(0), 6)
+r = evaluate(model, resolve_layers(model, net), x, labels, keys, batch_size=3, progress=False,
+             shard={shard})
+print(jax.device_count(), list(map(float, r.accuracies)))
+"""
+
+
+@pytest.mark.parametrize("strategy", ["map"])
+def test_sharded_trials_match_single_device(strategy):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    outs = []
+    for shard in (True, False):
+        p = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT.replace("{shard}", str(shard))],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        outs.append(p.stdout.strip().splitlines()[-1])
+    assert outs[0].startswith("4 ")
+    sharded, single = (json.loads(o.split(" ", 1)[1]) for o in outs)
+    assert sharded == single
