@@ -6,6 +6,8 @@ PHYSICS §3–4. Rounding is half to even and passes gradients straight through
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -16,6 +18,8 @@ __all__ = [
     "adc_ranges",
     "adc_slice_levels",
     "dac",
+    "input_magnitudes",
+    "input_slice",
     "input_slices",
     "input_slice_weights",
     "quantize_uniform",
@@ -23,9 +27,16 @@ __all__ = [
 ]
 
 
+@jax.custom_jvp
 def round_ste(x: jax.Array) -> jax.Array:
     """Rounds half to even with a straight-through (identity) gradient."""
-    return x + jax.lax.stop_gradient(jnp.round(x) - x)
+    return jnp.round(x)
+
+
+@round_ste.defjvp
+def _round_ste_jvp(primals, tangents):
+    # A custom rule instead of `x + stop_gradient(round(x) - x)`: no extra forward work.
+    return round_ste(primals[0]), tangents[0]
 
 
 def quantize_uniform(y: jax.Array, lo, hi, levels) -> jax.Array:
@@ -101,15 +112,57 @@ def input_slices(x_q: jax.Array, inputs: InputsConfig) -> jax.Array:
     """
     if not inputs.bit_serial:
         return x_q[None]
+    return _input_slices(x_q, inputs)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _input_slices(x_q: jax.Array, inputs: InputsConfig) -> jax.Array:
     s, m = inputs.slice_bits, inputs.magnitude_bits
-    xs = jax.lax.stop_gradient(x_q)
-    n = jnp.round(jnp.abs(xs) * (2**m - 1)).astype(jnp.int32)
-    shifts = jnp.arange(inputs.num_slices, dtype=jnp.int32).reshape((-1,) + (1,) * xs.ndim) * s
-    digits = ((n[None] >> shifts) & (2**s - 1)).astype(xs.dtype)
-    digits = jnp.sign(xs)[None] * digits * (1.0 / (2**s - 1))
-    # Straight-through: spread the gradient of x_q so the recombined input sees 1.
-    ste = (x_q - xs) / sum(input_slice_weights(inputs))
-    return digits + ste[None]
+    n = jnp.round(jnp.abs(x_q) * (2**m - 1)).astype(jnp.int32)
+    shifts = jnp.arange(inputs.num_slices, dtype=jnp.int32).reshape((-1,) + (1,) * x_q.ndim) * s
+    digits = ((n[None] >> shifts) & (2**s - 1)).astype(x_q.dtype)
+    return jnp.sign(x_q)[None] * digits * (1.0 / (2**s - 1))
+
+
+@_input_slices.defjvp
+def _input_slices_jvp(inputs, primals, tangents):
+    # Straight-through: spread the tangent so that the recombined input sees derivative 1.
+    (x_q,), (t,) = primals, tangents
+    share = t / sum(input_slice_weights(inputs))
+    return _input_slices(x_q, inputs), jnp.broadcast_to(share[None], (inputs.num_slices,
+                                                                     *x_q.shape))
+
+
+def input_magnitudes(x_q: jax.Array, inputs: InputsConfig) -> jax.Array:
+    """The magnitude integers `round(|x_q|·(2^m-1))` of bit-serial inputs (int32, no gradient)."""
+    m = inputs.magnitude_bits
+    return jnp.round(jnp.abs(jax.lax.stop_gradient(x_q)) * (2**m - 1)).astype(jnp.int32)
+
+
+def input_slice(x_q: jax.Array, n: jax.Array, k, inputs: InputsConfig) -> jax.Array:
+    """Input slice k (may be traced) of bit-serial inputs: `sign·digit_k/(2^s-1)`.
+
+    Args:
+      x_q: DAC outputs (carries the straight-through gradient).
+      n: `input_magnitudes(x_q, inputs)`.
+      k: slice index, LSB first.
+      inputs: the DAC settings.
+    """
+    s = inputs.slice_bits
+    d = ((n >> (k * s)) & (2**s - 1)).astype(x_q.dtype)
+    return _ste_share(x_q, jnp.sign(jax.lax.stop_gradient(x_q)) * d * (1.0 / (2**s - 1)),
+                      1.0 / sum(input_slice_weights(inputs)))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _ste_share(x_q, value, share):
+    return value
+
+
+@_ste_share.defjvp
+def _ste_share_jvp(share, primals, tangents):
+    # `value` is built from stop_gradient(x_q): its tangent is x_q's, times its share.
+    return primals[1], tangents[0] * share
 
 
 def _max_range(config: CrossbarConfig, rows: int, polarity_split: bool):

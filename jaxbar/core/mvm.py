@@ -227,7 +227,8 @@ def _check_inputs(x, programmed):
 
 
 def array_outputs(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
-                  key: jax.Array | None = None, op: ArrayOp | None = None):
+                  key: jax.Array | None = None, op: ArrayOp | None = None,
+                  quantized: bool = False):
     """Pre-ADC array outputs and the DAC outputs (for calibration and analysis).
 
     Args:
@@ -236,6 +237,7 @@ def array_outputs(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
       config: the crossbar config.
       key: PRNG key for read noise.
       op: the array op (`dense_op` by default).
+      quantized: `x` are already DAC outputs.
 
     Returns:
       (y, x_q): y of shape (J, *batch, pr, S, P, M) in array output units (J input
@@ -244,8 +246,8 @@ def array_outputs(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
     """
     lay = mapping.layout(*programmed.shape, config)
     op = dense_op(lay) if op is None else op
-    x = _check_inputs(x, programmed)
-    x_q = converters.dac(x / config.inputs.x_max, config.inputs)
+    x_q = x if quantized else converters.dac(_check_inputs(x, programmed) / config.inputs.x_max,
+                                             config.inputs)
     g = programmed.g.astype(x_q.dtype)
     analog_diff = config.mapping.scheme == "differential" and config.mapping.subtract == "analog"
     if config.parasitics.topology != "none":
@@ -284,14 +286,46 @@ def _adc(y: jax.Array, config: CrossbarConfig, rows: int) -> jax.Array:
                                        per_slice([r[1] for r in ranges]), per_slice(levels))
 
 
+def _converted_outputs(x_q, programmed, config, key, op) -> jax.Array:
+    """Array MVMs of every input slice, ADC and shift-and-add: (*batch, pr, S, P, M).
+
+    Bit-serial inputs without parasitics run as a `lax.scan` over input slices, so the
+    J slices of the inputs are never materialized at once (memory traffic dominates).
+    """
+    lay = mapping.layout(*programmed.shape, config)
+    inp = config.inputs
+    if not inp.bit_serial or config.parasitics.topology != "none":
+        y, _ = array_outputs(x_q, programmed, config, key, op, quantized=True)
+        y = _adc(y, config, lay.rows)
+        return (_shift_add_inputs(y, config) if inp.bit_serial and config.adc.per_input_slice
+                else y)[0]
+    g = programmed.g.astype(x_q.dtype)
+    if config.mapping.scheme == "differential" and config.mapping.subtract == "analog":
+        g_eff = g[:, :, :, :1] - g[:, :, :, 1:]
+    else:
+        g_eff = g
+    n = converters.input_magnitudes(x_q, inp)
+    weights = jnp.asarray(converters.input_slice_weights(inp), dtype=x_q.dtype)
+
+    def body(acc, k):
+        u = converters.input_slice(x_q, n, k, inp)[None]
+        y = op.contract(u, g_eff)
+        if config.device.read_noise.active:
+            rk = None if key is None else jax.random.fold_in(key, k)
+            y = _read_noise(y, u, g, config, rk, op.contract)
+        if config.adc.per_input_slice:
+            y = _adc(y, config, lay.rows)
+        return acc + weights[k] * y[0], None
+
+    shape = jax.eval_shape(lambda: op.contract(x_q[None], g_eff)).shape[1:]
+    acc, _ = jax.lax.scan(body, jnp.zeros(shape, x_q.dtype), jnp.arange(inp.num_slices))
+    return acc if config.adc.per_input_slice else _adc(acc, config, lay.rows)
+
+
 def _digital(y, x_q, programmed, config, op) -> jax.Array:
-    """ADC and the digital steps: (J, *batch, pr, S, P, M) → (*batch, N)."""
+    """The digital steps after the ADC: (*batch, pr, S, P, M) → (*batch, N)."""
     K, N = programmed.shape
     lay = mapping.layout(K, N, config)
-    y = _adc(y, config, lay.rows)
-    if config.inputs.bit_serial and config.adc.per_input_slice:
-        y = _shift_add_inputs(y, config)
-    y = y[0]  # (*batch, pr, S, P, M)
     y = y[..., 0, :] - y[..., 1, :] if y.shape[-2] == 2 else y[..., 0, :]
     if _unit_column(config):  # analog offset reference, digitized like the columns
         pc = len(lay.col_sizes)
@@ -325,8 +359,9 @@ def matmul(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features but the crossbar has K = {K} rows")
     op = dense_op(mapping.layout(K, N, config))
-    y, x_q = array_outputs(x, programmed, config, key, op)
-    return _digital(y, x_q, programmed, config, op)
+    x_q = converters.dac(x / config.inputs.x_max, config.inputs)
+    return _digital(_converted_outputs(x_q, programmed, config, key, op), x_q, programmed,
+                    config, op)
 
 
 def conv(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
@@ -354,8 +389,9 @@ def conv(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
     x = _check_inputs(x, programmed)
     op = conv_op(mapping.layout(*programmed.shape, config), kernel_shape, tuple(strides),
                  tuple(tuple(p) for p in padding))
-    y, x_q = array_outputs(x, programmed, config, key, op)
-    return _digital(y, x_q, programmed, config, op)
+    x_q = converters.dac(x / config.inputs.x_max, config.inputs)
+    return _digital(_converted_outputs(x_q, programmed, config, key, op), x_q, programmed,
+                    config, op)
 
 
 def analog_matmul(x: jax.Array, W: jax.Array, config: CrossbarConfig,
