@@ -1,4 +1,4 @@
-"""The `jaxbar` command: demo, evaluate, calibrate."""
+"""The `jaxbar` command: demo, evaluate, calibrate, sweep, plot, table."""
 
 from __future__ import annotations
 
@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_model_args(ca)
     ca.add_argument("--out", required=True, help="calibration JSON file to write")
     ca.set_defaults(func=_calibrate)
+
+    from jaxbar.study.cli_sweep import add_parsers
+
+    add_parsers(sub)  # sweep, plot, table
 
     args = parser.parse_args(argv)
     try:

@@ -72,6 +72,15 @@ def _tuplify(v: Any) -> Any:
     return v
 
 
+def _floats(obj: Any, *names: str) -> None:
+    """Integer values of traced (sweepable) fields become floats: `sigma: 0` in YAML must not
+    trace as int32 and compile a second time."""
+    for n in names:
+        v = getattr(obj, n)
+        if isinstance(v, int) and not isinstance(v, bool):
+            object.__setattr__(obj, n, float(v))
+
+
 def _bits(v: Any) -> Any:
     """`None` and "ideal" mean an ideal converter, like 0."""
     return 0 if v is None or v == "ideal" else v
@@ -164,6 +173,9 @@ class NoiseConfig:
     sigma: float = 0.0
     fn: Callable[[Any], Any] | None = dataclasses.field(default=None, compare=True)
 
+    def __post_init__(self):
+        _floats(self, "sigma")
+
     def _validate(self, path: str) -> None:
         _check_choice(f"{path}.model", self.model, NOISE_MODELS)
         if _concrete(self.sigma):
@@ -199,6 +211,9 @@ class DeviceConfig:
     programming_error: NoiseConfig = NoiseConfig()
     read_noise: NoiseConfig = NoiseConfig()
     clip: str = "zero"
+
+    def __post_init__(self):
+        _floats(self, "on_off_ratio")
 
     def _validate(self, path: str) -> None:
         if self.on_off_ratio is not None and _concrete(self.on_off_ratio):
@@ -375,6 +390,9 @@ class ParasiticsConfig:
     max_iters: int = 1000
     on_nonconvergence: str = "error"
     batch_chunk: int | None = None
+
+    def __post_init__(self):
+        _floats(self, "r_row", "r_col", "r_driver", "r_integrator", "tol")
 
     def _validate(self, path: str) -> None:
         _check_choice(f"{path}.topology", self.topology, TOPOLOGIES)
