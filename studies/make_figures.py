@@ -1,0 +1,54 @@
+"""Renders the paper-reproduction figures from the study results (studies/results/*.jsonl).
+
+Usage: python studies/make_figures.py   (writes studies/figures/*.png)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jaxbar.study.plot import plot_results
+from jaxbar.study.results import filter_rows, read_results, summary_table
+
+HERE = Path(__file__).parent
+FIGURES = [
+    # (results file, x, hue, style, filters, logx, output name, title)
+    ("02_prog_error_independent", "device.programming_error.sigma", "mapping.scheme",
+     "mapping.slices", [("device.on_off_ratio", None)], False, "02_independent_inf",
+     "State-independent error, on/off = ∞"),
+    ("02_prog_error_independent", "device.programming_error.sigma", "mapping.scheme",
+     "mapping.slices", [("device.on_off_ratio", 100.0)], False, "02_independent_100",
+     "State-independent error, on/off = 100"),
+    ("03_prog_error_proportional", "device.programming_error.sigma", "mapping.scheme",
+     "mapping.slices", [("device.on_off_ratio", None)], False, "03_proportional_inf",
+     "State-proportional error, on/off = ∞"),
+    ("03_prog_error_proportional", "device.programming_error.sigma", "mapping.scheme",
+     "mapping.slices", [("device.on_off_ratio", 100.0)], False, "03_proportional_100",
+     "State-proportional error, on/off = 100"),
+    ("04_adc_bits", "adc.bits", "mapping.scheme", "array.rows", [], False, "04_adc_bits",
+     "Calibrated ADC resolution"),
+    ("05_parasitics", "parasitics.r_row", "mapping.scheme", None, [], True, "05_parasitics",
+     "Parasitic resistance (r = Rp·Gmax)"),
+]
+
+
+def main() -> None:
+    out_dir = HERE / "figures"
+    out_dir.mkdir(exist_ok=True)
+    for name, x, hue, style, filters, logx, out, title in FIGURES:
+        path = HERE / "results" / f"{name}.jsonl"
+        if not path.exists():
+            print(f"skip {out}: {path} not found (run the study first)")
+            continue
+        rows = filter_rows(read_results(path), filters, keep_missing=True)
+        plot_results(rows, x, hue=hue, style=style, out=out_dir / f"{out}.png", logx=logx,
+                     title=title)
+        print(f"wrote {out_dir / (out + '.png')}")
+    for name in ("01_exactness",):
+        path = HERE / "results" / f"{name}.jsonl"
+        if path.exists():
+            print(summary_table(read_results(path)))
+
+
+if __name__ == "__main__":
+    main()
