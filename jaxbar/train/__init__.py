@@ -1,4 +1,9 @@
-"""Hardware-aware fine-tuning: optax training under simulated crossbar noise, checkpoints."""
+"""Hardware-aware fine-tuning: optax training under simulated crossbar noise, checkpoints.
+
+`Trainer` runs the analog network (fresh programming error and read noise every step, from the
+same per-layer configs evaluation uses) in a jitted optax step; `jaxbar finetune`
+(:mod:`jaxbar.train.cli`) wraps it for the CIFAR ResNets.
+"""
 
 from jaxbar.train.augment import batch_indices, epoch_permutation, random_crop_flip
 from jaxbar.train.checkpoint import (
@@ -7,7 +12,8 @@ from jaxbar.train.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from jaxbar.train.loop import TrainOptions, Trainer, TrainState, clip_kernel, read_log
+from jaxbar.train.loop import Trainer, TrainOptions, TrainState, clip_kernel, read_log
+from jaxbar.train.optim import make_optimizer, make_schedule
 from jaxbar.train.ranges import (
     LearnedRangesAnalog,
     init_ranges,
@@ -27,6 +33,8 @@ __all__ = [
     "epoch_permutation",
     "init_ranges",
     "latest_checkpoint",
+    "make_optimizer",
+    "make_schedule",
     "random_crop_flip",
     "range_values",
     "ranges_to_calibration",

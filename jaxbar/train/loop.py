@@ -41,6 +41,7 @@ from jaxbar.train.augment import batch_indices, random_crop_flip
 from jaxbar.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
+    list_checkpoints,
     restore_checkpoint,
     save_checkpoint,
 )
@@ -59,10 +60,11 @@ class TrainOptions:
       seed: seeds the data order, the augmentation and the noise of every step.
       batch_stats: "update" (normalize with batch statistics and update the running
         averages, as in ordinary training) or "frozen" (use and keep the running averages).
-      weight_clip: after each step clip every analog layer's kernel: None (never), "mapped"
-        (to the range its mapping uses, ``±w_max`` at ``weights.clip_percentile``), or a
-        number k (to ``±k·std`` of the kernel, which lowers ``w_max`` relative to the typical
-        weight and with it the relative weight of programming error).
+      weight_clip: after each step clip every analog layer's kernel (every convolution and
+        dense layer of a digital run): None (never), "mapped" (to the range its mapping uses,
+        ``±w_max`` at ``weights.clip_percentile``), or a number k (to ``±k·std`` of the kernel,
+        which lowers ``w_max`` relative to the typical weight and with it the relative size of
+        programming error, which scales with ``w_max``).
       learn_ranges: learn each analog layer's input and ADC ranges.
       ir_drop: keep the configs' parasitic wire resistance in training (when the core
         supports it); False trains without it (faster) and still evaluates with it.
@@ -147,8 +149,9 @@ def _training_configs(configs: LayerConfigs | None, ir_drop: bool) -> LayerConfi
 
 
 def _strip_weak(tree):
-    # Explicit dtypes drop weak types, so a restored state has the avals of a fresh one.
-    return jax.tree.map(lambda a: jnp.array(a, dtype=jnp.asarray(a).dtype), tree)
+    # Via NumPy: no weak types (a restored state has the avals of a fresh one, so the step is
+    # not traced again) and no XLA compilation per leaf shape, as eager jnp copies would cost.
+    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), tree)
 
 
 class Trainer:
@@ -197,8 +200,11 @@ class Trainer:
                 {"params": optimizer, "ranges": range_optimizer or optax.adam(1e-3)},
                 {"params": "params", "ranges": "ranges"})
         self.tx = optimizer
-        self._clip_layers = {}
-        if options.weight_clip is not None and self.configs is not None:
+        self._clip_layers = {}  # layer → clip percentile of its mapping
+        if options.weight_clip is not None and self.configs is None:
+            # A digital run clips every layer: the control of an analog run with its options.
+            self._clip_layers = dict.fromkeys(self.shapes, 100.0)
+        elif options.weight_clip is not None:
             self._clip_layers = {n: c.weights.clip_percentile for n, c in self.configs.items()
                                  if c is not None}
         self.traces = 0  # how often the step was traced (compiled): 1 in a healthy run
@@ -212,8 +218,9 @@ class Trainer:
         if self.options.learn_ranges:
             ranges = ranges_lib.init_ranges(self.configs, self.shapes)
         trainable = {"params": params, "ranges": ranges}
-        state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, ranges,
-                           self.tx.init(trainable))
+        # One compiled init instead of an eager (per-shape compiled) op per leaf.
+        opt_state = jax.jit(self.tx.init)(trainable)
+        state = TrainState(np.zeros((), np.int32), params, batch_stats, ranges, opt_state)
         return _strip_weak(state)
 
     def model(self, state: TrainState) -> nnx.Module:
@@ -282,7 +289,7 @@ class Trainer:
         params = self._clip(trainable["params"], stats)
         metrics = {"loss": loss,
                    "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
-                   "grad_norm": optax.global_norm(grads)}
+                   "grad_norm": optax.tree.norm(grads)}
         new = TrainState(state.step + 1, params, stats, trainable["ranges"], opt_state)
         return new, metrics
 
@@ -344,9 +351,10 @@ class Trainer:
         Batches are drawn without replacement in an order fixed by ``(seed, epoch)`` (the last
         partial batch of an epoch is dropped), so a fractional number of epochs trains on a
         random subset. With ``run_dir``, it writes ``log.jsonl`` (step, epoch, loss, accuracy,
-        lr, images/s, averaged since the previous record) and checkpoints to
-        ``run_dir/checkpoints`` every ``checkpoint_every`` steps, at every epoch end, at the end
-        and on KeyboardInterrupt; with ``resume`` it continues from the last checkpoint there.
+        lr, images/s, averaged since the previous record; training seconds so far) and
+        checkpoints to ``run_dir/checkpoints`` every ``checkpoint_every`` steps, at every epoch
+        end, at the end and on KeyboardInterrupt; with ``resume`` it continues from the last
+        checkpoint there.
 
         Args:
           images: training images, as the step expects them (e.g. uint8 NHWC).
@@ -383,6 +391,9 @@ class Trainer:
             restored = self.restore(run, n)
             if restored is not None:
                 state, start = restored
+        elif ckpt_dir is not None:  # starting afresh: older checkpoints must not be resumed
+            for _, old in list_checkpoints(ckpt_dir):
+                old.unlink()
         if state is None:
             state = self.init_state()
         start = int(state.step) if start == 0 else start
@@ -397,53 +408,62 @@ class Trainer:
             if ckpt_dir is not None:
                 save_checkpoint(ckpt_dir, int(st.step), st, meta, keep_checkpoints)
 
-        acc_sum = loss_sum = 0.0
-        count = 0
-        t_last = time.perf_counter()
+        # Training seconds so far: those of the records kept from an earlier invocation, plus
+        # this one's.
+        prior = 0.0
+        if log_path is not None and log_path.exists():
+            kept = read_log(log_path)
+            prior = float(kept[-1].get("seconds", 0.0)) if kept else 0.0
+        t_fit = time.perf_counter()
+        sums = {"loss": 0.0, "accuracy": 0.0, "count": 0, "since": time.perf_counter()}
+        rate = None  # images/s, smoothed; the first (compiling) step is left out
         bar = tqdm(total=end, initial=start, desc="finetune", unit="step", disable=not progress,
                    dynamic_ncols=True)
         step = start
         try:
             with (open(log_path, "a") if log_path else contextlib.nullcontext()) as log:
                 while step < end:
+                    t_step = time.perf_counter()
                     idx = batch_indices(self.options.seed, step, n, bs)
                     state, m = self.step(state, images[idx], labels[idx], key)
                     step += 1
-                    loss, acc = float(m["loss"]), float(m["accuracy"])
+                    loss, acc = float(m["loss"]), float(m["accuracy"])  # waits for the step
                     if not math.isfinite(loss):
                         raise FloatingPointError(f"the loss became {loss} at step {step}")
-                    loss_sum, acc_sum, count = loss_sum + loss, acc_sum + acc, count + 1
                     now = time.perf_counter()
-                    rate = bs / max(now - t_last, 1e-9) if count == 1 else None
+                    if step > start + 1:
+                        inst = bs / max(now - t_step, 1e-9)
+                        rate = inst if rate is None else 0.9 * rate + 0.1 * inst
+                    sums["loss"] += loss
+                    sums["accuracy"] += acc
+                    sums["count"] += 1
+                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}",
+                                    img_s="-" if rate is None else f"{rate:.0f}", refresh=False)
+                    bar.update(1)
                     epoch_done = step % steps_per_epoch == 0
                     record = None
                     if step % log_every == 0 or step == end or epoch_done:
+                        c = sums["count"]
                         record = {"step": step, "epoch": step / steps_per_epoch,
-                                  "loss": loss_sum / count, "accuracy": acc_sum / count,
+                                  "loss": sums["loss"] / c, "accuracy": sums["accuracy"] / c,
                                   "lr": self.learning_rate(step - 1),
-                                  "images_per_s": count * bs / max(now - t_last, 1e-9)}
-                        rate = record["images_per_s"]
-                    if rate is not None:
-                        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}",
-                                        img_s=f"{rate:.0f}")
-                    bar.update(1)
+                                  "images_per_s": c * bs / max(now - sums["since"], 1e-9),
+                                  "seconds": prior + now - t_fit}
                     if epoch_done and on_epoch_end is not None:
                         extra = on_epoch_end(state, step // steps_per_epoch - 1)
                         if extra:
-                            record = dict(record or {"step": step,
-                                                     "epoch": step / steps_per_epoch}, **extra)
+                            record = dict(record, **extra)
                     if record is not None:
                         if log is not None:
                             log.write(json.dumps(record) + "\n")
                             log.flush()
-                        loss_sum = acc_sum = 0.0
-                        count = 0
-                        t_last = time.perf_counter()
+                        sums = {"loss": 0.0, "accuracy": 0.0, "count": 0,
+                                "since": time.perf_counter()}
                     if (checkpoint_every and step % checkpoint_every == 0) or epoch_done or \
                             step == end:
                         checkpoint(state)
         except KeyboardInterrupt:
-            checkpoint(state)  # `state` is always a completed step
+            checkpoint(state)  # `state` is always that of a completed step
             raise
         finally:
             bar.close()

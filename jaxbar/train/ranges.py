@@ -51,6 +51,7 @@ __all__ = [
 LayerRanges = dict[str, jax.Array]
 
 _LOG_BOUND = 60.0  # exp(±60) is far outside any useful range and still finite in float32
+_CENTER_BOUND = 1e3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +86,14 @@ def _initial_adc(config: CrossbarConfig, K: int, N: int) -> tuple[tuple[float, f
 def range_spec(config: CrossbarConfig, K: int, N: int) -> RangeSpec:
     """The static range structure of a K×N layer under ``config`` (ranges filled in)."""
     ranges = _initial_adc(config, K, N)
-    bits = config.adc.bits
+    if not ranges:
+        return RangeSpec(signed=config.inputs.signed, adc=False)
+    levels = converters.adc_slice_levels(config)
     return RangeSpec(
         signed=config.inputs.signed,
-        adc=bits > 0,
-        symmetric=tuple(lo == -hi for lo, hi in ranges),
-        levels=tuple(converters.adc_levels(lo, hi, bits) for lo, hi in ranges),
+        adc=True,
+        symmetric=tuple(lv == 2**config.adc.bits - 1 for lv in levels),
+        levels=tuple(levels),
     )
 
 
@@ -142,7 +145,8 @@ def range_values(params: LayerRanges, spec: RangeSpec):
         return m, None, None
     w = jnp.exp(jnp.clip(params["adc_log_width"], -_LOG_BOUND, _LOG_BOUND))
     sym = jnp.asarray(spec.symmetric)
-    c = jnp.where(sym, 0.0, params["adc_center"])
+    # |c| <= 1e3 keeps c ± 1/2 distinct in float32, so lo < hi holds strictly.
+    c = jnp.where(sym, 0.0, jnp.clip(params["adc_center"], -_CENTER_BOUND, _CENTER_BOUND))
     return m, w * (c - 0.5), w * (c + 0.5)
 
 
@@ -176,27 +180,37 @@ class LearnedRangesAnalog:
                               f"{', '.join(self.configs)}")
         return self.configs[name]
 
-    def _layer(self, name, x, kernel, cfg, op):
+    def _layer(self, name, x, kernel, cfg, op, core):
         W = kernel.reshape(-1, kernel.shape[-1])
         K, N = W.shape
         prog = mvm.program(W, cfg, _layer_key(self.trial_key, name))
         rk = _layer_key(self.read_key, name)
         op = op(mapping.layout(K, N, cfg))
         params = self.ranges.get(name)
-        if params is None:
-            y, x_q = mvm.array_outputs(x, prog, cfg, rk, op)
-            return mvm._digital(y, x_q, prog, cfg, op)
+        if params is None:  # fixed ranges: exactly the core's layer
+            return core(x, prog, rk)
         spec = range_spec(cfg, K, N)
         m, lo, hi = range_values(params, spec)
         x0 = cfg.inputs.x_max
+        # Pre-ADC outputs (J, *batch, pr, S, P, M); J = 1 unless digitized per input slice.
         y, x_q = mvm.array_outputs(x * (x0 / m), prog, cfg, rk, op)
         if spec.adc:
             shape = (len(spec.levels), 1, 1)
             levels = jnp.asarray(np.array(spec.levels).reshape(shape), y.dtype)
             y = converters.quantize_uniform(y, lo.reshape(shape), hi.reshape(shape), levels)
-        # The core's digital steps (offset, shift-and-add, partition sums, rescale), ADC done.
-        out = mvm._digital(y, x_q, prog, _adc_off(cfg), op)
-        return out * (m / x0)
+        return self._digital(y, x_q, prog, cfg, op) * (m / x0)
+
+    @staticmethod
+    def _digital(y, x_q, prog, cfg, op):
+        """Shift-and-add of input slices, then the core's digital steps with the ADC done."""
+        if cfg.inputs.bit_serial and cfg.adc.per_input_slice:
+            w = jnp.asarray(converters.input_slice_weights(cfg.inputs), y.dtype)
+            y = jnp.tensordot(w, y, axes=(0, 0))
+        else:
+            y = y[0]
+        # The core's offset subtraction, slice recombination, partition sums and rescaling
+        # (no public entry point yet; the equivalence test in tests/test_train.py guards it).
+        return mvm._digital(y, x_q, prog, _adc_off(cfg), op)
 
     def conv(self, name, x, kernel, *, strides, padding):
         cfg = self._config(name)
@@ -210,13 +224,17 @@ class LearnedRangesAnalog:
         def op(lay):
             return mvm.conv_op(lay, tuple(kernel.shape), tuple(strides), pads)
 
-        return self._layer(name, x, kernel, cfg, op)
+        def core(x, prog, key):
+            return mvm.conv(x, prog, cfg, tuple(kernel.shape), tuple(strides), pads, key=key)
+
+        return self._layer(name, x, kernel, cfg, op, core)
 
     def dense(self, name, x, kernel):
         cfg = self._config(name)
         if cfg is None:
             return DIGITAL.dense(name, x, kernel)
-        return self._layer(name, x, kernel, cfg, mvm.dense_op)
+        return self._layer(name, x, kernel, cfg, mvm.dense_op,
+                           lambda x, prog, key: mvm.matmul(x, prog, cfg, key=key))
 
 
 def _host_ranges(params: LayerRanges, spec: RangeSpec):
