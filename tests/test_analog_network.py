@@ -212,7 +212,7 @@ def test_sigma_sweep_compiles_once(tiny):
     model, x = tiny
     labels = np.zeros(len(x), np.int32)
     keys = jax.random.split(jax.random.key(0), 2)
-    run = engine._runner(nnx.split(model)[0], engine.default_strategy(), 1, False)
+    run = engine._runner(nnx.split(model)[0], engine.default_strategy(), 1, False, 1)
     before = run._cache_size()
     accs = []
     for sigma in (0.0, 0.05, 0.3):
