@@ -1,0 +1,170 @@
+"""Benchmark of the IR-drop solver (jaxbar.core.parasitics) on a realistic differential array.
+
+A 1152 x 256 differential array (two non-interleaved arrays, input-source topology) holds
+Laplace-distributed weights mapped one-sided, ``g+- = max(+-w, 0) / max|w|`` (infinite on/off
+ratio); inputs are unsigned, uniform in [0, 1]. For each batch size and ``r = r_row = r_col`` the
+table reports, in float32:
+
+* ``solve ms`` / ``ideal ms`` / ``x ideal``: median wall time (after compilation) of the two IR
+  solves and their difference, of the ideal product ``v @ g+ - v @ g-`` measured in the same run,
+  and their ratio;
+* ``sweeps``: solver sweeps used (the larger of the two arrays), ``path``: direct (one solve per
+  input vector) or transfer (one adjoint solve per column, then a matrix product: used when there
+  are at least twice as many vectors as columns);
+* ``est err``: the solver's own error estimate; ``err vs f64``: the actual relative error of the
+  differential output currents (per vector, max over columns, normalized by the vector's largest
+  output; worst vector) against a float64 solve converged to 1e-12;
+* ``IR loss``: the same measure between the exact and the ideal currents (how large the effect is);
+* ``peak MB``: peak resident-memory increase of the process during the timed solves (RSS sampled
+  every 2 ms from /proc/self/statm; XLA's CPU allocator may keep memory, so this is an upper bound
+  of the extra memory the solve needed, not counting what earlier configurations left mapped).
+
+Run: ``python benchmarks/parasitics.py [--quick]`` (``--quick``: 64 vectors, r in {1e-5, 1e-3}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)  # for the float64 reference; the timed runs are float32
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _load_parasitics():
+    try:
+        from jaxbar.core import parasitics
+
+        return parasitics
+    except Exception:  # package __init__ not ready: load the module standalone
+        path = ROOT / "jaxbar" / "core" / "parasitics.py"
+        spec = importlib.util.spec_from_file_location("_jaxbar_core_parasitics", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+par = _load_parasitics()
+K, N = 1152, 256
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRSS:
+    """Context manager sampling the resident set size in a background thread."""
+
+    def __enter__(self):
+        self.base = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def delta_mb(self):
+        return (self.peak - self.base) / 2**20
+
+
+def _median_time(fn, repeats):
+    jax.block_until_ready(fn())  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _rel_err(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.max(np.abs(x - ref), -1) / np.max(np.abs(ref), -1)))
+
+
+def _differential(g_pos, g_neg, tol):
+    @jax.jit
+    def solve(v, r):
+        i_pos, info_pos = par.solve_input_source(g_pos, v, r, r, tol=tol)
+        i_neg, info_neg = par.solve_input_source(g_neg, v, r, r, tol=tol)
+        return i_pos - i_neg, info_pos, info_neg
+
+    return solve
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="64 vectors, r in {1e-5, 1e-3}")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
+    args = parser.parse_args()
+    batches = (64,) if args.quick else (64, 1024)
+    rs = (1e-5, 1e-3) if args.quick else (1e-6, 1e-5, 1e-4, 1e-3)
+    repeats = args.repeats or (2 if args.quick else 3)
+
+    rng = np.random.default_rng(0)
+    w = rng.laplace(size=(K, N))
+    w = w / np.abs(w).max()
+    g_pos64, g_neg64 = np.maximum(w, 0.0), np.maximum(-w, 0.0)
+    g_pos, g_neg = jnp.asarray(g_pos64, jnp.float32), jnp.asarray(g_neg64, jnp.float32)
+    solve32 = _differential(g_pos, g_neg, 1e-6)
+    solve64 = _differential(jnp.asarray(g_pos64), jnp.asarray(g_neg64), 1e-12)
+    ideal = jax.jit(lambda v: v @ g_pos - v @ g_neg)
+
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; "
+          f"array {K}x{N} differential (2 arrays), float32, tol 1e-6, {repeats} timed repeats")
+    header = (f"{'B':>5} {'r':>7} {'path':>8} {'solve ms':>9} {'ideal ms':>9} {'x ideal':>8} "
+              f"{'sweeps':>6} {'est err':>8} {'err vs f64':>10} {'IR loss':>8} {'peak MB':>8}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for B in batches:
+        v64 = rng.uniform(0.0, 1.0, (B, K))
+        v = jnp.asarray(v64, jnp.float32)
+        t_ideal = _median_time(lambda v=v: ideal(v), max(repeats, 10))
+        exact_ideal = v64 @ (g_pos64 - g_neg64)
+        path = "transfer" if B >= 2 * N else "direct"
+        for r in rs:
+            r32 = jnp.float32(r)
+            with _PeakRSS() as mem:
+                t_solve = _median_time(lambda v=v, r32=r32: solve32(v, r32), repeats)
+            out, info_p, info_n = solve32(v, r32)
+            ref, ref_p, ref_n = solve64(jnp.asarray(v64), r)
+            assert bool(ref_p.converged) and bool(ref_n.converged), "reference did not converge"
+            sweeps = max(int(info_p.iterations), int(info_n.iterations))
+            est = max(float(info_p.error), float(info_n.error))
+            ok = bool(info_p.converged) and bool(info_n.converged)
+            row = dict(
+                B=B, r=r, path=path, solve_ms=1e3 * t_solve, ideal_ms=1e3 * t_ideal,
+                ratio=t_solve / t_ideal, sweeps=sweeps, est=est, converged=ok,
+                err=_rel_err(out, ref), loss=_rel_err(exact_ideal, ref), peak_mb=mem.delta_mb,
+            )
+            rows.append(row)
+            flag = "" if ok else "  (NOT CONVERGED)"
+            print(f"{B:>5} {r:>7.0e} {path:>8} {row['solve_ms']:>9.1f} {row['ideal_ms']:>9.3f} "
+                  f"{row['ratio']:>8.0f} {sweeps:>6} {est:>8.1e} {row['err']:>10.1e} "
+                  f"{row['loss']:>8.3f} {row['peak_mb']:>8.0f}{flag}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Layers with parasitic resistance: tiles, unit columns, bit-serial gating and interleaving
+against per-array dense circuit solves built independently from the weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbar
+from jaxbar import ConfigError, CrossbarConfig
+
+from .circuit_reference import reference_currents
+
+R = 2e-2  # large enough that IR drop changes results visibly on these small arrays
+
+
+def parts(n, m):
+    sizes = jaxbar.partition_sizes(n, m)
+    starts = np.cumsum((0,) + sizes[:-1])
+    return [slice(int(a), int(a) + s) for a, s in zip(starts, sizes, strict=True)]
+
+
+def layer(d):
+    return CrossbarConfig.from_dict({"parasitics": {"topology": "input_source", "r_row": R,
+                                                    "r_col": 1.5 * R, "tol": 1e-10}, **d})
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_partitioned_differential_layer(interleaved):
+    rng = np.random.default_rng(0)
+    K, N, rows, cols = 7, 5, 4, 3
+    W, x = rng.normal(size=(K, N)), rng.uniform(-1, 1, size=(3, K))
+    cfg = layer({"array": {"rows": rows, "cols": cols}})
+    cfg = cfg.replace(**{"parasitics.interleaved": interleaved})
+    w_max = np.abs(W).max()
+    gp, gn = np.maximum(W, 0) / w_max, np.maximum(-W, 0) / w_max
+    expected = np.zeros((3, N))
+    for rs in parts(K, rows):
+        extra = rows - (rs.stop - rs.start)  # a short partition leaves unused rows below
+        for cs in parts(N, cols):
+            kw = dict(extra_rows=extra)
+            if interleaved:
+                y = reference_currents(gp[rs, cs], x[:, rs], R, 1.5 * R, g_neg=gn[rs, cs], **kw)
+            else:
+                y = (reference_currents(gp[rs, cs], x[:, rs], R, 1.5 * R, **kw)
+                     - reference_currents(gn[rs, cs], x[:, rs], R, 1.5 * R, **kw))
+            expected[:, cs] += y * w_max
+    with jax.enable_x64(True):
+        y = jaxbar.analog_matmul(jnp.asarray(x), jnp.asarray(W), cfg)
+    np.testing.assert_allclose(y, expected, rtol=1e-7, atol=1e-9)
+    assert not np.allclose(expected, x @ W, rtol=1e-3)  # the IR drop is really there
+
+
+def test_offset_unit_column_gated_bit_serial():
+    rng = np.random.default_rng(1)
+    K, N = 5, 3
+    W, x = rng.normal(size=(K, N)), rng.uniform(-1, 1, size=(2, K))
+    cfg = CrossbarConfig.from_dict({
+        "mapping": {"scheme": "offset", "offset_subtraction": "unit_column"},
+        "inputs": {"bits": 4, "range": [-1, 1], "bit_serial": True},
+        "array": {"rows": 6},
+        "parasitics": {"topology": "gated_source", "r_row": R, "r_col": R, "tol": 1e-10}})
+    w_max = np.abs(W).max()
+    g = 0.5 * (W / w_max + 1)  # offset cells; zero weight at g = 1/2
+    # Unit column first (nearest the drivers), then the weight columns; one array.
+    g_arr = np.concatenate([np.full((K, 1), 0.5), g], axis=1)
+    xq = np.round(x * 7) / 7
+    n = np.round(np.abs(xq) * 7).astype(int)
+    total = np.zeros((2, N + 1))
+    for k in range(3):  # LSB first, sign-magnitude bits
+        bits = np.sign(xq) * ((n >> k) & 1)
+        total += 2**k / 7 * reference_currents(g_arr, bits, R, R, topology="gated_source",
+                                               extra_rows=1)
+    expected = (total[:, 1:] - total[:, :1]) * w_max / 0.5
+    with jax.enable_x64(True):
+        y = jaxbar.analog_matmul(jnp.asarray(x), jnp.asarray(W), cfg)
+    np.testing.assert_allclose(y, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_small_r_recovers_ideal_and_conv_path():
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 1, size=(1, 5, 5, 2))
+    kernel = rng.normal(size=(3, 3, 2, 4))
+    cfg = CrossbarConfig.from_dict({"parasitics": {"topology": "input_source", "r_row": 1e-9,
+                                                   "r_col": 1e-9, "tol": 1e-10}})
+    with jax.enable_x64(True):
+        p = jaxbar.program(jnp.asarray(kernel.reshape(18, 4)), cfg)
+        y = jaxbar.core.conv(jnp.asarray(x), p, cfg, kernel.shape, (1, 1), ((1, 1), (1, 1)))
+        y0 = jaxbar.core.conv(jnp.asarray(x), p, CrossbarConfig(), kernel.shape, (1, 1),
+                              ((1, 1), (1, 1)))
+    np.testing.assert_allclose(y, y0, rtol=1e-6, atol=1e-6)
+
+
+def test_ir_drop_reduces_currents_and_offset_suffers_more():
+    rng = np.random.default_rng(3)
+    W = np.abs(rng.laplace(size=(64, 16)))
+    W[0, 0] = -W.max()  # both signs, w_max from a positive weight
+    x = rng.uniform(0, 1, size=(8, 64))
+    ref = x @ W
+    err = {}
+    for scheme in ("differential", "offset"):
+        cfg = CrossbarConfig.from_dict({"mapping": {"scheme": scheme}, "parasitics": {
+            "topology": "input_source", "r_row": 1e-4, "r_col": 1e-4}})
+        y = np.asarray(jaxbar.analog_matmul(x, W, cfg))
+        err[scheme] = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+    assert err["offset"] > 5 * err["differential"] > 0
+
+
+def test_nonconvergence_is_reported():
+    W = np.ones((32, 4))
+    x = np.ones((2, 32))
+    cfg = CrossbarConfig.from_dict({"parasitics": {"topology": "input_source", "r_row": 1.0,
+                                                   "r_col": 1.0, "max_iters": 1}})
+    with pytest.raises(Exception, match="converge"):
+        jax.block_until_ready(jaxbar.analog_matmul(x, W, cfg))
+    cfg = cfg.replace(**{"parasitics.on_nonconvergence": "warn"})
+    with pytest.warns(RuntimeWarning, match="converge"):
+        jax.block_until_ready(jaxbar.analog_matmul(x, W, cfg))
+
+
+def test_read_noise_with_parasitics_is_rejected():
+    cfg = CrossbarConfig.from_dict({"parasitics": {"topology": "input_source", "r_col": 1e-5},
+                                    "device": {"read_noise": {"model": "independent",
+                                                              "sigma": 0.01}}})
+    with pytest.raises(ConfigError, match="read_noise"):
+        jaxbar.analog_matmul(np.ones((1, 4)), np.ones((4, 2)), cfg, jax.random.key(0))

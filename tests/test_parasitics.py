@@ -1,0 +1,401 @@
+"""Tests of the IR-drop solver against an independent dense circuit solve (PHYSICS.md §6)."""
+
+import functools
+import importlib.util
+import pathlib
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+_HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+from circuit_reference import reference_currents  # noqa: E402
+
+
+def _load_parasitics():
+    try:
+        from jaxbar.core import parasitics
+
+        return parasitics
+    except Exception:  # package __init__ not ready: load the module standalone
+        path = _HERE.parent / "jaxbar" / "core" / "parasitics.py"
+        spec = importlib.util.spec_from_file_location("_jaxbar_core_parasitics", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+par = _load_parasitics()
+
+SOLVERS = {"input_source": par.solve_input_source, "gated_source": par.solve_gated_source}
+NODES = {"input_source": par.input_source_nodes, "gated_source": par.gated_source_nodes}
+K, N, B = 8, 6, 3
+TERMINALS = dict(r_driver=0.04, r_integrator=0.06, extra_rows=2)
+NO_TERMINALS = dict(r_driver=0.0, r_integrator=0.0, extra_rows=0)
+
+
+def _problem(topology, signed, seed=0, k=K, n=N, b=B):
+    rng = np.random.default_rng(seed)
+    g = rng.uniform(0.0, 1.0, (k, n))
+    g_neg = rng.uniform(0.0, 1.0, (k, n))
+    if topology == "input_source":
+        inp = rng.uniform(-1.0 if signed else 0.0, 1.0, (b, k))
+    else:
+        inp = rng.integers(-1 if signed else 0, 2, (b, k)).astype(float)
+        inp[:, 0] = 1.0  # at least one active row
+    return g, g_neg, inp
+
+
+@jax.jit
+def _jit_input(g, g_neg, v, r_row, r_col, r_driver, r_integrator, extra_rows):
+    return par.solve_input_source(g, v, r_row, r_col, g_neg=g_neg, r_driver=r_driver,
+                                  r_integrator=r_integrator, extra_rows=extra_rows)
+
+
+@jax.jit
+def _jit_input_tight(g, g_neg, v, r_row, r_col, r_driver, r_integrator, extra_rows):
+    return par.solve_input_source(g, v, r_row, r_col, g_neg=g_neg, r_driver=r_driver,
+                                  r_integrator=r_integrator, extra_rows=extra_rows, tol=1e-12)
+
+
+@jax.jit
+def _jit_gated(g, g_neg, b, r_row, r_col, r_driver, r_integrator, extra_rows):
+    return par.solve_gated_source(g, b, r_row, r_col, g_neg=g_neg, r_driver=r_driver,
+                                  r_integrator=r_integrator, extra_rows=extra_rows)
+
+
+@jax.jit
+def _jit_gated_tight(g, g_neg, b, r_row, r_col, r_driver, r_integrator, extra_rows):
+    return par.solve_gated_source(g, b, r_row, r_col, g_neg=g_neg, r_driver=r_driver,
+                                  r_integrator=r_integrator, extra_rows=extra_rows, tol=1e-12)
+
+
+JITTED = {
+    ("input_source", False): _jit_input,
+    ("input_source", True): _jit_input_tight,
+    ("gated_source", False): _jit_gated,
+    ("gated_source", True): _jit_gated_tight,
+}
+
+
+def _rel_err(x, ref):
+    """Per input vector: max |x - ref| / max |ref|; the worst vector."""
+    x, ref = np.asarray(x), np.asarray(ref)
+    return float(np.max(np.max(np.abs(x - ref), -1) / np.max(np.abs(ref), -1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement with the dense nodal reference.
+
+R_PAIRS = [(0.02, 0.05), (0.1, 0.1), (0.0, 0.1), (0.1, 0.0), (0.3, 0.2)]
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+@pytest.mark.parametrize("terminals", [False, True], ids=["plain", "terminals"])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["single", "interleaved"])
+@pytest.mark.parametrize("topology", ["input_source", "gated_source"])
+def test_matches_dense_reference(topology, interleaved, terminals, signed):
+    g, g_neg, inp = _problem(topology, signed)
+    gn = g_neg if interleaved else None
+    extra = TERMINALS if terminals else NO_TERMINALS
+    for r_row, r_col in R_PAIRS:
+        ref = reference_currents(g, inp, r_row, r_col, topology=topology, g_neg=gn, **extra)
+        args = (g, gn, inp, r_row, r_col, extra["r_driver"], extra["r_integrator"],
+                extra["extra_rows"])
+        currents, info = JITTED[(topology, False)](*args)  # default tol = 1e-6
+        assert bool(info.converged)
+        assert _rel_err(currents, ref) <= 1e-6, (r_row, r_col, float(info.error))
+        tight, info = JITTED[(topology, True)](*args)
+        assert bool(info.converged)
+        assert _rel_err(tight, ref) <= 1e-10, (r_row, r_col)
+
+
+def test_transfer_path_matches_reference_and_direct_gradients():
+    """Input-source batches with >= 2N vectors use the transfer matrix (N adjoint solves)."""
+    g, g_neg, v = _problem("input_source", signed=True, seed=17, b=2 * N)
+    weights = np.random.default_rng(18).standard_normal((v.shape[0], N))
+    for r_row, r_col in ((0.05, 0.1), (0.0, 0.2), (0.3, 0.0)):  # interleaved: signed drives
+        ref = reference_currents(g, v, r_row, r_col, g_neg=g_neg, **TERMINALS)
+        currents, info = par.solve_input_source(g, v, r_row, r_col, g_neg=g_neg, **TERMINALS)
+        assert bool(info.converged)
+        assert _rel_err(currents, ref) <= 1e-6
+
+    @functools.partial(jax.jit, static_argnums=3)
+    @functools.partial(jax.value_and_grad, argnums=(0, 1, 2))
+    def loss(g, v, r, halves):
+        parts = [
+            par.solve_input_source(g, vc, r, 2 * r, tol=1e-13, **TERMINALS)[0]
+            for vc in (jnp.split(v, 2) if halves else [v])
+        ]
+        return jnp.sum(jnp.concatenate(parts) * weights)
+
+    value_t, grads_t = loss(g, v, 0.07, False)  # 2N vectors: transfer path
+    value_d, grads_d = loss(g, v, 0.07, True)  # N vectors per call: direct path
+    np.testing.assert_allclose(value_t, value_d, rtol=1e-11)
+    for a, b in zip(grads_t, grads_d, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("topology", ["input_source", "gated_source"])
+def test_zero_resistance_is_ideal_product(topology):
+    g, g_neg, inp = _problem(topology, signed=True)
+    for gn, g_eff in ((None, g), (g_neg, g - g_neg)):
+        ideal = inp @ g_eff
+        currents, info = JITTED[(topology, False)](g, gn, inp, 0.0, 0.0, 0.0, 0.0, 0)
+        np.testing.assert_allclose(currents, ideal, rtol=0, atol=1e-12)
+        assert bool(info.converged)
+        currents, _ = JITTED[(topology, True)](g, gn, inp, 1e-10, 1e-10, 0.0, 0.0, 0)
+        assert _rel_err(currents, ideal) <= 1e-7
+
+
+@pytest.mark.parametrize("topology", ["input_source", "gated_source"])
+def test_currents_decrease_with_resistance(topology):
+    g, _, inp = _problem(topology, signed=False, seed=3)
+    rs = jnp.concatenate([jnp.zeros(1), jnp.geomspace(1e-4, 1.0, 9)])
+    solve = JITTED[(topology, True)]
+    currents, info = jax.vmap(lambda r: solve(g, None, inp, r, r, 0.0, 0.0, 1))(rs)
+    assert bool(jnp.all(info.converged))
+    steps = np.diff(np.asarray(currents), axis=0)  # (len(rs) - 1, B, N)
+    assert np.all(steps <= 1e-12)
+    assert np.all(steps[-1] < 0)  # strictly, where resistance matters
+    # Each line type alone also only reduces the currents.
+    for r_row, r_col in ((0.05, 0.0), (0.0, 0.05)):
+        lone, _ = solve(g, None, inp, r_row, r_col, 0.0, 0.0, 0)
+        both, _ = solve(g, None, inp, 0.05, 0.05, 0.0, 0.0, 0)
+        assert np.all(np.asarray(lone) <= np.asarray(currents[0]) + 1e-12)
+        assert np.all(np.asarray(both) <= np.asarray(lone) + 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kirchhoff's current law at every node of the converged solution.
+
+
+def _kcl_residuals(topology, g, g_neg, inp, nodes, r_row, r_col, r_driver, r_integrator, extra):
+    """KCL residual (sum of currents leaving) at every node, and the current scale."""
+    line, bit = np.asarray(nodes.line), np.asarray(nodes.bit)  # (B, P, K, N), (B, K, N)
+    gs = [g] + ([g_neg] if g_neg is not None else [])
+    signs = [1.0, -1.0]
+    res = []
+    cell_sum = np.zeros_like(bit)
+    scale = 0.0
+    r_last = (extra + 1) * r_col + r_integrator
+    for p, gp in enumerate(gs):
+        u = line[:, p]
+        if topology == "input_source":
+            drive = signs[p] * inp[:, :, None]  # (B, K, 1)
+            cell = gp * (u - bit)
+            # Row segments: left of column n (driver side), right of column n.
+            left = np.concatenate([drive, u[:, :, :-1]], axis=2)
+            r_left = np.full(u.shape[2], r_row)
+            r_left[0] += r_driver
+            into = (left - u) / r_left
+            out_right = np.concatenate([(u[:, :, :-1] - u[:, :, 1:]) / r_row,
+                                        np.zeros_like(u[:, :, :1])], axis=2)
+        else:
+            bits = inp[:, :, None]
+            cell = np.abs(bits) * gp * (signs[p] * bits + u - bit)
+            above = np.concatenate([np.zeros_like(u[:, :1]), u[:, :-1]], axis=1)
+            r_above = np.full((u.shape[1], 1), r_row)
+            r_above[0] += r_driver
+            into = (above - u) / r_above
+            out_right = np.concatenate([(u[:, :-1] - u[:, 1:]) / r_row,
+                                        np.zeros_like(u[:, :1])], axis=1)
+        res.append(into - out_right - cell)
+        cell_sum += cell
+        scale = max(scale, float(np.max(np.abs(cell))))
+    from_above = np.concatenate([np.zeros_like(bit[:, :1]), (bit[:, :-1] - bit[:, 1:]) / r_col],
+                                axis=1)
+    to_below = np.concatenate([(bit[:, :-1] - bit[:, 1:]) / r_col, bit[:, -1:] / r_last], axis=1)
+    res.append(cell_sum + from_above - to_below)
+    integrator = bit[:, -1] / r_last
+    return res, scale, integrator
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["single", "interleaved"])
+@pytest.mark.parametrize("topology", ["input_source", "gated_source"])
+def test_kirchhoff_current_law_at_every_node(topology, interleaved):
+    g, g_neg, inp = _problem(topology, signed=True, seed=5)
+    gn = g_neg if interleaved else None
+    r_row, r_col = 0.07, 0.11
+    nodes = NODES[topology](g, inp, r_row, r_col, g_neg=gn, tol=1e-13, **TERMINALS)
+    assert bool(nodes.info.converged)
+    res, scale, integrator = _kcl_residuals(
+        topology, g, gn, inp, nodes, r_row, r_col, TERMINALS["r_driver"],
+        TERMINALS["r_integrator"], TERMINALS["extra_rows"],
+    )
+    for r in res:
+        assert np.max(np.abs(r)) <= 1e-10 * scale
+    np.testing.assert_allclose(integrator, nodes.currents, rtol=0, atol=1e-10 * scale)
+    ref = reference_currents(g, inp, r_row, r_col, topology=topology, g_neg=gn, **TERMINALS)
+    assert _rel_err(nodes.currents, ref) <= 1e-10
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients (implicit differentiation) against central finite differences.
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["single", "interleaved"])
+@pytest.mark.parametrize("topology", ["input_source", "gated_source"])
+def test_gradients_match_finite_differences(topology, interleaved):
+    g, g_neg, inp = _problem(topology, signed=True, seed=7)
+    if topology == "gated_source":
+        inp = np.where(inp == 0, 1.0, inp)  # the formal gradient in b exists for b != 0
+    gn = g_neg if interleaved else None
+    weights = np.random.default_rng(8).standard_normal((inp.shape[0], g.shape[1]))
+    solve = SOLVERS[topology]
+    terminals = (TERMINALS["r_driver"], TERMINALS["r_integrator"])
+
+    def loss(g, gn, inp, r_row, r_col, r_driver, r_integrator):
+        currents, _ = solve(g, inp, r_row, r_col, g_neg=gn, r_driver=r_driver,
+                            r_integrator=r_integrator, extra_rows=TERMINALS["extra_rows"],
+                            tol=1e-12)
+        return jnp.sum(currents * weights)
+
+    args = [g, gn, inp, 0.06, 0.09, *terminals]
+    argnums = tuple(i for i, a in enumerate(args) if a is not None)
+    grads = dict(zip(argnums, jax.jit(jax.grad(loss, argnums=argnums))(*args), strict=True))
+    solve_tight = JITTED[(topology, True)]  # already compiled: same shapes and tolerance
+
+    def loss_fd(*a):
+        return float(np.sum(np.asarray(solve_tight(*a, TERMINALS["extra_rows"])[0]) * weights))
+
+    # Central differences along random directions (arrays) or the value itself (scalars):
+    # truncation error O(h^2); the solver error (<= 1e-12) divided by h stays small.
+    h = 1e-5
+    rng = np.random.default_rng(9)
+    for i, grad in grads.items():
+        base = np.asarray(args[i], float)
+        for direction in rng.standard_normal((4,) + base.shape) if base.ndim else [1.0]:
+            a_up, a_down = list(args), list(args)
+            a_up[i], a_down[i] = base + h * direction, base - h * direction
+            fd = (loss_fd(*a_up) - loss_fd(*a_down)) / (2 * h)
+            np.testing.assert_allclose(np.sum(np.asarray(grad) * direction), fd, rtol=1e-6,
+                                       atol=1e-9, err_msg=f"argument {i}")
+
+
+def test_gradients_finite_at_zero_resistance():
+    g, _, v = _problem("input_source", signed=False)
+
+    @jax.jit
+    def loss(g, v, r_row, r_col):
+        return jnp.sum(par.solve_input_source(g, v, r_row, r_col, r_driver=0.02, tol=1e-12)[0])
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(g, v, 0.0, 0.0)
+    for grad in grads:
+        assert np.all(np.isfinite(grad))
+    # One-sided derivatives at r = 0 match forward differences.
+    h = 1e-7
+    base = loss(g, v, 0.0, 0.0)
+    np.testing.assert_allclose(grads[2], (loss(g, v, h, 0.0) - base) / h, rtol=1e-4)
+    np.testing.assert_allclose(grads[3], (loss(g, v, 0.0, h) - base) / h, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Convergence reporting.
+
+
+def _huge(topology):
+    g, _, inp = _problem(topology, signed=False)
+    return g * 50.0, inp
+
+
+@pytest.mark.parametrize("topology", ["input_source", "gated_source"])
+def test_nonconvergence_is_reported(topology):
+    g, inp = _huge(topology)
+    solve = SOLVERS[topology]
+    _, info = solve(g, inp, 5.0, 5.0, max_iters=3)
+    assert not bool(info.converged)
+    assert int(info.iterations) == 3
+    assert float(info.error) > 1e-6
+    with pytest.raises(par.ConvergenceError, match="3 iterations"):
+        par.check_convergence(info)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        par.check_convergence(info, mode="warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        par.check_convergence(info, mode="ignore")
+    with pytest.raises(ValueError):
+        par.check_convergence(info, mode="loud")
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "max_iters"))
+def _solve_and_check(g, v, r, *, mode, max_iters):
+    currents, info = par.solve_input_source(g, v, r, r, max_iters=max_iters)
+    par.check_convergence(info, mode=mode)
+    return currents
+
+
+def test_check_convergence_under_jit():
+    g, inp = _huge("input_source")
+
+    def run(mode, max_iters, r=5.0):
+        return jax.block_until_ready(_solve_and_check(g, inp, r, mode=mode, max_iters=max_iters))
+
+    with pytest.raises(Exception, match=r"did not converge: 3 iterations.*tol 1e-06"):
+        run("error", 3)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        run("warn", 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run("error", 1000, r=0.02)  # converges: no exception, no warning
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformations, batching and precision.
+
+
+def test_jit_and_vmap_over_arrays():
+    rng = np.random.default_rng(11)
+    gs = rng.uniform(0, 1, (3, K, N))
+    vs = rng.uniform(0, 1, (3, B, K))
+    rs = np.array([0.01, 0.05, 0.2])
+
+    @jax.jit
+    def batched(gs, vs, rs):
+        return jax.vmap(lambda g, v, r: par.solve_input_source(g, v, r, 2 * r))(gs, vs, rs)
+
+    currents, info = batched(gs, vs, rs)
+    assert currents.shape == (3, B, N) and info.converged.shape == (3,)
+    assert bool(jnp.all(info.converged))
+    for i in range(3):
+        ref = reference_currents(gs[i], vs[i], rs[i], 2 * rs[i])
+        assert _rel_err(currents[i], ref) <= 1e-6
+    # Gradients through vmap.
+    grad = jax.grad(lambda gs: jnp.sum(batched(gs, vs, rs)[0]))(gs)
+    assert grad.shape == gs.shape and np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("topology", ["input_source", "gated_source"])
+def test_batch_chunks_and_leading_axes(topology):
+    g, g_neg, inp = _problem(topology, signed=True)
+    # Chunks stop independently, so compare converged answers (tol far below the check).
+    whole, _ = JITTED[(topology, True)](g, g_neg, inp, 0.05, 0.08, 0.0, 0.0, 0)
+    shaped, info = SOLVERS[topology](g, inp.reshape(B, 1, K), 0.05, 0.08, g_neg=g_neg,
+                                     batch_chunk=2, tol=1e-12)
+    assert shaped.shape == (B, 1, N)
+    assert bool(info.converged)
+    np.testing.assert_allclose(np.asarray(shaped).reshape(B, N), whole, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("topology", ["input_source", "gated_source"])
+def test_float32(topology):
+    g, g_neg, inp = _problem(topology, signed=False, seed=13)
+    solve = SOLVERS[topology]
+    ref, _ = JITTED[(topology, True)](g, g_neg, inp, 0.02, 0.03, 0.0, 0.0, 0)
+    currents, info = solve(
+        g.astype(np.float32), inp.astype(np.float32), np.float32(0.02), np.float32(0.03),
+        g_neg=g_neg.astype(np.float32),
+    )
+    assert currents.dtype == jnp.float32 and info.error.dtype == jnp.float32
+    assert bool(info.converged)
+    assert _rel_err(currents, ref) <= 1e-5
+    grad = jax.grad(lambda g: jnp.sum(solve(g, inp.astype(np.float32), 0.02, 0.03)[0]))(
+        g.astype(np.float32)
+    )
+    assert grad.dtype == jnp.float32 and np.all(np.isfinite(grad))
