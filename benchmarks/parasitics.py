@@ -15,9 +15,12 @@ table reports, in float32:
   differential output currents (per vector, max over columns, normalized by the vector's largest
   output; worst vector) against a float64 solve converged to 1e-12;
 * ``IR loss``: the same measure between the exact and the ideal currents (how large the effect is);
-* ``peak MB``: peak resident-memory increase of the process during the timed solves (RSS sampled
-  every 2 ms from /proc/self/statm; XLA's CPU allocator may keep memory, so this is an upper bound
-  of the extra memory the solve needed, not counting what earlier configurations left mapped).
+* ``XLA MB``: memory of the compiled float32 differential solve as planned by XLA (temporaries +
+  arguments + outputs, from ``compiled.memory_analysis()``): the solve's peak working set;
+* ``RSS MB``: increase of the process's peak resident memory during the timed solves (sampled
+  every 2 ms from /proc/self/statm); XLA's CPU allocator keeps and reuses memory, so after the
+  first configuration this only shows growth beyond what earlier ones already held. The
+  process-wide peak (``ru_maxrss``, including the float64 references) is printed at the end.
 
 Run: ``python benchmarks/parasitics.py [--quick]`` (``--quick``: 64 vectors, r in {1e-5, 1e-3}).
 """
@@ -28,6 +31,7 @@ import argparse
 import importlib.util
 import os
 import pathlib
+import resource
 import threading
 import time
 
@@ -133,7 +137,8 @@ def main():
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; "
           f"array {K}x{N} differential (2 arrays), float32, tol 1e-6, {repeats} timed repeats")
     header = (f"{'B':>5} {'r':>7} {'path':>8} {'solve ms':>9} {'ideal ms':>9} {'x ideal':>8} "
-              f"{'sweeps':>6} {'est err':>8} {'err vs f64':>10} {'IR loss':>8} {'peak MB':>8}")
+              f"{'sweeps':>6} {'est err':>8} {'err vs f64':>10} {'IR loss':>8} {'XLA MB':>7} "
+              f"{'RSS MB':>7}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -147,6 +152,9 @@ def main():
             r32 = jnp.float32(r)
             with _PeakRSS() as mem:
                 t_solve = _median_time(lambda v=v, r32=r32: solve32(v, r32), repeats)
+            stats = solve32.lower(v, r32).compile().memory_analysis()
+            xla_mb = (stats.temp_size_in_bytes + stats.argument_size_in_bytes
+                      + stats.output_size_in_bytes) / 2**20
             out, info_p, info_n = solve32(v, r32)
             ref, ref_p, ref_n = solve64(jnp.asarray(v64), r)
             assert bool(ref_p.converged) and bool(ref_n.converged), "reference did not converge"
@@ -156,13 +164,16 @@ def main():
             row = dict(
                 B=B, r=r, path=path, solve_ms=1e3 * t_solve, ideal_ms=1e3 * t_ideal,
                 ratio=t_solve / t_ideal, sweeps=sweeps, est=est, converged=ok,
-                err=_rel_err(out, ref), loss=_rel_err(exact_ideal, ref), peak_mb=mem.delta_mb,
+                err=_rel_err(out, ref), loss=_rel_err(exact_ideal, ref), xla_mb=xla_mb,
+                rss_mb=mem.delta_mb,
             )
             rows.append(row)
             flag = "" if ok else "  (NOT CONVERGED)"
             print(f"{B:>5} {r:>7.0e} {path:>8} {row['solve_ms']:>9.1f} {row['ideal_ms']:>9.3f} "
                   f"{row['ratio']:>8.0f} {sweeps:>6} {est:>8.1e} {row['err']:>10.1e} "
-                  f"{row['loss']:>8.3f} {row['peak_mb']:>8.0f}{flag}", flush=True)
+                  f"{row['loss']:>8.3f} {xla_mb:>7.0f} {row['rss_mb']:>7.0f}{flag}", flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print(f"process peak RSS (ru_maxrss, all of the above incl. float64 references): {peak:.0f} MB")
     return rows
 
 

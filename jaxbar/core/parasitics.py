@@ -790,6 +790,8 @@ def _prepare(g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows):
                        strict=True):
         if s.ndim:
             raise ValueError(f"{name} must be a scalar (vmap to sweep it), got {s.shape}")
+        if not isinstance(s, jax.core.Tracer) and not bool(s >= 0):
+            raise ValueError(f"{name} must be >= 0, got {float(s)}")
     return g_stack, x, scalars, lead, N
 
 
