@@ -1,4 +1,4 @@
-"""The `jaxbar` command: demo, evaluate, calibrate, sweep, plot, table."""
+"""The `jaxbar` command: demo, evaluate, calibrate, sweep, plot, table, finetune."""
 
 from __future__ import annotations
 
@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     from jaxbar.study.cli_sweep import add_parsers
 
     add_parsers(sub)  # sweep, plot, table
+
+    from jaxbar.train.cli import add_finetune_parser
+
+    add_finetune_parser(sub)
 
     args = parser.parse_args(argv)
     try:

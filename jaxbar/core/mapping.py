@@ -225,7 +225,10 @@ def conductances(targets: jax.Array, config: CrossbarConfig) -> jax.Array:
     g_min = config.device.g_min
     g_range = 1.0 - g_min
     if config.mapping.scheme == "differential":
-        g = g_min + g_range * jnp.stack([jax.nn.relu(targets), jax.nn.relu(-targets)], axis=1)
+        # jnp.maximum splits the derivative at exactly 0 (1/2 per cell), so a weight in the
+        # zero quantization bin still receives the straight-through gradient.
+        g = g_min + g_range * jnp.stack([jnp.maximum(targets, 0.0), jnp.maximum(-targets, 0.0)],
+                                        axis=1)
     else:
         g = (g_min + g_range * targets)[:, None]
     return quantize_cells(g, config)

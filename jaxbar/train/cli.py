@@ -83,9 +83,9 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-stats", default="update", choices=("update", "frozen"),
-                   help="batch norm: normalize with batch statistics and update the running "
-                        "averages, or keep them frozen")
+    p.add_argument("--batch-stats", default="frozen", choices=("frozen", "update"),
+                   help="batch norm: use and keep the running averages (as evaluation does), "
+                        "or normalize with batch statistics and update the averages")
     p.add_argument("--weight-clip", type=_weight_clip, default=None, metavar="none|mapped|K",
                    help="clip analog kernels after each step to the mapped range or to ±K·std")
     p.add_argument("--learn-ranges", action="store_true",
