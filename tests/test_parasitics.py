@@ -1,9 +1,6 @@
 """Tests of the IR-drop solver against an independent dense circuit solve (PHYSICS.md §6)."""
 
 import functools
-import importlib.util
-import pathlib
-import sys
 import warnings
 
 import jax
@@ -11,27 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-jax.config.update("jax_enable_x64", True)
+from jaxbar.core import parasitics as par
 
-_HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE))
-from circuit_reference import reference_currents  # noqa: E402
+from .circuit_reference import reference_currents
 
 
-def _load_parasitics():
-    try:
-        from jaxbar.core import parasitics
-
-        return parasitics
-    except Exception:  # package __init__ not ready: load the module standalone
-        path = _HERE.parent / "jaxbar" / "core" / "parasitics.py"
-        spec = importlib.util.spec_from_file_location("_jaxbar_core_parasitics", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-
-par = _load_parasitics()
+@pytest.fixture(autouse=True)
+def _float64():
+    """float64 for this module only: a global switch would change every other test's dtypes."""
+    with jax.enable_x64(True):
+        yield
 
 SOLVERS = {"input_source": par.solve_input_source, "gated_source": par.solve_gated_source}
 NODES = {"input_source": par.input_source_nodes, "gated_source": par.gated_source_nodes}
