@@ -112,18 +112,6 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _net_config(args):
-    import yaml
-
-    from jaxbar.nn.network_config import NetworkConfig
-
-    net = NetworkConfig.load(args.config)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        net = net.replace(**{key: yaml.safe_load(value)})
-    return net
-
-
 def _check_run_dir(out: Path, args, restart: bool) -> None:
     run_file = out / "run.json"
     current = {k: getattr(args, k) for k in _TRAJECTORY}
@@ -161,6 +149,8 @@ def finetune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_run_dir(out, args, args.restart)
     task = load_task(args.model, args.weights, args.data, args.params, args.mean)
+    from jaxbar.cli import _net_config  # the same --config/--set handling as evaluate
+
     net = _net_config(args)
     calibration = args.calibration
     if calibration is None and (out / "calibration.json").exists() and \
