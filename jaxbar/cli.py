@@ -77,6 +77,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from jaxbar.study.engine import accuracy_stats, evaluate
     from jaxbar.study.pipeline import load_task, prepare_configs
 
+    if args.distributed:  # multi-host: every process sees all hosts' devices; trials shard
+        jax.distributed.initialize()
     t0 = time.perf_counter()
     task = load_task(args.model, args.weights, args.data, args.params, args.mean)
     net = _net_config(args)
@@ -133,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--batch-size", type=int, default=250)
     ev.add_argument("--strategy", default="auto", choices=("auto", "map", "vmap"))
     ev.add_argument("--json", help="write results to this JSON file")
+    ev.add_argument("--distributed", action="store_true",
+                    help="call jax.distributed.initialize() first (multi-host runs; coordinator "
+                         "from the usual JAX environment variables)")
     ev.set_defaults(func=_evaluate)
 
     ca = sub.add_parser("calibrate", help="calibrate input and ADC ranges of every layer")
