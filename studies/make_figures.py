@@ -28,7 +28,9 @@ FIGURES = [
     ("04_adc_bits", "adc.bits", "mapping.scheme", "array.rows", [], False, "04_adc_bits",
      "Calibrated ADC resolution"),
     ("05_parasitics", "parasitics.r_row", "mapping.scheme", None, [], True, "05_parasitics",
-     "Parasitic resistance (r = Rp·Gmax)"),
+     "Parasitic resistance (r = Rp·Gmax), 1152-row arrays"),
+    ("05b_parasitics_fitted_arrays", "parasitics.r_row", "mapping.scheme", None, [], True,
+     "05b_parasitics_fitted_arrays", "Parasitic resistance, arrays fitted to each layer"),
 ]
 
 
