@@ -149,9 +149,12 @@ def input_slice(x_q: jax.Array, n: jax.Array, k, inputs: InputsConfig) -> jax.Ar
       inputs: the DAC settings.
     """
     s = inputs.slice_bits
-    d = ((n >> (k * s)) & (2**s - 1)).astype(x_q.dtype)
-    return _ste_share(x_q, jnp.sign(jax.lax.stop_gradient(x_q)) * d * (1.0 / (2**s - 1)),
-                      1.0 / sum(input_slice_weights(inputs)))
+    u = ((n >> (k * s)) & (2**s - 1)).astype(x_q.dtype)
+    if s > 1:
+        u = u * (1.0 / (2**s - 1))
+    if inputs.signed:  # unsigned inputs skip a pass over x_q per slice
+        u = jnp.sign(jax.lax.stop_gradient(x_q)) * u
+    return _ste_share(x_q, u, 1.0 / sum(input_slice_weights(inputs)))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
