@@ -123,16 +123,9 @@ def main(argv: list[str] | None = None) -> int:
       The exit status: 0 on success, 2 on a configuration or input error, 130 when
       interrupted.
     """
-    from jaxbar.config import ConfigError
+    from jaxbar.cli import main as jaxbar_main  # one parser, one error handling
 
-    parser = argparse.ArgumentParser(prog="jaxbar", description=__doc__)
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"jaxbar {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return jaxbar_main(argv)
 
 
 if __name__ == "__main__":
