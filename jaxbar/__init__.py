@@ -6,13 +6,22 @@ from jaxbar.config import (
     ConfigError,
     CrossbarConfig,
     DeviceConfig,
+    DriftConfig,
     InputsConfig,
     MappingConfig,
     NoiseConfig,
     ParasiticsConfig,
     WeightsConfig,
 )
-from jaxbar.core import Programmed, analog_matmul, matmul, partition_sizes, program
+from jaxbar.core import (
+    Programmed,
+    analog_matmul,
+    drift,
+    matmul,
+    partition_sizes,
+    program,
+    program_at_time,
+)
 
 __version__ = "0.1.0"
 
@@ -22,6 +31,7 @@ __all__ = [
     "ConfigError",
     "CrossbarConfig",
     "DeviceConfig",
+    "DriftConfig",
     "InputsConfig",
     "MappingConfig",
     "NoiseConfig",
@@ -29,7 +39,9 @@ __all__ = [
     "Programmed",
     "WeightsConfig",
     "analog_matmul",
+    "drift",
     "matmul",
     "partition_sizes",
     "program",
+    "program_at_time",
 ]

@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "CrossbarConfig",
     "DeviceConfig",
+    "DriftConfig",
     "InputsConfig",
     "MappingConfig",
     "NoiseConfig",
@@ -153,35 +154,78 @@ class MappingConfig:
         )
 
 
-NOISE_MODELS = ("none", "independent", "proportional", "custom")
+NOISE_MODELS = ("none", "independent", "proportional", "polynomial", "saturating", "table",
+                "custom")
+DISTRIBUTIONS = ("normal", "laplace", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
 class NoiseConfig:
-    """A conductance error model: `g' = g + s(g)·ε`, `ε ~ N(0, 1)` (PHYSICS §2).
+    """A conductance error model: `g' = g + s(g)·ε` (PHYSICS §2).
+
+    Conductances are normalized (g_max = 1); `s(g)` is the standard deviation of a cell
+    at conductance g, and `ε` has zero mean and unit variance.
 
     Attributes:
-      model: "none"; "independent" (s = sigma, relative to g_max = 1);
-        "proportional" (s = sigma·g); "custom" (s = fn(g), e.g. a fit to
-        measured device data).
-      sigma: the error scale (>= 0).
+      model: "none"; "independent" (s = sigma); "proportional" (s = sigma·g);
+        "polynomial" (s = scale·max(Σ_i coeffs[i]·g^i, 0)); "saturating"
+        (s = scale·a·(1 - exp(-g/b)), coeffs = (a, b)); "table" (s = scale·σ interpolated
+        linearly in a table of measured (g, σ) points, held constant beyond its ends);
+        "custom" (s = scale·fn(g)).
+      sigma: the error scale of "independent" and "proportional" (>= 0).
+      coeffs: the numbers of "polynomial" and "saturating" (kept, unused, by other models,
+        so a preset's error can be switched off and on again in a sweep).
+      table: "table": (g, σ) points with strictly increasing g. In a dict or YAML config it
+        may also be the path of a .csv / .npy file with two columns (see
+        `jaxbar.core.devices.load_table`).
+      distribution: of ε: "normal", "laplace" or "uniform" (each with unit variance).
+        Read noise is drawn in output space and must be "normal".
+      scale: multiplies s(g) of "polynomial", "saturating", "table" and "custom" (>= 0;
+        a sweepable noise scale for device presets).
       fn: for "custom": a JAX-traceable function g -> standard deviation. It is
         compared by identity, so define it once (not as a fresh lambda per call).
     """
 
     model: str = "none"
     sigma: float = 0.0
+    coeffs: tuple[float, ...] = ()
+    table: tuple[tuple[float, float], ...] = ()
+    distribution: str = "normal"
+    scale: float = 1.0
     fn: Callable[[Any], Any] | None = dataclasses.field(default=None, compare=True)
 
     def __post_init__(self):
-        _floats(self, "sigma")
+        _floats(self, "sigma", "scale")
+        object.__setattr__(self, "coeffs", _tuplify(self.coeffs))
+        table = self.table
+        if isinstance(table, str):  # a file of measured points
+            from jaxbar.core.devices import load_table  # deferred: config must not import core
+
+            table = load_table(table)
+        object.__setattr__(self, "table", _tuplify(table))
 
     def _validate(self, path: str) -> None:
         _check_choice(f"{path}.model", self.model, NOISE_MODELS)
-        if _concrete(self.sigma):
-            _check_real(f"{path}.sigma", self.sigma, "a finite number >= 0")
-            if self.sigma < 0:
-                _fail(f"{path}.sigma", self.sigma, "a finite number >= 0")
+        for name in ("sigma", "scale"):
+            v = getattr(self, name)
+            if _concrete(v):
+                _check_real(f"{path}.{name}", v, "a finite number >= 0")
+                if v < 0:
+                    _fail(f"{path}.{name}", v, "a finite number >= 0")
+        _check_choice(f"{path}.distribution", self.distribution, DISTRIBUTIONS)
+        c = self.coeffs
+        if not isinstance(c, tuple):
+            _fail(f"{path}.coeffs", c, "a list of numbers")
+        for v in c:
+            _check_real(f"{path}.coeffs", v, "a list of finite numbers")
+        if self.model == "polynomial" and not c:
+            _fail(f"{path}.coeffs", list(c), "at least one coefficient (c0, c1, ...) for "
+                  "model 'polynomial'")
+        if self.model == "saturating":
+            if len(c) != 2 or not c[0] >= 0 or not c[1] > 0:
+                _fail(f"{path}.coeffs", list(c), "[a, b] with a >= 0 and b > 0 for model "
+                      "'saturating'")
+        _validate_table(f"{path}.table", self.table, self.model == "table")
         if self.model == "custom" and not callable(self.fn):
             _fail(f"{path}.fn", self.fn, "a callable g -> sigma(g) when model is 'custom'")
         if self.model != "custom" and self.fn is not None:
@@ -190,6 +234,108 @@ class NoiseConfig:
     @property
     def active(self) -> bool:
         """Structural: a model other than "none" draws errors (sigma may be traced)."""
+        return self.model != "none"
+
+
+def _validate_table(path: str, table: Any, required: bool) -> None:
+    allowed = "(g, sigma) pairs with strictly increasing g >= 0 and sigma >= 0"
+    if not isinstance(table, tuple):
+        _fail(path, table, allowed)
+    if not required and not table:
+        return
+    if len(table) < 2:
+        _fail(path, list(table), "at least two " + allowed)
+    for i, pair in enumerate(table):
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            _fail(f"{path}[{i}]", pair, allowed)
+        for v in pair:
+            _check_real(f"{path}[{i}]", v, allowed)
+        if pair[0] < 0 or pair[1] < 0:
+            _fail(f"{path}[{i}]", list(pair), allowed)
+        if i and not pair[0] > table[i - 1][0]:
+            _fail(f"{path}[{i}]", list(pair), allowed)
+
+
+DRIFT_MODELS = ("none", "power_law")
+COMPENSATIONS = ("none", "global", "per_column")
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftConfig:
+    """Conductance drift after programming (PHYSICS §2), and its compensation.
+
+    A cell programmed to g0 reads, `time` seconds after programming ended,
+    `g = g0·((time + t0)/t0)^(-ν)` with a per-cell exponent
+    `ν = |ν̄(g0) + σ_ν(g0)·ε|`, where ν̄ and σ_ν are polynomials in ln g0 clipped to
+    their ranges. Optional accumulated 1/f noise adds
+    `|g|·min(q / max(g0^p, 1e-3), q_max)·sqrt(ln((time + t0 + t_read)/(2·t_read)))·ε`.
+
+    Attributes:
+      model: "none" or "power_law".
+      t0: seconds from the start of programming to the first read (the fit's reference time).
+      nu_mean: coefficients of ν̄ in powers of ln g0 (c0, c1, ...).
+      nu_mean_range: (lo, hi) clip of ν̄.
+      nu_std: coefficients of σ_ν in powers of ln g0.
+      nu_std_range: (lo, hi) clip of σ_ν.
+      noise: () for none, or (q, p, q_max) of the accumulated 1/f noise.
+      t_read: the read duration in the 1/f noise formula (s).
+      compensation: "none"; "global" (one digital gain per array, from reading the array
+        with one-hot inputs at t0 and at `time`); "per_column" (one gain per column).
+      reference: what the baseline read at t0 sees: the "programmed" conductances
+        (realistic) or the "target" ones (an ideal, error-free reference).
+    """
+
+    model: str = "none"
+    t0: float = 20.0
+    nu_mean: tuple[float, ...] = (0.0,)
+    nu_mean_range: tuple[float, float] = (0.0, 1.0)
+    nu_std: tuple[float, ...] = (0.0,)
+    nu_std_range: tuple[float, float] = (0.0, 1.0)
+    noise: tuple[float, ...] = ()
+    t_read: float = 250e-9
+    compensation: str = "none"
+    reference: str = "programmed"
+
+    def __post_init__(self):
+        for name in ("nu_mean", "nu_mean_range", "nu_std", "nu_std_range", "noise"):
+            object.__setattr__(self, name, _tuplify(getattr(self, name)))
+        _floats(self, "t0", "t_read")
+
+    def _validate(self, path: str) -> None:
+        _check_choice(f"{path}.model", self.model, DRIFT_MODELS)
+        for name in ("t0", "t_read"):
+            v = getattr(self, name)
+            _check_real(f"{path}.{name}", v, "a finite number > 0 (seconds)")
+            if not v > 0:
+                _fail(f"{path}.{name}", v, "a finite number > 0 (seconds)")
+        for name in ("nu_mean", "nu_std"):
+            v = getattr(self, name)
+            if not (isinstance(v, tuple) and v):
+                _fail(f"{path}.{name}", v, "a non-empty list of coefficients")
+            for c in v:
+                _check_real(f"{path}.{name}", c, "a list of finite numbers")
+        for name in ("nu_mean_range", "nu_std_range"):
+            v = getattr(self, name)
+            allowed = "[lo, hi] with 0 <= lo <= hi"
+            if not (isinstance(v, tuple) and len(v) == 2):
+                _fail(f"{path}.{name}", v, allowed)
+            for c in v:
+                _check_real(f"{path}.{name}", c, allowed)
+            if not 0 <= v[0] <= v[1]:
+                _fail(f"{path}.{name}", list(v), allowed)
+        n = self.noise
+        allowed = "[] or [q, p, q_max] with q, q_max >= 0"
+        if not isinstance(n, tuple) or len(n) not in (0, 3):
+            _fail(f"{path}.noise", n, allowed)
+        for c in n:
+            _check_real(f"{path}.noise", c, allowed)
+        if n and (n[0] < 0 or n[2] < 0):
+            _fail(f"{path}.noise", list(n), allowed)
+        _check_choice(f"{path}.compensation", self.compensation, COMPENSATIONS)
+        _check_choice(f"{path}.reference", self.reference, ("programmed", "target"))
+
+    @property
+    def active(self) -> bool:
         return self.model != "none"
 
 
@@ -204,6 +350,10 @@ class DeviceConfig:
       read_noise: fresh on every MVM (drawn in `matmul`).
       clip: after programming error, clip conductances at "zero" (g >= 0) or
         to the "range" [g_min, 1].
+      drift: conductance drift after programming and its compensation.
+      time: seconds after programming at which the arrays are used (>= 0; with drift).
+      preset: the device preset these settings started from (a label; in a dict config,
+        `preset: pcm` fills in the preset's values and the other keys override them).
     """
 
     on_off_ratio: float | None = None
@@ -211,9 +361,12 @@ class DeviceConfig:
     programming_error: NoiseConfig = NoiseConfig()
     read_noise: NoiseConfig = NoiseConfig()
     clip: str = "zero"
+    drift: DriftConfig = DriftConfig()
+    time: float = 0.0
+    preset: str | None = None
 
     def __post_init__(self):
-        _floats(self, "on_off_ratio")
+        _floats(self, "on_off_ratio", "time")
 
     def _validate(self, path: str) -> None:
         if self.on_off_ratio is not None and _concrete(self.on_off_ratio):
@@ -224,7 +377,19 @@ class DeviceConfig:
             _check_int(f"{path}.cell_bits", self.cell_bits, 1, 32)
         self.programming_error._validate(f"{path}.programming_error")
         self.read_noise._validate(f"{path}.read_noise")
+        if self.read_noise.distribution != "normal":
+            _fail(f"{path}.read_noise.distribution", self.read_noise.distribution,
+                  "'normal' (read noise is drawn in output space, as a sum of many cells)")
         _check_choice(f"{path}.clip", self.clip, ("zero", "range"))
+        if not isinstance(self.drift, DriftConfig):
+            _fail(f"{path}.drift", self.drift, "a drift section")
+        self.drift._validate(f"{path}.drift")
+        if _concrete(self.time):
+            _check_real(f"{path}.time", self.time, "a finite number >= 0 (seconds)")
+            if self.time < 0:
+                _fail(f"{path}.time", self.time, "a finite number >= 0 (seconds)")
+        if self.preset is not None and not isinstance(self.preset, str):
+            _fail(f"{path}.preset", self.preset, "a preset name or null")
 
     @property
     def g_min(self) -> float:
@@ -496,6 +661,11 @@ class CrossbarConfig:
         or `cfg.replace(adc=ADCConfig(bits=6, range="max"))`.
         """
         d = self.to_dict(_keep_callables=True)
+        if "device.preset" in changes:  # a new preset replaces the device section first
+            changes = dict(changes)
+            preset = changes.pop("device.preset")
+            d["device"] = (_device_preset("device.preset", preset) if preset is not None
+                           else _asdict(DeviceConfig()))
         for key, value in changes.items():
             if isinstance(value, _DATACLASSES):
                 value = _asdict(value)
@@ -602,7 +772,7 @@ PRESETS: dict[str, Callable[[], CrossbarConfig]] = {
     "paper_baseline": CrossbarConfig.paper_baseline,
 }
 
-_DATACLASSES = (CrossbarConfig, NoiseConfig, *_SECTIONS.values())
+_DATACLASSES = (CrossbarConfig, NoiseConfig, DriftConfig, *_SECTIONS.values())
 
 
 def _asdict(obj: Any) -> Any:
@@ -623,19 +793,40 @@ def _reject_unknown(path: str, d: Mapping[str, Any], known: Mapping[str, Any]) -
 def _section_from_dict(path: str, cls: type, d: Any) -> Any:
     if isinstance(d, cls):
         return d
+    if cls is DeviceConfig and isinstance(d, str):  # `device: pcm`
+        d = {"preset": d}
     if not isinstance(d, Mapping):
         raise ConfigError(f"{path} must be a mapping, got {d!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _reject_unknown(path, d, fields)
+    if cls is DeviceConfig and d.get("preset") is not None:
+        d = {**_device_preset(f"{path}.preset", d["preset"]), **d}
     kwargs = {}
     for k, v in d.items():
         if k in ("programming_error", "read_noise"):
             kwargs[k] = _section_from_dict(f"{path}.{k}", NoiseConfig, v)
+        elif k == "drift":
+            kwargs[k] = _section_from_dict(f"{path}.{k}", DriftConfig, v)
         elif k in ("bits",):
             kwargs[k] = _bits(v)
+        elif k == "table" and isinstance(v, str):
+            from jaxbar.core.devices import load_table  # deferred: config must not import core
+
+            try:
+                kwargs[k] = load_table(v)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{path}.table = {v!r} is invalid: {e}") from e
         else:
             kwargs[k] = _tuplify(v)
     return cls(**kwargs)
+
+
+def _device_preset(path: str, name: Any) -> dict[str, Any]:
+    from jaxbar.core.device_presets import DEVICE_PRESETS  # deferred: presets import config
+
+    if name not in DEVICE_PRESETS:
+        _fail(path, name, "one of " + ", ".join(repr(n) for n in DEVICE_PRESETS))
+    return _asdict(DEVICE_PRESETS[name]())
 
 
 # ---- pytrees: the numbers a sweep varies are leaves, everything else is structure ----------
@@ -643,8 +834,8 @@ def _section_from_dict(path: str, cls: type, d: Any) -> Any:
 # so sweeping sigma, the on/off ratio or the wire resistances does not recompile; passed as a
 # static argument, the whole config is hashed.
 _PYTREE_LEAVES = {
-    NoiseConfig: ("sigma",),
-    DeviceConfig: ("on_off_ratio", "programming_error", "read_noise"),
+    NoiseConfig: ("sigma", "scale"),
+    DeviceConfig: ("on_off_ratio", "programming_error", "read_noise", "time"),
     ParasiticsConfig: ("r_row", "r_col", "r_driver", "r_integrator"),
     CrossbarConfig: tuple(_SECTIONS),
 }

@@ -9,8 +9,10 @@ from jaxbar.core.mvm import (
     conv,
     conv_op,
     dense_op,
+    drift,
     matmul,
     program,
+    program_at_time,
 )
 
 __all__ = [
@@ -21,7 +23,9 @@ __all__ = [
     "conv",
     "conv_op",
     "dense_op",
+    "drift",
     "matmul",
     "partition_sizes",
     "program",
+    "program_at_time",
 ]

@@ -1,37 +1,87 @@
-"""Device non-idealities: programming error and read noise (PHYSICS §2).
+"""Device non-idealities: programming error, read noise and drift (PHYSICS §2).
 
-An error model gives the standard deviation `s(g)` of a cell at target
-conductance g; errors are `s(g)·ε` with `ε ~ N(0, 1)` (reparameterized, so
-gradients flow through the target conductances).
+Every model is a pure function of normalized conductances (g_max = 1) and, where it is
+random, an explicit PRNG key:
+
+- an error model gives the standard deviation `s(g)` of a cell at conductance g; errors
+  are `s(g)·ε` with `ε` of zero mean and unit variance (reparameterized, so gradients
+  flow through the conductances);
+- drift ages programmed conductances to a time t after programming, with a per-cell
+  power-law exponent and optional accumulated 1/f noise;
+- drift compensation reads each array with a known input at t0 and at t and corrects
+  its outputs digitally by the ratio.
+
+Measured devices come as presets (`jaxbar.core.device_presets`) or as look-up tables of
+(g, σ) points (`load_table`).
 """
 
 from __future__ import annotations
 
+import csv
+import math
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxbar.config import DeviceConfig, NoiseConfig
+from jaxbar.config import DeviceConfig, DriftConfig, NoiseConfig
 
-__all__ = ["clip_conductances", "noise_std", "program_cells"]
+__all__ = [
+    "accumulated_noise_std",
+    "clip_conductances",
+    "compensation_gain",
+    "drift_conductances",
+    "drift_exponent_stats",
+    "drift_exponents",
+    "load_table",
+    "noise_std",
+    "program_cells",
+    "unit_noise",
+]
+
+_LOG_FLOOR = 1e-7  # ln g of an (almost) empty cell: the drift fits are clipped there anyway
 
 
 def noise_std(g: jax.Array, noise: NoiseConfig) -> jax.Array:
     """Per-cell standard deviation `s(g)` of an error model.
 
     Args:
-      g: target conductances (normalized to g_max = 1).
-      noise: the model: independent (sigma), proportional (sigma·g) or custom (fn(g)).
+      g: conductances (normalized to g_max = 1).
+      noise: the model (see `NoiseConfig`).
 
     Returns:
-      An array broadcastable to `g`.
+      An array of the shape of `g`.
     """
-    if noise.model == "independent":
+    m = noise.model
+    if m == "independent":
         return jnp.full_like(g, noise.sigma)
-    if noise.model == "proportional":
+    if m == "proportional":
         return noise.sigma * jnp.abs(g)
-    if noise.model == "custom":
-        return jnp.asarray(noise.fn(g), dtype=g.dtype)
+    if m == "polynomial":
+        s = jnp.zeros_like(g)
+        for c in reversed(noise.coeffs):  # Horner
+            s = s * g + c
+        return noise.scale * jnp.maximum(s, 0.0)
+    if m == "saturating":
+        a, b = noise.coeffs
+        return noise.scale * a * -jnp.expm1(-jnp.maximum(g, 0.0) / b)
+    if m == "table":
+        pts = np.asarray(noise.table, dtype=np.float64)
+        xp, fp = jnp.asarray(pts[:, 0], g.dtype), jnp.asarray(pts[:, 1], g.dtype)
+        return noise.scale * jnp.interp(g, xp, fp)
+    if m == "custom":
+        return noise.scale * jnp.asarray(noise.fn(g), dtype=g.dtype)
     return jnp.zeros_like(g)
+
+
+def unit_noise(key: jax.Array, shape: tuple[int, ...], dtype, distribution: str) -> jax.Array:
+    """Zero-mean, unit-variance noise: "normal", "laplace" or "uniform"."""
+    if distribution == "laplace":  # Laplace(b) has variance 2b²
+        return jax.random.laplace(key, shape, dtype) / math.sqrt(2.0)
+    if distribution == "uniform":  # U(-a, a) has variance a²/3
+        return jax.random.uniform(key, shape, dtype, -math.sqrt(3.0), math.sqrt(3.0))
+    return jax.random.normal(key, shape, dtype)
 
 
 def clip_conductances(g: jax.Array, device: DeviceConfig) -> jax.Array:
@@ -57,5 +107,150 @@ def program_cells(g: jax.Array, key: jax.Array | None, device: DeviceConfig) -> 
         return g
     if key is None:
         raise ValueError("programming error is on (device.programming_error): pass a PRNG key")
-    eps = jax.random.normal(key, g.shape, dtype=g.dtype)
+    eps = unit_noise(key, g.shape, g.dtype, noise.distribution)
     return clip_conductances(g + noise_std(g, noise) * eps, device)
+
+
+def load_table(path: str | Path) -> tuple[tuple[float, float], ...]:
+    """Reads measured (g, σ) points for a "table" error model.
+
+    Args:
+      path: a .npy file holding an (n, 2) array, or a .csv / .txt file with two numeric
+        columns (g, σ) and an optional header line. Conductances are normalized (g_max = 1).
+
+    Returns:
+      The points as a tuple of (g, σ) pairs, sorted by g.
+
+    Raises:
+      ValueError: the file is missing, unreadable, or not two numeric columns with
+        distinct g values.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"no such file: {p}")
+    try:
+        if p.suffix == ".npy":
+            a = np.load(p, allow_pickle=False)
+        else:
+            with p.open(newline="") as f:
+                rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+            if rows and not _numeric(rows[0]):
+                rows = rows[1:]  # a header
+            a = np.asarray([[float(c) for c in r] for r in rows], dtype=np.float64)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read a (g, sigma) table from {p}: {e}") from e
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != 2 or a.shape[0] < 2 or not np.all(np.isfinite(a)):
+        raise ValueError(f"{p}: expected at least two rows of two finite numbers (g, sigma), "
+                         f"got an array of shape {a.shape}")
+    a = a[np.argsort(a[:, 0], kind="stable")]
+    if np.any(np.diff(a[:, 0]) <= 0):
+        raise ValueError(f"{p}: the g column has repeated values")
+    return tuple((float(x), float(s)) for x, s in a)
+
+
+def _numeric(row: list[str]) -> bool:
+    try:
+        [float(c) for c in row]
+    except ValueError:
+        return False
+    return True
+
+
+# ---- drift -----------------------------------------------------------------------------------
+def _poly_log(g: jax.Array, coeffs: tuple[float, ...], lo: float, hi: float) -> jax.Array:
+    lg = jnp.log(jnp.maximum(jnp.abs(g), _LOG_FLOOR))
+    v = jnp.zeros_like(g)
+    for c in reversed(coeffs):
+        v = v * lg + c
+    return jnp.clip(v, lo, hi)
+
+
+def drift_exponent_stats(g0: jax.Array, drift: DriftConfig) -> tuple[jax.Array, jax.Array]:
+    """Mean and spread of the drift exponent of cells at conductance g0.
+
+    Returns:
+      (ν̄(g0), σ_ν(g0)): polynomials in ln g0 clipped to their ranges.
+    """
+    return (_poly_log(g0, drift.nu_mean, *drift.nu_mean_range),
+            _poly_log(g0, drift.nu_std, *drift.nu_std_range))
+
+
+def drift_exponents(g0: jax.Array, drift: DriftConfig, key: jax.Array | None) -> jax.Array:
+    """Per-cell drift exponents `ν = |ν̄(g0) + σ_ν(g0)·ε|`, `ε ~ N(0, 1)`.
+
+    The fold at zero keeps conductances from growing with time, as in the published PCM
+    model. `key` may be None only when every σ_ν is zero.
+    """
+    mean, std = drift_exponent_stats(g0, drift)
+    if all(c == 0 for c in drift.nu_std) or drift.nu_std_range[1] == 0:
+        return mean
+    if key is None:
+        raise ValueError("device.drift has a random exponent (nu_std): pass a PRNG key")
+    return jnp.abs(mean + std * jax.random.normal(key, g0.shape, g0.dtype))
+
+
+def accumulated_noise_std(g0: jax.Array, t: jax.Array, drift: DriftConfig) -> jax.Array:
+    """Relative std of the 1/f noise accumulated from programming to `t` (s after t0).
+
+    `min(q / max(g0^p, 1e-3), q_max)·sqrt(ln((t + t0 + t_read)/(2·t_read)))`.
+    """
+    q, p, q_max = drift.noise
+    a = jnp.abs(g0)
+    live = a > 1e-12  # where-guard: the gradient of a^p is infinite at 0
+    a_p = jnp.where(live, jnp.where(live, a, 1.0) ** p, 0.0)
+    qs = jnp.minimum(q / jnp.maximum(a_p, 1e-3), q_max)
+    t_abs = t + drift.t0
+    return qs * jnp.sqrt(jnp.log((t_abs + drift.t_read) / (2.0 * drift.t_read)))
+
+
+def drift_conductances(g0: jax.Array, t: jax.Array | float, drift: DriftConfig,
+                       key: jax.Array | None) -> jax.Array:
+    """Ages programmed conductances to `t` seconds after programming ended.
+
+    `g = g0·((t + t0)/t0)^(-ν)`, plus accumulated 1/f noise `|g|·s(g0, t)·ε` when
+    `drift.noise` is set; the result is clipped at zero. Empty cells (g0 = 0) stay empty.
+
+    Args:
+      g0: conductances right after programming (at t0), any shape.
+      t: time after programming in seconds (>= 0; may be traced).
+      drift: the drift model.
+      key: PRNG key (exponents and noise), or None for a deterministic model.
+
+    Returns:
+      Conductances at t, the shape of `g0`.
+    """
+    if not drift.active:
+        return g0
+    k_nu = k_noise = None
+    if key is not None:
+        k_nu, k_noise = jax.random.split(key)
+    nu = drift_exponents(g0, drift, k_nu)
+    t = jnp.asarray(t, g0.dtype)
+    g = g0 * jnp.power((t + drift.t0) / drift.t0, -nu)
+    if drift.noise:
+        if key is None:
+            raise ValueError("device.drift.noise is on: pass a PRNG key")
+        s = accumulated_noise_std(g0, t, drift)
+        g = g + jnp.abs(g) * s * jax.random.normal(k_noise, g0.shape, g0.dtype)
+    return jnp.maximum(g, 0.0)
+
+
+def compensation_gain(reference: jax.Array, now: jax.Array, mode: str) -> jax.Array:
+    """Digital gains that undo drift: baseline read / read at t.
+
+    Args:
+      reference: per-column reads at t0 (..., P, M) (sums of |column output| over one-hot
+        inputs on every row).
+      now: the same reads at time t.
+      mode: "global" (one gain per array: the reads summed over its columns) or
+        "per_column".
+
+    Returns:
+      Gains broadcastable to the array outputs (..., P, M); 1 where a read is empty.
+    """
+    if mode == "global":
+        reference = jnp.sum(reference, axis=(-2, -1), keepdims=True)
+        now = jnp.sum(now, axis=(-2, -1), keepdims=True)
+    pos = now > 0
+    return jnp.where(pos, reference / jnp.where(pos, now, 1.0), 1.0)

@@ -32,8 +32,10 @@ __all__ = [
     "conv",
     "conv_op",
     "dense_op",
+    "drift",
     "matmul",
     "program",
+    "program_at_time",
 ]
 
 
@@ -49,11 +51,17 @@ class Programmed:
         column, pc extra columns at the end. Padding cells are 0.
       w_max: the weight scale (scalar).
       shape: (K, N) of the weight matrix (static).
+      reference: with drift compensation, the baseline column reads at t0
+        (pr, S, P', M), P' = 1 after analog differential subtraction; else None.
+      gain: after `drift` with compensation, the digital gains applied to the ADC
+        outputs (pr, S, 1, 1) per array or (pr, S, P', M) per column; else None.
     """
 
     g: jax.Array
     w_max: jax.Array
     shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+    reference: jax.Array | None = None
+    gain: jax.Array | None = None
 
 
 def _unit_column(config: CrossbarConfig) -> bool:
@@ -103,10 +111,77 @@ def program(W: jax.Array, config: CrossbarConfig, key: jax.Array | None = None) 
         row_mask = jnp.asarray(lay.row_index < K)[:, :, None, None, None]
         mask = jnp.concatenate([jnp.broadcast_to(mask, g.shape[:4] + mask.shape[-1:]),
                                 jnp.broadcast_to(row_mask, unit.shape)], axis=-1)
+    masked = not (lay.trivial_rows and lay.trivial_cols) or _unit_column(config)
+    target = g
     g = devices.program_cells(g, key, config.device)
-    if not (lay.trivial_rows and lay.trivial_cols) or _unit_column(config):
+    if masked:
         g = jnp.where(mask, g, 0.0)
-    return Programmed(g=g, w_max=w_max, shape=(K, N))
+    reference = None
+    drift_cfg = config.device.drift
+    if drift_cfg.active and drift_cfg.compensation != "none":
+        if drift_cfg.reference == "target":
+            reference = _column_reads(jnp.where(mask, target, 0.0) if masked else target, config)
+        else:
+            reference = _column_reads(g, config)
+    return Programmed(g=g, w_max=w_max, shape=(K, N), reference=reference)
+
+
+def _column_reads(g: jax.Array, config: CrossbarConfig) -> jax.Array:
+    """What a drift-compensation read sees: Σ_rows |column output| over one-hot inputs.
+
+    Returns (pr, S, P', M): P' = 1 when a differential pair is subtracted in analog.
+    """
+    if config.mapping.scheme == "differential" and config.mapping.subtract == "analog":
+        g = g[:, :, :, :1] - g[:, :, :, 1:]
+    return jnp.sum(jnp.abs(g), axis=1)
+
+
+_DRIFT_STREAM = 0x44726966  # folded into the programming key: drift draws its own numbers
+
+
+def drift(programmed: Programmed, t: jax.Array | float, config: CrossbarConfig,
+          key: jax.Array | None = None) -> Programmed:
+    """Ages a programmed crossbar to `t` seconds after programming (PHYSICS §2).
+
+    Applies `config.device.drift` to the conductances at t0 and, with drift compensation,
+    reads every array with one-hot inputs and sets the digital gains
+    `reference read / read at t` that `matmul` applies after the ADC.
+
+    Args:
+      programmed: from `program` (the state at t0).
+      t: seconds after programming (>= 0); may be traced, so a sweep over time compiles once.
+      config: the crossbar config (static).
+      key: PRNG key of the drift exponents and accumulated noise (needed when they are
+        random). Reusing a key with different t gives the same cells at different times.
+
+    Returns:
+      The crossbar at time t (unchanged when drift is off).
+    """
+    d = config.device.drift
+    if not d.active:
+        return programmed
+    g = devices.drift_conductances(programmed.g, t, d, key)
+    gain = None
+    if d.compensation != "none":
+        ref = programmed.reference
+        if ref is None:
+            ref = _column_reads(programmed.g, config)
+        gain = devices.compensation_gain(ref, _column_reads(g, config), d.compensation)
+    return dataclasses.replace(programmed, g=g, gain=gain)
+
+
+def program_at_time(W: jax.Array, config: CrossbarConfig,
+                    key: jax.Array | None = None) -> Programmed:
+    """`program`, then `drift` to `config.device.time`: the crossbar as used for inference.
+
+    The drift key is folded from `key`, so one trial key fixes both programming error and
+    drift. Without a drift model this is `program`.
+    """
+    p = program(W, config, key)
+    if not config.device.drift.active:
+        return p
+    k_drift = None if key is None else jax.random.fold_in(key, _DRIFT_STREAM)
+    return drift(p, config.device.time, config, k_drift)
 
 
 class ArrayOp(NamedTuple):
@@ -326,6 +401,8 @@ def _digital(y, x_q, programmed, config, op) -> jax.Array:
     """The digital steps after the ADC: (*batch, pr, S, P, M) → (*batch, N)."""
     K, N = programmed.shape
     lay = mapping.layout(K, N, config)
+    if programmed.gain is not None:  # drift compensation, applied digitally after the ADC
+        y = y * programmed.gain.astype(y.dtype)
     y = y[..., 0, :] - y[..., 1, :] if y.shape[-2] == 2 else y[..., 0, :]
     if _unit_column(config):  # analog offset reference, digitized like the columns
         pc = len(lay.col_sizes)
@@ -402,7 +479,8 @@ def analog_matmul(x: jax.Array, W: jax.Array, config: CrossbarConfig,
       x: inputs (..., K).
       W: weights (K, N).
       config: the crossbar config (static).
-      key: PRNG key; split into a programming key and a read-noise key.
+      key: PRNG key; split into a programming key (programming error and drift to
+        `config.device.time`) and a read-noise key.
 
     Returns:
       y of shape (..., N).
@@ -410,4 +488,4 @@ def analog_matmul(x: jax.Array, W: jax.Array, config: CrossbarConfig,
     k_prog = k_read = None
     if key is not None:
         k_prog, k_read = jax.random.split(key)
-    return matmul(x, program(W, config, k_prog), config, k_read)
+    return matmul(x, program_at_time(W, config, k_prog), config, k_read)

@@ -62,7 +62,7 @@ def program_network(model: nnx.Module, configs: LayerConfigs,
             continue
         kernel = layer.kernel[...]
         W = kernel.reshape(-1, kernel.shape[-1])
-        out[name] = mvm.program(W, cfg, _layer_key(trial_key, name))
+        out[name] = mvm.program_at_time(W, cfg, _layer_key(trial_key, name))
     return out
 
 
@@ -88,7 +88,7 @@ class Analog:
         if self.programmed is not None and name in self.programmed:
             return self.programmed[name]
         W = kernel.reshape(-1, kernel.shape[-1])
-        return mvm.program(W, cfg, _layer_key(self.trial_key, name))
+        return mvm.program_at_time(W, cfg, _layer_key(self.trial_key, name))
 
     def conv(self, name, x, kernel, *, strides, padding):
         cfg = _config(self.configs, name)
