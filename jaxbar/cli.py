@@ -78,7 +78,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from jaxbar.study.pipeline import load_task, prepare_configs
 
     if args.distributed:  # multi-host: every process sees all hosts' devices; trials shard
-        jax.distributed.initialize()
+        # None: auto-detected (SLURM, Open MPI, Kubernetes, Cloud TPU); must precede any JAX op.
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+    elif (args.coordinator, args.num_processes, args.process_id) != (None, None, None):
+        raise ValueError("--coordinator, --num-processes and --process-id need --distributed")
     t0 = time.perf_counter()
     task = load_task(args.model, args.weights, args.data, args.params, args.mean)
     net = _net_config(args)
@@ -89,6 +93,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         keys = jax.random.split(jax.random.key(args.seed), args.trials)
     res = evaluate(model, configs, images, labels, keys, batch_size=args.batch_size,
                    strategy=args.strategy)
+    if jax.process_index() != 0:  # every process holds all results; process 0 reports them
+        return 0
     st = accuracy_stats(res.accuracies)
     lo, hi = st["ci95"]
     print(f"{args.model} on {res.n_images} {args.split} images, config {args.config}: "
@@ -136,8 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--strategy", default="auto", choices=("auto", "map", "vmap"))
     ev.add_argument("--json", help="write results to this JSON file")
     ev.add_argument("--distributed", action="store_true",
-                    help="call jax.distributed.initialize() first (multi-host runs; coordinator "
-                         "from the usual JAX environment variables)")
+                    help="multi-host run: call jax.distributed.initialize() first; start one "
+                         "process per host, all with the same arguments; trials (and images, "
+                         "when trials are fewer than devices) shard over all their devices")
+    ev.add_argument("--coordinator", metavar="HOST:PORT",
+                    help="with --distributed: process 0's address (default: auto-detected on "
+                         "SLURM, Open MPI, Kubernetes and Cloud TPU, or $JAX_COORDINATOR_ADDRESS)")
+    ev.add_argument("--num-processes", type=int, help="with --distributed: processes in all")
+    ev.add_argument("--process-id", type=int, help="with --distributed: this process's rank")
     ev.set_defaults(func=_evaluate)
 
     ca = sub.add_parser("calibrate", help="calibrate input and ADC ranges of every layer")

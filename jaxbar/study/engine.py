@@ -6,6 +6,11 @@ those conductances (`lax.scan`), each batch with fresh read noise. The trial axi
 runs as `lax.map` (CPU: `vmap` over weight sets makes XLA:CPU convolutions 5–7×
 slower than a loop), `vmap` (accelerators) or a mix (`lax.map` over chunks that
 are vmapped), in Python-level chunks so memory stays bounded and progress shows.
+
+With several devices (of one process, or of all after `jax.distributed.initialize()`)
+the trial axis is split over a ("trials", "data") mesh by `shard_map`; a chunk with fewer
+trials than devices also splits every batch over "data", left to the compiler so results
+equal the single-device ones bit for bit (see `_shards`, `_runner`).
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import dataclasses
 import functools
 import math
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from scipy import stats
 from tqdm.auto import tqdm
 
@@ -69,19 +76,89 @@ def default_strategy() -> str:
     return "map" if jax.default_backend() == "cpu" else "vmap"
 
 
-def _batches(images, labels, batch_size):
+def _shards(chunk: int, devices: int) -> tuple[int, int, int]:
+    """How a chunk of trials spreads over `devices` devices.
+
+    A chunk of at least `devices` trials is rounded up to a multiple of `devices` and
+    sharded over trials only. A smaller one cannot occupy every device with whole trials:
+    its trials shard over the largest device-count divisor that divides the chunk (no
+    padded trials) and every batch over the remaining factor.
+
+    Args:
+      chunk: trials per compiled call, as requested.
+      devices: devices to spread over.
+
+    Returns:
+      (trials per call, trial-axis shards, data-axis shards); the shards multiply to
+      `devices`.
+    """
+    if chunk >= devices:
+        return -(-chunk // devices) * devices, devices, 1
+    t = math.gcd(chunk, devices)
+    return chunk, t, devices // t
+
+
+def _batches(images, labels, batch_size, multiple: int = 1):
+    """(nb, B, ...) images and (nb, B) labels as numpy; padding has label -1.
+
+    The last batch is padded to `batch_size`, then every batch to `B`, the next multiple of
+    `multiple` (the data-axis shards), at its end, so each real image keeps its batch and
+    position (and with them its read-noise draws) whatever the sharding.
+    """
     n = len(images)
     nb = -(-n // batch_size)
     pad = nb * batch_size - n
     x = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
     y = np.concatenate([labels, np.full(pad, -1, labels.dtype)])
-    return (jnp.asarray(x.reshape(nb, batch_size, *images.shape[1:])),
-            jnp.asarray(y.reshape(nb, batch_size)))
+    x = x.reshape(nb, batch_size, *images.shape[1:])
+    y = y.reshape(nb, batch_size)
+    extra = -(-batch_size // multiple) * multiple - batch_size
+    if extra:
+        x = np.concatenate([x, np.zeros((nb, extra, *images.shape[1:]), x.dtype)], axis=1)
+        y = np.concatenate([y, np.full((nb, extra), -1, y.dtype)], axis=1)
+    return x, y
+
+
+@functools.lru_cache(maxsize=8)
+def _mesh(trial_shards: int, data_shards: int) -> jax.sharding.Mesh:
+    """A ("trials", "data") mesh over every device of every process (auto-sharded axes)."""
+    return jax.make_mesh((trial_shards, data_shards), ("trials", "data"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def _runner(graphdef, strategy: str, C: int, digital: bool, trial_shards: int = 1,
+            data_shards: int = 1):
+    """A jitted `(state, xs, ys, keys, configs) -> (T, 2, C)` hit/count tensor.
+
+    Cached: the same arguments, however passed, give the same function (and its
+    compilations); see `_build_runner`.
+    """
+    return _build_runner(graphdef, strategy, int(C), bool(digital), int(trial_shards),
+                         int(data_shards))
 
 
 @functools.lru_cache(maxsize=64)
-def _runner(graphdef, strategy: str, C: int, digital: bool, devices: int = 1):
-    """A jitted `(state, xs, ys, keys, configs) -> (T, 2, C)` hit/count tensor."""
+def _build_runner(graphdef, strategy: str, C: int, digital: bool, trial_shards: int,
+                  data_shards: int):
+    """The jitted `(state, xs, ys, keys, configs) -> (T, 2, C)` hit/count tensor.
+
+    Args:
+      graphdef: the model's `nnx` graph definition.
+      strategy: "map" or "vmap" over the trials of one device.
+      C: classes counted separately (1: overall accuracy only).
+      digital: evaluate without crossbars (keys unused).
+      trial_shards: devices the trial axis is split over (manually, by `shard_map`).
+      data_shards: devices every batch is split over. This axis is left to the compiler
+        (auto sharding), so random draws, batch-wide reductions and the counts' sums are
+        those of the unsharded program and results equal the single-device ones.
+
+    Returns:
+      With one device in all, the jitted function. Otherwise one over
+      `_mesh(trial_shards, data_shards)` expecting `state` and `configs` replicated, `xs`
+      and `ys` sharded over "data" on their batch axis and `keys` over "trials" (see
+      `_global`); its result is replicated on every device, so every process can read it.
+    """
+    P = jax.sharding.PartitionSpec
 
     def trial(state, xs, ys, key, configs):
         net = nnx.merge(graphdef, state)
@@ -92,6 +169,9 @@ def _runner(graphdef, strategy: str, C: int, digital: bool, devices: int = 1):
 
         def body(carry, batch):
             xb, yb, i = batch
+            if data_shards > 1:  # keep the batch split through the scan
+                xb = jax.lax.with_sharding_constraint(xb, P("data"))
+                yb = jax.lax.with_sharding_constraint(yb, P("data"))
             if digital:
                 logits = net(xb)
             else:
@@ -99,30 +179,64 @@ def _runner(graphdef, strategy: str, C: int, digital: bool, devices: int = 1):
             hit = (jnp.argmax(logits, -1) == yb).astype(jnp.float32)
             onehot = jax.nn.one_hot(jnp.where(yb >= 0, yb, 0) if C > 1 else 0 * yb, C)
             onehot = onehot * (yb >= 0)[:, None]
-            return carry + jnp.stack([hit @ onehot, onehot.sum(0)]), None
+            # Counted per batch position, summed once at the end: a data-sharded carry
+            # needs no cross-device sum per batch (integer counts: exact in any order).
+            return carry + jnp.stack([hit[:, None] * onehot, onehot]), None
 
-        tot, _ = jax.lax.scan(body, jnp.zeros((2, C)), (xs, ys, jnp.arange(xs.shape[0])))
-        return tot
+        B = xs.shape[1]
+        tot, _ = jax.lax.scan(body, jnp.zeros((2, B, C)), (xs, ys, jnp.arange(xs.shape[0])))
+        return tot.sum(1)
 
     def trials(state, xs, ys, ks, configs):
         f = lambda k: trial(state, xs, ys, k, configs)  # noqa: E731
         return jax.vmap(f)(ks) if strategy == "vmap" else jax.lax.map(f, ks)
 
-    if devices == 1:
+    if trial_shards * data_shards == 1:
         return jax.jit(trials)
-    # Shard the trial axis over all devices; each runs its trials with the chosen strategy.
-    mesh = jax.make_mesh((devices,), ("trials",))
-    P = jax.sharding.PartitionSpec
-    sharded = jax.jit(jax.shard_map(trials, mesh=mesh,
-                                    in_specs=(P(), P(), P(), P("trials"), P()),
-                                    out_specs=P("trials"), check_vma=False))
-    spread = jax.sharding.NamedSharding(mesh, P("trials"))
+    # Trials are split by hand (each device loops over its own with the chosen strategy);
+    # "data" stays automatic inside, see above.
+    mesh = _mesh(trial_shards, data_shards)
+    on = lambda *spec: jax.sharding.NamedSharding(mesh, P(*spec))  # noqa: E731
+    body = jax.shard_map(trials, mesh=mesh, in_specs=(P(), P(), P(), P("trials"), P()),
+                         out_specs=P("trials"), axis_names={"trials"}, check_vma=False)
+    return jax.jit(body, in_shardings=(on(), on(None, "data"), on(None, "data"),
+                                       on("trials"), on()), out_shardings=on())
 
-    def run(state, xs, ys, ks, configs):
-        return sharded(state, xs, ys, jax.device_put(ks, spread), configs)
 
-    run._cache_size = sharded._cache_size
-    return run
+def _global(tree, sharding: jax.sharding.NamedSharding):
+    """`tree` with every array leaf a global array over `sharding`.
+
+    Each process fills the shards on its own devices from its own copy of the leaf: no data
+    crosses processes (`jax.device_put` would all-gather every leaf to check it is equal
+    everywhere, the whole image set included). Python numbers stay as they are; jit
+    replicates them, traced and weakly typed as on one device.
+    """
+
+    def put(x):
+        if isinstance(x, (bool, int, float, complex)):
+            return x
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
+        a = np.asarray(x)
+        a = a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree.map(put, tree)
+
+
+def _fingerprint(*trees, max_rows: int = 1024) -> int:
+    """A CRC of the leaves (arrays longer than `max_rows` by an evenly strided subset of
+    rows, so a large image set costs little) to check processes agree on their inputs."""
+    crc = 0
+    for leaf in jax.tree.leaves(trees):
+        if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        a = np.asarray(leaf)
+        rows = a[:: -(-len(a) // max_rows)] if a.ndim and len(a) > max_rows else a
+        crc = zlib.crc32(np.ascontiguousarray(rows).tobytes(),
+                         zlib.crc32(repr((a.dtype.str, a.shape)).encode(), crc))
+    return crc
 
 
 def evaluate(model: nnx.Module, configs: LayerConfigs | None, images: np.ndarray,
@@ -131,6 +245,11 @@ def evaluate(model: nnx.Module, configs: LayerConfigs | None, images: np.ndarray
              num_classes: int | None = None, progress: bool = True,
              shard: bool = True) -> EvalResult:
     """Top-1 accuracy of `model` on (images, labels) for each trial key.
+
+    With several devices, trials shard over them; a chunk of fewer trials than devices
+    (e.g. a single trial) also shards every batch over devices (see `_shards`). Accuracies
+    equal those of one device either way. After `jax.distributed.initialize()` every
+    process must call this with the same arguments; each gets all results.
 
     Args:
       model: a jaxbar model.
@@ -141,37 +260,55 @@ def evaluate(model: nnx.Module, configs: LayerConfigs | None, images: np.ndarray
       batch_size: images per forward pass.
       strategy: "map", "vmap" or "auto" (by backend).
       trial_chunk: trials per compiled call (bounds memory; default 8 for vmap, 4 for map;
-        rounded up to a multiple of the device count).
+        when at least the device count, rounded up to a multiple of it).
       num_classes: also return per-class accuracy when given.
-      progress: show a progress bar over trial chunks.
-      shard: shard trials over all devices (`jax.device_count()`, every host's devices
-        after `jax.distributed.initialize()`).
+      progress: show a progress bar over trial chunks (on process 0).
+      shard: spread over all devices (`jax.device_count()`, every process's devices after
+        `jax.distributed.initialize()`); False runs on this process's first device.
 
     Returns:
       An `EvalResult`.
+
+    Raises:
+      ValueError: bad `strategy`, or (multi-process) processes passed different inputs.
     """
     t0 = time.perf_counter()
     strategy = default_strategy() if strategy == "auto" else strategy
     if strategy not in ("map", "vmap"):
         raise ValueError(f"strategy must be 'map', 'vmap' or 'auto', got {strategy!r}")
-    xs, ys = _batches(np.asarray(images, np.float32), np.asarray(labels, np.int32), batch_size)
+    images, labels = np.asarray(images, np.float32), np.asarray(labels, np.int32)
     graphdef, state = nnx.split(model)
     if keys is None:
         keys = jax.random.split(jax.random.key(0), 1)
     T = keys.shape[0]
     devices = jax.device_count() if shard else 1
-    chunk = trial_chunk or min(T, 8 if strategy == "vmap" else 4)
-    chunk = -(-chunk // devices) * devices  # whole trials per device
+    chunk, t, d = _shards(trial_chunk or min(T, 8 if strategy == "vmap" else 4), devices)
+    xs, ys = _batches(images, labels, batch_size, d)
     # Configs go in as pytrees: swept numbers (sigma, ...) are traced and the compiled
     # function is reused for every configuration of the same structure.
-    run = _runner(graphdef, strategy, num_classes or 1, configs is None, devices)
+    run = _runner(graphdef, strategy, num_classes or 1, configs is None, t, d)
+    if devices == 1:
+        xs, ys = jnp.asarray(xs), jnp.asarray(ys)  # once, not per chunk
+        place_keys = lambda ks: ks  # noqa: E731
+    else:
+        if jax.process_count() > 1:  # each process fills its devices from its own copy
+            fp = _fingerprint(images, labels, keys, state, configs, batch_size, chunk)
+            if len(set(multihost_utils.process_allgather(np.uint32(fp)).tolist())) > 1:
+                raise ValueError("evaluate: processes passed different models, configs, "
+                                 "images, labels or keys")
+        P, mesh = jax.sharding.PartitionSpec, _mesh(t, d)
+        state, configs = _global((state, configs), jax.sharding.NamedSharding(mesh, P()))
+        xs, ys = _global((xs, ys), jax.sharding.NamedSharding(mesh, P(None, "data")))
+        by_trial = jax.sharding.NamedSharding(mesh, P("trials"))
+        place_keys = lambda ks: _global(ks, by_trial)  # noqa: E731
     out = []
-    bar = tqdm(total=T, desc="trials", unit="trial", disable=not progress or T == 1)
+    bar = tqdm(total=T, desc="trials", unit="trial",
+               disable=not progress or T == 1 or jax.process_index() != 0)
     for i in range(0, T, chunk):
         ks = keys[i:i + chunk]
         if ks.shape[0] < chunk:  # keep one compiled shape: pad the last chunk
             ks = jnp.concatenate([ks, jnp.repeat(ks[-1:], chunk - ks.shape[0], axis=0)])
-        res = np.asarray(run(state, xs, ys, ks, configs))[: min(chunk, T - i)]
+        res = np.asarray(run(state, xs, ys, place_keys(ks), configs))[: min(chunk, T - i)]
         out.append(res)
         bar.update(res.shape[0])
     bar.close()

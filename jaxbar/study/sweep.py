@@ -465,11 +465,12 @@ def plan(study: Study) -> list[Point]:
 
 def calibration_key(study: Study, net: NetworkConfig) -> str:
     """Identifies a calibration: the study's model and data, and the network config
-    without what profiling ignores (device errors and ADC bits are off while profiling)."""
+    without what profiling ignores: device errors, drift (profiling sees the arrays at t0)
+    and ADC bits are off while profiling."""
     d = net.to_dict()
     if d["crossbar"] is not None:
-        d["crossbar"]["device"].pop("programming_error", None)
-        d["crossbar"]["device"].pop("read_noise", None)
+        for k in ("programming_error", "read_noise", "drift", "time", "preset"):
+            d["crossbar"]["device"].pop(k, None)
         d["crossbar"]["adc"].pop("bits", None)
     ident = {k: getattr(study, k) for k in ("model", "weights", "params", "mean", "data")}
     return _digest({"study": ident, "net": d}, 24)
