@@ -174,7 +174,43 @@ def main():
                   f"{row['loss']:>8.3f} {xla_mb:>7.0f} {row['rss_mb']:>7.0f}{flag}", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(f"process peak RSS (ru_maxrss, all of the above incl. float64 references): {peak:.0f} MB")
+    layer_path(w, rs, repeats, rng)
     return rows
+
+
+def layer_path(w, rs, repeats, rng, B=1024, batches=(1, 10)):
+    """The same array through `jaxbar.program` + `jaxbar.matmul` (parasitics.precompute).
+
+    An input-source array is linear in its inputs, so `program` solves its transfer matrix
+    once per trial (N adjoint solves) and every MVM after that is an ideal product with it.
+    Reported against `jaxbar.matmul` without parasitics (same mapping, same run): the cost
+    of `program`, of one MVM of B vectors, and per B vectors when one programmed crossbar
+    serves 1 or 10 batches of B (a Monte Carlo trial serves all its images).
+    """
+    import jaxbar
+    from jaxbar import CrossbarConfig
+
+    W = jnp.asarray(w, jnp.float32)
+    x = jnp.asarray(rng.uniform(0.0, 1.0, (B, K)), jnp.float32)
+    plain = CrossbarConfig()
+    p0 = jaxbar.program(W, plain)
+    ideal = jax.jit(lambda x, p: jaxbar.matmul(x, p, plain))
+    t_ideal = _median_time(lambda: ideal(x, p0), max(repeats, 10))
+    print(f"\nlayer path: jaxbar.program (transfer matrix, once per trial) + jaxbar.matmul, "
+          f"{B} vectors; x = time / ideal jaxbar.matmul ({1e3 * t_ideal:.2f} ms)")
+    cols = "".join(f" {f'per {B}, {n} batch':>16}" for n in batches)
+    print(f"{'r':>7} {'program ms':>11} {'x ideal':>8} {'matmul x':>9}{cols}")
+    for r in rs:
+        cfg = plain.replace(**{"parasitics.topology": "input_source", "parasitics.r_row": r,
+                               "parasitics.r_col": r})
+        prog = jax.jit(lambda W, cfg=cfg: jaxbar.program(W, cfg))
+        mm = jax.jit(lambda x, p, cfg=cfg: jaxbar.matmul(x, p, cfg))
+        t_prog = _median_time(lambda prog=prog: prog(W), repeats)
+        p = prog(W)
+        t_mm = _median_time(lambda mm=mm, p=p: mm(x, p), max(repeats, 10))
+        per = "".join(f" {(t_prog / n + t_mm) / t_ideal:>16.1f}" for n in batches)
+        print(f"{r:>7.0e} {1e3 * t_prog:>11.1f} {t_prog / t_ideal:>8.0f} {t_mm / t_ideal:>9.2f}"
+              f"{per}", flush=True)
 
 
 if __name__ == "__main__":

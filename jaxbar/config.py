@@ -543,6 +543,11 @@ class ParasiticsConfig:
       max_iters: iteration limit of the solver.
       on_nonconvergence: "error" | "warn" | "ignore".
       batch_chunk: input vectors solved at a time (None = automatic).
+      precompute: "input_source" arrays are linear in their inputs, so `program` solves
+        each array's transfer matrix once (N adjoint solves) and every MVM is then an
+        exact ideal product with it; false solves the circuit on every MVM instead
+        (cheaper only for very few input vectors). "gated_source" always solves per MVM:
+        its input bits switch cells on and off.
     """
 
     topology: str = "none"
@@ -555,6 +560,7 @@ class ParasiticsConfig:
     max_iters: int = 1000
     on_nonconvergence: str = "error"
     batch_chunk: int | None = None
+    precompute: bool = True
 
     def __post_init__(self):
         _floats(self, "r_row", "r_col", "r_driver", "r_integrator", "tol")
@@ -578,6 +584,8 @@ class ParasiticsConfig:
                       ("error", "warn", "ignore"))
         if self.batch_chunk is not None:
             _check_int(f"{path}.batch_chunk", self.batch_chunk, 1)
+        if not isinstance(self.precompute, bool):
+            _fail(f"{path}.precompute", self.precompute, "true or false")
 
 
 _SECTIONS = {

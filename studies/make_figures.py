@@ -31,6 +31,15 @@ FIGURES = [
      "Parasitic resistance (r = Rp·Gmax), 1152-row arrays"),
     ("05b_parasitics_fitted_arrays", "parasitics.r_row", "mapping.scheme", None, [], True,
      "05b_parasitics_fitted_arrays", "Parasitic resistance, arrays fitted to each layer"),
+    ("06_pcm_drift", "device.time", "mapping.scheme", "device.drift.compensation",
+     [("adc.bits", 0), ("device.programming_error.model", "polynomial")], True,
+     "06_pcm_drift", "PCM (IBM fit), ideal ADC: accuracy vs seconds after programming"),
+    ("06_pcm_drift", "device.time", "mapping.scheme", "device.drift.compensation",
+     [("adc.bits", 8)], True, "06_pcm_drift_adc8",
+     "PCM (IBM fit), 8-bit ADC calibrated at t0"),
+    ("06_pcm_drift", "device.time", "mapping.scheme", "device.drift.compensation",
+     [("adc.bits", 0), ("device.programming_error.model", "none")], True,
+     "06_pcm_drift_only", "PCM drift alone (no programming error, no 1/f noise)"),
 ]
 
 

@@ -55,6 +55,12 @@ class Programmed:
         (pr, S, P', M), P' = 1 after analog differential subtraction; else None.
       gain: after `drift` with compensation, the digital gains applied to the ADC
         outputs (pr, S, 1, 1) per array or (pr, S, P', M) per column; else None.
+      effective: what an ideal array op contracts the inputs with, when it is not `g`
+        itself (pr, rows, S, P', M), computed once in `program` rather than on every MVM:
+        `g+ - g-` for a differential pair subtracted in analog (P' = 1), or, for
+        "input_source" parasitics, the arrays' transfer matrices with IR drop (row k holds
+        the column currents when row k alone is driven at 1); else None. Leave it None
+        when building a `Programmed` by hand.
     """
 
     g: jax.Array
@@ -62,6 +68,49 @@ class Programmed:
     shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
     reference: jax.Array | None = None
     gain: jax.Array | None = None
+    effective: jax.Array | None = None
+
+
+def _analog_diff(config: CrossbarConfig) -> bool:
+    return config.mapping.scheme == "differential" and config.mapping.subtract == "analog"
+
+
+def _effective(g: jax.Array, config: CrossbarConfig,
+               shape: tuple[int, int]) -> jax.Array | None:
+    """`Programmed.effective` for conductances g (None: contract with g itself)."""
+    topology = config.parasitics.topology
+    if topology == "input_source" and config.parasitics.precompute:
+        return _ir_transfer(g, config, shape)
+    if topology == "none" and _analog_diff(config):
+        return g[:, :, :, :1] - g[:, :, :, 1:]
+    return None
+
+
+def _ir_transfer(g: jax.Array, config: CrossbarConfig, shape: tuple[int, int]) -> jax.Array:
+    """Transfer matrices of input-source arrays with IR drop, as tiles (pr, rows, S, P', M).
+
+    The circuit is linear in the row voltages, so the column currents for inputs u are
+    exactly `u @ T`, with T's row k the currents when row k alone is driven at 1. The
+    solver finds T for all rows at once from N adjoint solves per array.
+    """
+    from jaxbar.core import crossbar_ir  # deferred: only parasitic runs need the solver
+
+    lay = mapping.layout(*shape, config)
+    K = shape[0]
+    y = crossbar_ir.array_currents(jnp.eye(K, dtype=g.dtype)[None], g, config, lay)[0]
+    if lay.trivial_rows:  # (K, 1, S, P', M) → (1, K, S, P', M)
+        return jnp.moveaxis(y, 1, 0)
+    y = jnp.pad(y, [(0, 1)] + [(0, 0)] * (y.ndim - 1))  # padding rows drive nothing
+    pr = len(lay.row_index)
+    return y[jnp.asarray(lay.row_index), jnp.arange(pr)[:, None]]
+
+
+def _contracted(programmed: Programmed, config: CrossbarConfig, dtype) -> jax.Array:
+    """The tiles an ideal array op contracts with (no parasitics)."""
+    if programmed.effective is not None:
+        return programmed.effective.astype(dtype)
+    g = programmed.g.astype(dtype)
+    return g[:, :, :, :1] - g[:, :, :, 1:] if _analog_diff(config) else g
 
 
 def _unit_column(config: CrossbarConfig) -> bool:
@@ -123,7 +172,8 @@ def program(W: jax.Array, config: CrossbarConfig, key: jax.Array | None = None) 
             reference = _column_reads(jnp.where(mask, target, 0.0) if masked else target, config)
         else:
             reference = _column_reads(g, config)
-    return Programmed(g=g, w_max=w_max, shape=(K, N), reference=reference)
+    return Programmed(g=g, w_max=w_max, shape=(K, N), reference=reference,
+                      effective=_effective(g, config, (K, N)))
 
 
 def _column_reads(g: jax.Array, config: CrossbarConfig) -> jax.Array:
@@ -167,7 +217,8 @@ def drift(programmed: Programmed, t: jax.Array | float, config: CrossbarConfig,
         if ref is None:
             ref = _column_reads(programmed.g, config)
         gain = devices.compensation_gain(ref, _column_reads(g, config), d.compensation)
-    return dataclasses.replace(programmed, g=g, gain=gain)
+    return dataclasses.replace(programmed, g=g, gain=gain,
+                               effective=_effective(g, config, programmed.shape))
 
 
 def program_at_time(W: jax.Array, config: CrossbarConfig,
@@ -324,22 +375,26 @@ def array_outputs(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
     x_q = x if quantized else converters.dac(_check_inputs(x, programmed) / config.inputs.x_max,
                                              config.inputs)
     g = programmed.g.astype(x_q.dtype)
-    analog_diff = config.mapping.scheme == "differential" and config.mapping.subtract == "analog"
-    if config.parasitics.topology != "none":
+    if config.parasitics.topology != "none" and config.device.read_noise.active:
+        raise ConfigError("device.read_noise together with parasitics is not supported yet")
+    if _solves_per_mvm(programmed, config):
         from jaxbar.core import crossbar_ir  # deferred: only parasitic runs need the solver
 
-        if config.device.read_noise.active:
-            raise ConfigError("device.read_noise together with parasitics is not supported yet")
         u = converters.input_slices(op.patches(x_q), config.inputs)
         y = crossbar_ir.array_currents(u, g, config, lay)
     else:
         u = converters.input_slices(x_q, config.inputs)
-        y = op.contract(u, g[:, :, :, :1] - g[:, :, :, 1:] if analog_diff else g)
+        y = op.contract(u, _contracted(programmed, config, x_q.dtype))
         if config.device.read_noise.active:
             y = _read_noise(y, u, g, config, key, op.contract)
     if config.inputs.bit_serial and not config.adc.per_input_slice:
         y = _shift_add_inputs(y, config)  # analog accumulation before the ADC
     return y, x_q
+
+
+def _solves_per_mvm(programmed: Programmed, config: CrossbarConfig) -> bool:
+    """Parasitics without a precomputed transfer matrix: every MVM is a circuit solve."""
+    return config.parasitics.topology != "none" and programmed.effective is None
 
 
 def _shift_add_inputs(y: jax.Array, config: CrossbarConfig) -> jax.Array:
@@ -369,16 +424,15 @@ def _converted_outputs(x_q, programmed, config, key, op) -> jax.Array:
     """
     lay = mapping.layout(*programmed.shape, config)
     inp = config.inputs
-    if not inp.bit_serial or config.parasitics.topology != "none":
+    if config.parasitics.topology != "none" and config.device.read_noise.active:
+        raise ConfigError("device.read_noise together with parasitics is not supported yet")
+    if not inp.bit_serial or _solves_per_mvm(programmed, config):
         y, _ = array_outputs(x_q, programmed, config, key, op, quantized=True)
         y = _adc(y, config, lay.rows)
         return (_shift_add_inputs(y, config) if inp.bit_serial and config.adc.per_input_slice
                 else y)[0]
     g = programmed.g.astype(x_q.dtype)
-    if config.mapping.scheme == "differential" and config.mapping.subtract == "analog":
-        g_eff = g[:, :, :, :1] - g[:, :, :, 1:]
-    else:
-        g_eff = g
+    g_eff = _contracted(programmed, config, x_q.dtype)
     n = converters.input_magnitudes(x_q, inp)
     weights = jnp.asarray(converters.input_slice_weights(inp), dtype=x_q.dtype)
 
