@@ -267,7 +267,13 @@ def test_device_validation_errors_name_the_field(changes, path):
         CrossbarConfig().replace(**changes)
 
 
+def _measured_sigma(g):  # a user's own σ(g), defined once (configs compare it by identity)
+    return 0.01 + 0.03 * g * (1.0 - 0.5 * g)
+
+
 MODELS = {
+    "custom": {"device.programming_error": NoiseConfig(model="custom", fn=_measured_sigma,
+                                                       distribution="uniform")},
     "polynomial": {"device.programming_error": {"model": "polynomial",
                                                 "coeffs": [0.01, 0.03, -0.02]}},
     "saturating": {"device.preset": "sonos"},
