@@ -178,14 +178,14 @@ def main():
     return rows
 
 
-def layer_path(w, rs, repeats, rng, B=1024, batches=(1, 10)):
+def layer_path(w, rs, repeats, rng, B=1024, batches=(1, 10, 100)):
     """The same array through `jaxbar.program` + `jaxbar.matmul` (parasitics.precompute).
 
     An input-source array is linear in its inputs, so `program` solves its transfer matrix
     once per trial (N adjoint solves) and every MVM after that is an ideal product with it.
     Reported against `jaxbar.matmul` without parasitics (same mapping, same run): the cost
     of `program`, of one MVM of B vectors, and per B vectors when one programmed crossbar
-    serves 1 or 10 batches of B (a Monte Carlo trial serves all its images).
+    serves 1, 10 or 100 batches of B (a Monte Carlo trial serves all its images).
     """
     import jaxbar
     from jaxbar import CrossbarConfig
