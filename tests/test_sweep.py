@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -283,6 +284,16 @@ def test_plot_png_and_svg(tmp_path):
     with pytest.warns(UserWarning, match="mapping.slices"):
         fig = plot_results(_fake_rows(), "device.programming_error.sigma", "mapping.scheme")
     assert len(fig.axes[0].lines) == 4 + 1  # 4 data lines + the digital reference
+    # A key swept together with x (one value per x value) does not split lines.
+    joint = [r for r in _fake_rows() if r["overrides"].get("mapping.slices", 1) == 1]
+    for r in joint:
+        if "device.programming_error.sigma" in r["overrides"]:
+            r["overrides"]["device.read_noise.sigma"] = r["overrides"][
+                "device.programming_error.sigma"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot_results(joint, "device.programming_error.sigma", "mapping.scheme")
+    assert len(fig.axes[0].lines) == 2 + 1
     assert main(["plot", str(p), "--x", "adc.bits", "--out", str(png)]) == 2
     assert main(["table", str(p), "--filter", "mapping.scheme=offset"]) == 0
 

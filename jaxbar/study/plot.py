@@ -37,7 +37,8 @@ def plot_results(rows: Sequence[Mapping], x: str, hue: str | None = None,
     Each line is shaded between its points' 95% confidence bounds. Rows without the x
     setting (e.g. a digital reference point) are drawn as horizontal lines. Override keys
     other than x, hue and style that differ between rows split lines too (with a warning),
-    so points are never averaged or connected across a hidden setting.
+    so points are never averaged or connected across a hidden setting, unless they take
+    one value per x value (swept together with x).
 
     Args:
       rows: results rows (`read_results`, `filter_rows`).
@@ -66,8 +67,13 @@ def plot_results(rows: Sequence[Mapping], x: str, hue: str | None = None,
     if not have_x:
         raise ValueError(f"no row has a value for {x!r}; override keys in the file: "
                          f"{', '.join(override_keys(rows)) or 'none'}")
+    def follows_x(k):  # one value per x value (e.g. r_col swept together with r_row)
+        seen: dict[str, str] = {}
+        return all(seen.setdefault(repr(lookup(r, x)), repr(lookup(r, k))) == repr(lookup(r, k))
+                   for r in have_x)
+
     extra = [k for k in override_keys(have_x) if k not in used and
-             len({repr(lookup(r, k)) for r in have_x}) > 1]
+             len({repr(lookup(r, k)) for r in have_x}) > 1 and not follows_x(k)]
     if extra:
         warnings.warn(f"rows also differ in {', '.join(extra)}: drawn as separate lines "
                       "(use --hue/--style or --filter)", stacklevel=2)
