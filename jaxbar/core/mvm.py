@@ -136,7 +136,8 @@ def _tile(a: jax.Array, lay: mapping.Layout) -> jax.Array:
     return a[lay.row_index][:, :, lay.col_index]
 
 
-def program(W: jax.Array, config: CrossbarConfig, key: jax.Array | None = None) -> Programmed:
+def program(W: jax.Array, config: CrossbarConfig, key: jax.Array | None = None, *,
+            finalize: bool = True) -> Programmed:
     """Maps a weight matrix onto crossbar conductances and programs them.
 
     Args:
@@ -145,6 +146,8 @@ def program(W: jax.Array, config: CrossbarConfig, key: jax.Array | None = None) 
       key: PRNG key of this trial; programming error is drawn from it (needed only
         when `config.device.programming_error` is on). The same key gives the
         same conductances.
+      finalize: also compute `Programmed.effective` (an IR-drop transfer matrix is a
+        circuit solve); False when the conductances change again before use (`drift`).
 
     Returns:
       A `Programmed` pytree.
@@ -182,8 +185,12 @@ def program(W: jax.Array, config: CrossbarConfig, key: jax.Array | None = None) 
             reference = _column_reads(jnp.where(mask, target, 0.0) if masked else target, config)
         else:
             reference = _column_reads(g, config)
-    return Programmed(g=g, w_max=w_max, shape=(K, N), reference=reference,
-                      effective=_effective(g, config, (K, N)))
+    p = Programmed(g=g, w_max=w_max, shape=(K, N), reference=reference)
+    return _with_effective(p, config) if finalize else p
+
+
+def _with_effective(p: Programmed, config: CrossbarConfig) -> Programmed:
+    return dataclasses.replace(p, effective=_effective(p.g, config, p.shape))
 
 
 def _column_reads(g: jax.Array, config: CrossbarConfig) -> jax.Array:
@@ -191,7 +198,7 @@ def _column_reads(g: jax.Array, config: CrossbarConfig) -> jax.Array:
 
     Returns (pr, S, P', M): P' = 1 when a differential pair is subtracted in analog.
     """
-    if config.mapping.scheme == "differential" and config.mapping.subtract == "analog":
+    if _analog_diff(config):
         g = g[:, :, :, :1] - g[:, :, :, 1:]
     return jnp.sum(jnp.abs(g), axis=1)
 
@@ -227,8 +234,7 @@ def drift(programmed: Programmed, t: jax.Array | float, config: CrossbarConfig,
         if ref is None:
             ref = _column_reads(programmed.g, config)
         gain = devices.compensation_gain(ref, _column_reads(g, config), d.compensation)
-    return dataclasses.replace(programmed, g=g, gain=gain,
-                               effective=_effective(g, config, programmed.shape))
+    return _with_effective(dataclasses.replace(programmed, g=g, gain=gain), config)
 
 
 def program_at_time(W: jax.Array, config: CrossbarConfig,
@@ -238,9 +244,9 @@ def program_at_time(W: jax.Array, config: CrossbarConfig,
     The drift key is folded from `key`, so one trial key fixes both programming error and
     drift. Without a drift model this is `program`.
     """
-    p = program(W, config, key)
     if not config.device.drift.active:
-        return p
+        return program(W, config, key)
+    p = program(W, config, key, finalize=False)  # effective is found once, at time t
     k_drift = None if key is None else jax.random.fold_in(key, _DRIFT_STREAM)
     return drift(p, config.device.time, config, k_drift)
 
@@ -347,7 +353,7 @@ def _read_noise(y, u, g, config, key, contract):
     if key is None:
         raise ValueError("read noise is on (device.read_noise): pass a PRNG key to matmul")
     var = devices.noise_std(g, config.device.read_noise) ** 2
-    if config.mapping.scheme == "differential" and config.mapping.subtract == "analog":
+    if _analog_diff(config):
         var = jnp.sum(var, axis=3, keepdims=True)
     v = contract(u * u, var)
     pos = v > 0

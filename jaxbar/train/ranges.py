@@ -183,7 +183,7 @@ class LearnedRangesAnalog:
     def _layer(self, name, x, kernel, cfg, op, core):
         W = kernel.reshape(-1, kernel.shape[-1])
         K, N = W.shape
-        prog = mvm.program(W, cfg, _layer_key(self.trial_key, name))
+        prog = mvm.program_at_time(W, cfg, _layer_key(self.trial_key, name))
         rk = _layer_key(self.read_key, name)
         op = op(mapping.layout(K, N, cfg))
         params = self.ranges.get(name)
