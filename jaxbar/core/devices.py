@@ -59,10 +59,7 @@ def noise_std(g: jax.Array, noise: NoiseConfig) -> jax.Array:
     if m == "proportional":
         return noise.sigma * jnp.abs(g)
     if m == "polynomial":
-        s = jnp.zeros_like(g)
-        for c in reversed(noise.coeffs):  # Horner
-            s = s * g + c
-        return noise.scale * jnp.maximum(s, 0.0)
+        return noise.scale * jnp.maximum(_horner(g, noise.coeffs), 0.0)
     if m == "saturating":
         a, b = noise.coeffs
         return noise.scale * a * -jnp.expm1(-jnp.maximum(g, 0.0) / b)
@@ -159,11 +156,15 @@ def _numeric(row: list[str]) -> bool:
 
 # ---- drift -----------------------------------------------------------------------------------
 def _poly_log(g: jax.Array, coeffs: tuple[float, ...], lo: float, hi: float) -> jax.Array:
-    lg = jnp.log(jnp.maximum(jnp.abs(g), _LOG_FLOOR))
-    v = jnp.zeros_like(g)
+    return jnp.clip(_horner(jnp.log(jnp.maximum(jnp.abs(g), _LOG_FLOOR)), coeffs), lo, hi)
+
+
+def _horner(v: jax.Array, coeffs: tuple[float, ...]) -> jax.Array:
+    """Σ_i coeffs[i]·v^i."""
+    out = jnp.zeros_like(v)
     for c in reversed(coeffs):
-        v = v * lg + c
-    return jnp.clip(v, lo, hi)
+        out = out * v + c
+    return out
 
 
 def drift_exponent_stats(g0: jax.Array, drift: DriftConfig) -> tuple[jax.Array, jax.Array]:

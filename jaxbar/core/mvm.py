@@ -75,6 +75,11 @@ def _analog_diff(config: CrossbarConfig) -> bool:
     return config.mapping.scheme == "differential" and config.mapping.subtract == "analog"
 
 
+def _subtracted(g: jax.Array, config: CrossbarConfig) -> jax.Array:
+    """Tiles as the array outputs see them: `g+ - g-` (P = 1) for an analog-subtracted pair."""
+    return g[:, :, :, :1] - g[:, :, :, 1:] if _analog_diff(config) else g
+
+
 def _effective(g: jax.Array, config: CrossbarConfig,
                shape: tuple[int, int]) -> jax.Array | None:
     """`Programmed.effective` for conductances g (None: contract with g itself)."""
@@ -82,7 +87,7 @@ def _effective(g: jax.Array, config: CrossbarConfig,
     if topology == "input_source" and config.parasitics.precompute:
         return _ir_transfer(g, config, shape)
     if topology == "none" and _analog_diff(config):
-        return g[:, :, :, :1] - g[:, :, :, 1:]
+        return _subtracted(g, config)
     return None
 
 
@@ -119,8 +124,7 @@ def _contracted(programmed: Programmed, config: CrossbarConfig, dtype) -> jax.Ar
     """The tiles an ideal array op contracts with (no parasitics)."""
     if programmed.effective is not None:
         return programmed.effective.astype(dtype)
-    g = programmed.g.astype(dtype)
-    return g[:, :, :, :1] - g[:, :, :, 1:] if _analog_diff(config) else g
+    return _subtracted(programmed.g.astype(dtype), config)
 
 
 def _unit_column(config: CrossbarConfig) -> bool:
@@ -198,9 +202,7 @@ def _column_reads(g: jax.Array, config: CrossbarConfig) -> jax.Array:
 
     Returns (pr, S, P', M): P' = 1 when a differential pair is subtracted in analog.
     """
-    if _analog_diff(config):
-        g = g[:, :, :, :1] - g[:, :, :, 1:]
-    return jnp.sum(jnp.abs(g), axis=1)
+    return jnp.sum(jnp.abs(_subtracted(g, config)), axis=1)
 
 
 _DRIFT_STREAM = 0x44726966  # folded into the programming key: drift draws its own numbers
