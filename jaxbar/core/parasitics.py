@@ -9,7 +9,8 @@ Implements PHYSICS.md §6. Two topologies:
   line (integrator at the bottom); a selected cell connects the two with a series drive ``b[k]``.
 
 Both are two families of resistive lines ("A-lines": row lines or supply lines; "B-lines": bit
-lines) coupled through the cells. The node equations are solved by block Gauss-Seidel: an exact
+lines) coupled through the cells. The node equations are solved by block Gauss-Seidel, starting
+from the bit lines solved with ideal A-lines (the bit-line drop is the large effect): an exact
 solve along every A-line given the bit-line voltages, then along every B-line given the A-line
 voltages, with adaptive over-relaxation (block SOR, optimal for this 2-cyclic system) when the
 sweeps converge slowly. Each line solve is the exact O(L) elimination written in physical
@@ -377,11 +378,12 @@ def _control_step(ctl, t, d):
     rate = jnp.where(t > 0, _safe_div(d, ctl.d), 0.0)
     rate_c = jnp.clip(rate, 0.0, _MAX_RATE)
     # Error left after this sweep, for geometric convergence: d rate / (1 - rate). Plain
-    # Gauss-Seidel converges monotonically (real spectrum), so from the third sweep on (the first
-    # genuine ratio) this estimate, with a safety factor, may also be below d: fast cases stop
-    # one sweep earlier. Over-relaxed sweeps may oscillate: never below d there.
+    # Gauss-Seidel converges monotonically (real spectrum), so from the second sweep on (the first
+    # ratio of two changes; the sweeps start from a solved state, see _start) this estimate, with
+    # a safety factor, may also be below d: fast cases stop one sweep earlier. Over-relaxed
+    # sweeps may oscillate: never below d there.
     tail = rate_c / (1.0 - rate_c)
-    monotone = (t >= 2) & (ctl.omega == 1.0)
+    monotone = (t >= 1) & (ctl.omega == 1.0)
     err = d * jnp.where(monotone, _SAFETY * tail, jnp.maximum(1.0, tail))
     # Changes of a few ulps carry no rate information: the sweeps have reached the rounding
     # floor (typically a fixed cycle in float32), and the error is that of rounding.
@@ -408,27 +410,79 @@ def _control_step(ctl, t, d):
     )
 
 
-def _sweep_loop(cir, e_row, e_col, tol, max_iters, n_vec, readout, readout_init, with_loss):
+def _start(cir, e_row, e_col, n_vec, with_loss, cols=None):
+    """Bit lines solved first, with ideal A-lines (``a = 0``): the starting fields of the sweeps.
+
+    The bit-line drop is the large effect (a bit line collects the currents of every row), the
+    A-line drop a correction to it; starting from zero instead makes the first A-line solve see
+    grounded bit lines, which costs a sweep or more.
+
+    Args:
+      cols: for transfer-matrix chunks (``e_col`` = -1 in column ``cols[c]`` of vector c, no
+        ``e_row``), the driven column of each vector: only that bit line carries current with
+        ideal A-lines, so all of them are solved as one (K, N) family instead of (K, N, n_vec).
+
+    Returns:
+      (a, w, J_a, J_b, lost): as :func:`_sweep`; ``J_a`` is the sum of the cell currents of each
+      A-line (its boundary current when it has no drop).
+    """
+    dtype = cir.rho_b.dtype
+    K, N, P = cir.g.shape[:3]
+    a = jnp.zeros((K, N, P, n_vec), dtype)
+    mask = () if cir.mask is None else (cir.mask,)
+    G = cir.g if cir.mask is None else cir.g * cir.mask
+    if cols is None:
+        e = sum(x for x in (e_row, e_col) if x is not None)
+        Ge = G * e  # cell currents with no drop anywhere
+        n_lines = n_vec
+    else:
+        Ge = -cir.g  # (K, N, P, 1): column n driven, as vector "n" of a (K, N) family
+        n_lines = 1
+
+    def c_b(ge_j):
+        return jnp.sum(ge_j, axis=-2, keepdims=True)
+
+    def loss(w_j, g, *m):
+        return jnp.sum(_cell_g(g, m[0] if m else None) * w_j, axis=-2, keepdims=True)
+
+    w0 = jnp.zeros((K, N, 1, n_lines), dtype)
+    ones = jnp.ones((n_lines,), dtype)
+    w, J_b, lost = _line_solve(
+        cir.rho_b, c_b, (Ge,), w0.shape, 0, False, cir.r_b_end, cir.r_b, (w0, ones),
+        loss if with_loss else None, (cir.g, *mask) if with_loss else (),
+    )
+    if cols is None:
+        return a, w, jnp.sum(Ge - G * w, axis=cir.a_axis), J_b, lost
+    # Spread the (K, N) family to the vectors: column cols[c] of vector c, nothing elsewhere
+    # (a row line's only current is then that of its cell in the driven column).
+    hot = (jnp.arange(N)[:, None] == cols[None, :]).astype(dtype)  # (N, n_vec)
+    J_a = jnp.einsum("knp,nc->kpc", (Ge - G * w)[..., 0], hot, precision=_HIGHEST)
+    lost = None if lost is None else lost * hot[:, None, :]
+    return a, w * hot[None, :, None, :], J_a, J_b * hot[:, None, :], lost
+
+
+def _sweep_loop(cir, e_row, e_col, tol, max_iters, n_vec, readout, readout_init, with_loss,
+                cols=None):
     """Block-SOR sweeps until every vector's readout converged or stalled, or max_iters.
 
     ``readout(r_state, a, w, J_a, J_b, lost, omega) -> (r_state, d)`` turns the fields after a
     sweep into the quantity whose relative change ``d`` (per vector) is the convergence measure.
+    The sweeps start from :func:`_start` (whose readout is the reference of the first change).
 
     Returns:
       (r_state, a, w, iterations, err).
     """
     dtype = cir.rho_b.dtype
-    K, N = cir.g.shape[:2]
-    P = cir.g.shape[2]
-    a0 = jnp.zeros((K, N, P, n_vec), dtype)
-    w0 = jnp.zeros((K, N, 1, n_vec), dtype)
+    a0, w0, J_a, J_b, lost = _start(cir, e_row, e_col, n_vec, with_loss, cols)
+    readout_init, _ = readout(readout_init, a0, w0, J_a, J_b, lost, jnp.ones((n_vec,), dtype))
 
     def cond(state):
         t, _, _, _, ctl = state
         # Stop when every vector has converged or stalled (its change has not halved for
-        # _STALL sweeps: rounding noise, e.g. float32 at extreme IR loss).
+        # _STALL sweeps: rounding noise, e.g. float32 at extreme IR loss), after at least two
+        # sweeps (a single change carries no contraction rate).
         active = (ctl.err > tol) & (t - ctl.stall_from <= _STALL)
-        return (t < max_iters) & jnp.any(active)
+        return (t < max_iters) & ((t < 2) | jnp.any(active))
 
     def body(state):
         t, a, w, r_state, ctl = state
@@ -476,14 +530,15 @@ def _iterate(cir, e_row, e_col, tol, max_iters):
     return I, a, w, t, err
 
 
-def _iterate_transfer(cir, e_col, x, signs, tol, max_iters):
+def _iterate_transfer(cir, e_col, cols, x, signs, tol, max_iters):
     """Rows of the transfer matrix ``M`` (I = x @ M.T) for a chunk of output columns.
 
     By reciprocity, row j of ``M`` (the response of integrator j to every input) is the set of
     driver currents of the adjoint circuit driven by -1 in every cell of column j (``e_col``).
     Converges on the currents of the actual inputs ``x`` (B, K): ``max_b |dY_bj| / S_b`` with
     ``Y = x @ M_chunk.T`` and ``S_b`` the largest |Y_bj| in the chunk (at most the largest
-    current of vector b, so the test is conservative).
+    current of vector b, so the test is conservative). ``cols`` (Nc,) are the driven columns
+    (N or more: padding, not driven).
 
     Returns:
       (M (Nc, K), iterations, error (Nc,)).
@@ -503,7 +558,7 @@ def _iterate_transfer(cir, e_col, x, signs, tol, max_iters):
 
     init = (jnp.zeros((Nc, K), dtype), jnp.zeros((x.shape[0], Nc), dtype))
     (M, _), _, _, t, err = _sweep_loop(
-        cir, None, e_col, tol, max_iters, Nc, readout, init, False
+        cir, None, e_col, tol, max_iters, Nc, readout, init, False, cols
     )
     return M, t, err
 
@@ -628,7 +683,7 @@ def _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs):
     def one(cols_c):
         # Adjoint drive of output column j: -1 in every cell of column j (padding: none).
         e_col = -(jnp.arange(N)[:, None] == cols_c[None, :]).astype(dtype)[None, :, None, :]
-        M, t, err = _iterate_transfer(shared, e_col, x, signs, tol, max_iters)
+        M, t, err = _iterate_transfer(shared, e_col, cols_c, x, signs, tol, max_iters)
         return M, t, jnp.max(err)
 
     Ms, ts, errs = _map_chunks(one, cols)
