@@ -195,7 +195,8 @@ def _line_solve(rho, c_fn, c_inputs, c_shape, axis, boundary_first, r_end, r_seg
     the boundary: row/supply drop for A-lines, bit-line voltage for B-lines).
 
     Args:
-      relax: ``(old, omega)``: the returned field is ``old + omega (d - old)`` (block SOR).
+      relax: ``(old, omega)``: the returned field is ``old + omega (d - old)`` (block SOR);
+        None: ``d`` (Gauss-Seidel, without reading the old field).
       acc_fn: optional ``acc_fn(out_j, *acc_slices)`` summed over the line during the second
         pass (fused reduction of the new field).
 
@@ -208,7 +209,6 @@ def _line_solve(rho, c_fn, c_inputs, c_shape, axis, boundary_first, r_end, r_seg
     b_idx = 0 if boundary_first else L - 1
     slice_shape = c_shape[:axis] + c_shape[axis + 1 :]
     dtype = rho.dtype
-    old, omega = relax
 
     def h_body(carry, j, xs):
         rho_j, *rest = xs
@@ -222,16 +222,20 @@ def _line_solve(rho, c_fn, c_inputs, c_shape, axis, boundary_first, r_end, r_seg
 
     def d_body(carry, j, xs):
         d_prev, acc = carry
-        rho_j, H_j, old_j, *rest = xs
+        if relax is None:
+            rho_j, H_j, *rest = xs
+        else:
+            rho_j, H_j, old_j, *rest = xs
         d = rho_j * (d_prev + jnp.where(j == b_idx, r_end, r_seg) * H_j)
-        out = old_j + omega * (d - old_j)
+        out = d if relax is None else old_j + relax[1] * (d - old_j)
         if acc_fn is not None:
             acc = acc + acc_fn(out, *rest)
         return (d, acc), out
 
     acc0 = None if acc_fn is None else jnp.zeros(slice_shape, dtype)
     (_, acc), out = _scan_axis(
-        d_body, (jnp.zeros(slice_shape, dtype), acc0), (rho, H, old, *acc_inputs), axis, L,
+        d_body, (jnp.zeros(slice_shape, dtype), acc0),
+        (rho, H, *(() if relax is None else relax[:1]), *acc_inputs), axis, L,
         not boundary_first, c_shape, dtype,
     )
     return out, J, acc
@@ -279,7 +283,7 @@ def _cell_g(g, m):
 
 
 def _sweep(cir, e_row, e_col, a, w, omega, with_loss):
-    """One block-SOR sweep (omega = 1: Gauss-Seidel).
+    """One block-SOR sweep (omega (Bc,), or None: Gauss-Seidel, which never reads the old fields).
 
     The unknowns are drops: ``a`` (K, N, P, Bc) along the A-lines (row lines: drive minus node
     voltage; supply lines: minus the node voltage) and ``w`` (K, N, 1, Bc), the bit-line node
@@ -321,11 +325,12 @@ def _sweep(cir, e_row, e_col, a, w, omega, with_loss):
     # omega (Bc,) broadcasts against every line slice (..., Bc).
     a, J_a, _ = _line_solve(
         cir.rho_a, c_a, (cir.g, *mask, *drives, w), a.shape, cir.a_axis, True, cir.r_a_end,
-        cir.r_a, (a, omega),
+        cir.r_a, None if omega is None else (a, omega),
     )
     w, J_b, lost = _line_solve(
         cir.rho_b, c_b, (cir.g, *mask, *drives, a), w.shape, 0, False, cir.r_b_end, cir.r_b,
-        (w, omega), loss if with_loss else None, (cir.g, a, *mask) if with_loss else (),
+        None if omega is None else (w, omega), loss if with_loss else None,
+        (cir.g, a, *mask) if with_loss else (),
     )
     return a, w, J_a, J_b, lost
 
@@ -445,10 +450,8 @@ def _start(cir, e_row, e_col, n_vec, with_loss, cols=None):
     def loss(w_j, g, *m):
         return jnp.sum(_cell_g(g, m[0] if m else None) * w_j, axis=-2, keepdims=True)
 
-    w0 = jnp.zeros((K, N, 1, n_lines), dtype)
-    ones = jnp.ones((n_lines,), dtype)
     w, J_b, lost = _line_solve(
-        cir.rho_b, c_b, (Ge,), w0.shape, 0, False, cir.r_b_end, cir.r_b, (w0, ones),
+        cir.rho_b, c_b, (Ge,), (K, N, 1, n_lines), 0, False, cir.r_b_end, cir.r_b, None,
         loss if with_loss else None, (cir.g, *mask) if with_loss else (),
     )
     if cols is None:
@@ -473,10 +476,11 @@ def _sweep_loop(cir, e_row, e_col, tol, max_iters, n_vec, readout, readout_init,
       (r_state, a, w, iterations, err).
     """
     dtype = cir.rho_b.dtype
+    ones = jnp.ones((n_vec,), dtype)
     a0, w0, J_a, J_b, lost = _start(cir, e_row, e_col, n_vec, with_loss, cols)
-    readout_init, _ = readout(readout_init, a0, w0, J_a, J_b, lost, jnp.ones((n_vec,), dtype))
+    readout_init, _ = readout(readout_init, a0, w0, J_a, J_b, lost, ones)
 
-    def cond(state):
+    def running(state):
         t, _, _, _, ctl = state
         # Stop when every vector has converged or stalled (its change has not halved for
         # _STALL sweeps: rounding noise, e.g. float32 at extreme IR loss), after at least two
@@ -484,14 +488,24 @@ def _sweep_loop(cir, e_row, e_col, tol, max_iters, n_vec, readout, readout_init,
         active = (ctl.err > tol) & (t - ctl.stall_from <= _STALL)
         return (t < max_iters) & ((t < 2) | jnp.any(active))
 
-    def body(state):
-        t, a, w, r_state, ctl = state
-        a, w, J_a, J_b, lost = _sweep(cir, e_row, e_col, a, w, ctl.omega, with_loss)
-        r_state, d = readout(r_state, a, w, J_a, J_b, lost, ctl.omega)
-        return t + 1, a, w, r_state, _control_step(ctl, t, d)
+    def body(relaxed):
+        def sweep(state):
+            t, a, w, r_state, ctl = state
+            omega = ctl.omega if relaxed else None
+            a, w, J_a, J_b, lost = _sweep(cir, e_row, e_col, a, w, omega, with_loss)
+            r_state, d = readout(r_state, a, w, J_a, J_b, lost, ctl.omega if relaxed else ones)
+            return t + 1, a, w, r_state, _control_step(ctl, t, d)
 
+        return sweep
+
+    # Plain Gauss-Seidel sweeps until done or the control switches a vector to over-relaxation,
+    # then block SOR. The split spares Gauss-Seidel the reads of the old fields (the sweeps are
+    # memory-bound: about a third of their time).
     state = (jnp.int32(0), a0, w0, readout_init, _control_init(n_vec, dtype))
-    t, a, w, r_state, ctl = lax.while_loop(cond, body, state)
+    state = lax.while_loop(
+        lambda st: running(st) & jnp.all(st[4].omega == 1.0), body(False), state
+    )
+    t, a, w, r_state, ctl = lax.while_loop(running, body(True), state)
     return r_state, a, w, t, ctl.err
 
 
@@ -547,10 +561,15 @@ def _iterate_transfer(cir, e_col, cols, x, signs, tol, max_iters):
     K = cir.g.shape[0]
     dtype = cir.rho_b.dtype
 
+    g = cir.g[..., 0]  # (K, N, P)
+    e = e_col[0, :, 0, :]  # (N, Nc)
+
     def readout(r_state, a, w, J_a, J_b, lost, omega):
         M, Y = r_state
-        M_new = -jnp.einsum("kpj,p->jk", J_a, signs, precision=_HIGHEST)
-        M = M + omega[:, None] * (M_new - M)
+        # Driver currents of the fields after the whole sweep (the A-line solve's own boundary
+        # currents predate the bit-line update: half a sweep behind).
+        J_now = jnp.einsum("knp,knpc->kpc", g, e[None, :, None, :] - a - w, precision=_HIGHEST)
+        M = -jnp.einsum("kpj,p->jk", J_now, signs, precision=_HIGHEST)
         Y_new = jnp.matmul(x, M.T, precision=_HIGHEST)
         scale = jnp.max(jnp.abs(Y_new), axis=1, keepdims=True)
         d = jnp.max(_safe_div(jnp.abs(Y_new - Y), scale), axis=0)
