@@ -22,7 +22,8 @@ table reports, in float32:
   first configuration this only shows growth beyond what earlier ones already held. The
   process-wide peak (``ru_maxrss``, including the float64 references) is printed at the end.
 
-Run: ``python benchmarks/parasitics.py [--quick]`` (``--quick``: 64 vectors, r in {1e-5, 1e-3}).
+Run: ``python benchmarks/parasitics.py [--quick] [--plot PNG]`` (``--quick``: 64 vectors, r in
+{1e-5, 1e-3}; ``--plot``: also draw the time ratios and errors against r).
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="64 vectors, r in {1e-5, 1e-3}")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
+    parser.add_argument("--plot", metavar="PNG", default=None,
+                        help="write a figure of the ratios and errors against r")
     args = parser.parse_args()
     batches = (64,) if args.quick else (64, 1024)
     rs = (1e-5, 1e-3) if args.quick else (1e-6, 1e-5, 1e-4, 1e-3)
@@ -174,8 +177,11 @@ def main():
                   f"{row['loss']:>8.3f} {xla_mb:>7.0f} {row['rss_mb']:>7.0f}{flag}", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(f"process peak RSS (ru_maxrss, all of the above incl. float64 references): {peak:.0f} MB")
-    layer_path(w, rs, repeats, rng)
-    return rows
+    layer_rows = layer_path(w, rs, repeats, rng)
+    if args.plot:
+        plot(rows, layer_rows, args.plot)
+        print(f"figure: {args.plot}")
+    return rows, layer_rows
 
 
 def layer_path(w, rs, repeats, rng, B=1024, batches=(1, 10, 100)):
@@ -200,6 +206,7 @@ def layer_path(w, rs, repeats, rng, B=1024, batches=(1, 10, 100)):
           f"{B} vectors; x = time / ideal jaxbar.matmul ({1e3 * t_ideal:.2f} ms)")
     cols = "".join(f" {f'per {B}, {n} batch':>16}" for n in batches)
     print(f"{'r':>7} {'program ms':>11} {'x ideal':>8} {'matmul x':>9}{cols}")
+    rows = []
     for r in rs:
         cfg = plain.replace(**{"parasitics.topology": "input_source", "parasitics.r_row": r,
                                "parasitics.r_col": r})
@@ -208,9 +215,53 @@ def layer_path(w, rs, repeats, rng, B=1024, batches=(1, 10, 100)):
         t_prog = _median_time(lambda prog=prog: prog(W), repeats)
         p = prog(W)
         t_mm = _median_time(lambda mm=mm, p=p: mm(x, p), max(repeats, 10))
-        per = "".join(f" {(t_prog / n + t_mm) / t_ideal:>16.1f}" for n in batches)
+        per = {n: (t_prog / n + t_mm) / t_ideal for n in batches}
+        rows.append(dict(r=r, program=t_prog / t_ideal, matmul=t_mm / t_ideal, per=per))
         print(f"{r:>7.0e} {1e3 * t_prog:>11.1f} {t_prog / t_ideal:>8.0f} {t_mm / t_ideal:>9.2f}"
-              f"{per}", flush=True)
+              + "".join(f" {per[n]:>16.1f}" for n in batches), flush=True)
+    return rows
+
+
+def plot(rows, layer_rows, path, target=30.0):
+    """Time / ideal product and float32 error against r (one figure, two panels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_err) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for B, marker in ((64, "o"), (1024, "s")):
+        sel = [row for row in rows if row["B"] == B]
+        if sel:
+            label = f"{B} vectors, one-off solve ({sel[0]['path']})"
+            ax.loglog([row["r"] for row in sel], [row["ratio"] for row in sel], marker=marker,
+                      label=label)
+            ax_err.loglog([row["r"] for row in sel], [row["err"] for row in sel], marker=marker,
+                          label=f"{B} vectors: error vs float64")
+    lr = [row["r"] for row in layer_rows]
+    if layer_rows:
+        ax.loglog(lr, [row["program"] for row in layer_rows], "k--", marker="^",
+                  label="layer: program (transfer matrix, once per trial)")
+        for n in sorted(layer_rows[0]["per"]):
+            if n > 1:
+                ax.loglog(lr, [row["per"][n] for row in layer_rows], marker="v",
+                          label=f"layer: per 1024 vectors, {n} batches per trial")
+    ax.axhline(target, color="grey", lw=1, ls=":")
+    ax.text(lr[0] if lr else rows[0]["r"], target * 1.1, f"{target:.0f}x target", color="grey")
+    ax.set_xlabel("normalized segment resistance r = Rp Gmax")
+    ax.set_ylabel("time / ideal product")
+    ax.set_title("1152x256 differential array, float32")
+    ax.legend(fontsize=7)
+    ax_err.loglog([row["r"] for row in rows if row["B"] == rows[0]["B"]],
+                  [row["loss"] for row in rows if row["B"] == rows[0]["B"]], "k:", marker="x",
+                  label="IR loss (exact vs ideal currents)")
+    ax_err.set_xlabel("normalized segment resistance r = Rp Gmax")
+    ax_err.set_ylabel("relative error of the output currents")
+    ax_err.set_title("accuracy (tol 1e-6) and size of the effect")
+    ax_err.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

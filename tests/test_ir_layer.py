@@ -175,16 +175,17 @@ def test_precomputed_transfer_has_gradients():
     assert float(g[3, 1]) == pytest.approx(float(fd), rel=1e-4)
 
 
-def test_precomputed_transfer_converges_in_float32_with_strongly_attenuated_rows():
+@pytest.mark.parametrize("K, N, tol", [(400, 48, 1e-4), (800, 128, 1e-6)])
+def test_precomputed_transfer_converges_in_float32_with_strongly_attenuated_rows(K, N, tol):
     """At large r the rows far from the integrators reach them attenuated ~10^4 times. The
     transfer matrix must still converge in float32 (no spurious non-convergence error) and
-    give the currents of real inputs to float32 accuracy."""
+    give the currents of real inputs to float32 accuracy. (800 x 128 at tol 1e-6: reading the
+    driver currents as ideal minus IR loss there stalls at a rounding floor of ~2%.)"""
     rng = np.random.default_rng(6)
-    K, N = 400, 48
     W = rng.laplace(size=(K, N)).astype(np.float32)
     x = rng.uniform(0, 1, size=(16, K)).astype(np.float32)
     cfg = CrossbarConfig.from_dict({"mapping": {"scheme": "offset"}, "parasitics": {
-        "topology": "input_source", "r_row": 1e-3, "r_col": 1e-3, "tol": 1e-4}})
+        "topology": "input_source", "r_row": 1e-3, "r_col": 1e-3, "tol": tol}})
     p = jaxbar.program(jnp.asarray(W), cfg)  # on_nonconvergence: error
     t = np.asarray(p.effective[0, :, 0, 0], np.float64)  # (K, M): row k driven alone
     attenuation = np.abs(t).max(axis=1)

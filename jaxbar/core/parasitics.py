@@ -558,28 +558,37 @@ def _iterate_transfer(cir, e_col, cols, x, signs, tol, max_iters):
       (M (Nc, K), iterations, error (Nc,)).
     """
     Nc = e_col.shape[-1]
-    K = cir.g.shape[0]
+    K, _, P = cir.g.shape[:3]
     dtype = cir.rho_b.dtype
-
     g = cir.g[..., 0]  # (K, N, P)
-    e = e_col[0, :, 0, :]  # (N, Nc)
+    ideal = jnp.einsum("knp,nc->kpc", g, e_col[0, :, 0, :], precision=_HIGHEST)
+    ideal_size = jnp.sum(jnp.abs(ideal), axis=(0, 1))
 
     def readout(r_state, a, w, J_a, J_b, lost, omega):
-        M, Y = r_state
-        # Driver currents of the fields after the whole sweep (the A-line solve's own boundary
-        # currents predate the bit-line update: half a sweep behind).
-        J_now = jnp.einsum("knp,knpc->kpc", g, e[None, :, None, :] - a - w, precision=_HIGHEST)
-        M = -jnp.einsum("kpj,p->jk", J_now, signs, precision=_HIGHEST)
-        Y_new = jnp.matmul(x, M.T, precision=_HIGHEST)
+        # Two readings of the driver currents, as in _iterate: the ideal ones minus the IR loss
+        # of the fields after the whole sweep (accurate in float32 while the loss is small), or
+        # the A-line solve's own (accurate also for rows attenuated 10^4 times, but half a sweep
+        # behind: they predate the bit-line update; relaxed like the fields). Chosen per driven
+        # column: single entries may have no ideal current (a zero cell) and lose nothing.
+        J, Y = r_state
+        loss = jnp.einsum("knp,knpc->kpc", g, a + w, precision=_HIGHEST)
+        small = jnp.sum(jnp.abs(loss), axis=(0, 1)) <= 0.5 * ideal_size
+        J = jnp.where(small, ideal - loss, J + omega * (J_a - J))
+        Y_new = jnp.matmul(x, _rows(J, signs).T, precision=_HIGHEST)
         scale = jnp.max(jnp.abs(Y_new), axis=1, keepdims=True)
         d = jnp.max(_safe_div(jnp.abs(Y_new - Y), scale), axis=0)
-        return (M, Y_new), d
+        return (J, Y_new), d
 
-    init = (jnp.zeros((Nc, K), dtype), jnp.zeros((x.shape[0], Nc), dtype))
-    (M, _), _, _, t, err = _sweep_loop(
+    init = (jnp.zeros((K, P, Nc), dtype), jnp.zeros((x.shape[0], Nc), dtype))
+    (J, _), _, _, t, err = _sweep_loop(
         cir, None, e_col, tol, max_iters, Nc, readout, init, False, cols
     )
-    return M, t, err
+    return _rows(J, signs), t, err
+
+
+def _rows(J, signs):
+    """Transfer-matrix rows (Nc, K) from adjoint driver currents J (K, P, Nc)."""
+    return -jnp.einsum("kpj,p->jk", J, signs, precision=_HIGHEST)
 
 
 # --------------------------------------------------------------------------------------------
