@@ -10,7 +10,7 @@ table reports, in float32:
   and their ratio;
 * ``sweeps``: solver sweeps used (the larger of the two arrays), ``path``: direct (one solve per
   input vector) or transfer (one adjoint solve per column, then a matrix product: used when there
-  are at least twice as many vectors as columns);
+  are at least as many vectors as columns);
 * ``est err``: the solver's own error estimate; ``err vs f64``: the actual relative error of the
   differential output currents (per vector, max over columns, normalized by the vector's largest
   output; worst vector) against a float64 solve converged to 1e-12;
@@ -150,7 +150,7 @@ def main():
         v = jnp.asarray(v64, jnp.float32)
         t_ideal = _median_time(lambda v=v: ideal(v), max(repeats, 10))
         exact_ideal = v64 @ (g_pos64 - g_neg64)
-        path = "transfer" if B >= 2 * N else "direct"
+        path = "transfer" if B >= N else "direct"
         for r in rs:
             r32 = jnp.float32(r)
             with _PeakRSS() as mem:

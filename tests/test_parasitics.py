@@ -103,7 +103,7 @@ def test_matches_dense_reference(topology, interleaved, terminals, signed):
 
 
 def test_transfer_path_matches_reference_and_direct_gradients():
-    """Input-source batches with >= 2N vectors use the transfer matrix (N adjoint solves)."""
+    """Input-source batches with >= N vectors use the transfer matrix (N adjoint solves)."""
     g, g_neg, v = _problem("input_source", signed=True, seed=17, b=2 * N)
     weights = np.random.default_rng(18).standard_normal((v.shape[0], N))
     for r_row, r_col in ((0.05, 0.1), (0.0, 0.2), (0.3, 0.0)):  # interleaved: signed drives
@@ -114,15 +114,15 @@ def test_transfer_path_matches_reference_and_direct_gradients():
 
     @functools.partial(jax.jit, static_argnums=3)
     @functools.partial(jax.value_and_grad, argnums=(0, 1, 2))
-    def loss(g, v, r, halves):
+    def loss(g, v, r, quarters):
         parts = [
             par.solve_input_source(g, vc, r, 2 * r, tol=1e-13, **TERMINALS)[0]
-            for vc in (jnp.split(v, 2) if halves else [v])
+            for vc in (jnp.split(v, 4) if quarters else [v])
         ]
         return jnp.sum(jnp.concatenate(parts) * weights)
 
     value_t, grads_t = loss(g, v, 0.07, False)  # 2N vectors: transfer path
-    value_d, grads_d = loss(g, v, 0.07, True)  # N vectors per call: direct path
+    value_d, grads_d = loss(g, v, 0.07, True)  # N/2 vectors per call: direct path
     np.testing.assert_allclose(value_t, value_d, rtol=1e-11)
     for a, b in zip(grads_t, grads_d, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)

@@ -19,7 +19,7 @@ terminal resistance) need no special case and nothing is divided by a resistance
 an error estimate of the output currents built from their relative change per sweep and the
 observed contraction rate (see :class:`SolveInfo`).
 
-Input-source circuits do not depend on the inputs. With at least ``2 N`` input vectors the solver
+Input-source circuits do not depend on the inputs. With at least ``N`` input vectors the solver
 therefore computes the transfer matrix ``M`` (``I = v @ M.T``) from ``N`` adjoint solves
 (reciprocity: row j of ``M`` is the set of driver currents when column j is driven) and applies it
 with one matrix product, converging on the currents of the given vectors.
@@ -81,7 +81,7 @@ _STALL = 100
 # Matrix products are exact float32 (no TF32/bf16 passes on accelerators).
 _HIGHEST = lax.Precision.HIGHEST
 # Input-source batches of at least this many vectors per column use the transfer matrix.
-_TRANSFER_RATIO = 2
+_TRANSFER_RATIO = 1
 
 
 class SolveInfo(NamedTuple):
@@ -694,7 +694,8 @@ def _make_info(iterations, error, tol, dtype):
 
 def _use_transfer(topology, B, N):
     """Input-source circuits do not depend on the inputs: for many vectors it is cheaper to
-    solve N adjoint circuits once (the transfer matrix) than B forward circuits."""
+    solve N adjoint circuits once (the transfer matrix) than B forward circuits. (Measured on
+    1152 x 256: the break-even is B ~ 0.7-0.9 N; a transfer solve needs about one sweep more.)"""
     return topology == "input_source" and B >= _TRANSFER_RATIO * N
 
 
@@ -901,7 +902,7 @@ def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
     Input k drives row line k at its column-0 end through ``r_row + r_driver``; ``r_row`` lies
     between adjacent cells (none after the last column); bit line n has ``r_col`` after each
     cell, the last one (plus ``extra_rows * r_col + r_integrator``) into a virtual-ground
-    integrator. With at least ``2 N`` input vectors the currents are computed through the
+    integrator. With at least ``N`` input vectors the currents are computed through the
     array's transfer matrix (N adjoint solves, then ``v @ M.T``; same tolerance on the currents).
     Differentiable (reverse mode) in ``g``, ``g_neg``, ``v`` and the resistances by implicit
     differentiation; jit- and vmap-compatible.
