@@ -17,6 +17,9 @@ table reports, in float32:
 * ``IR loss``: the same measure between the exact and the ideal currents (how large the effect is);
 * ``XLA MB``: memory of the compiled float32 differential solve as planned by XLA (temporaries +
   arguments + outputs, from ``compiled.memory_analysis()``): the solve's peak working set;
+* ``stream``: (printed once) one read-and-write pass over a float32 field of B x K x N values (the
+  node voltages of one array for B vectors) in the same run: the memory-traffic floor of any
+  solver that touches every node once per pass;
 * ``RSS MB``: increase of the process's peak resident memory during the timed solves (sampled
   every 2 ms from /proc/self/statm); XLA's CPU allocator keeps and reuses memory, so after the
   first configuration this only shows growth beyond what earlier ones already held. The
@@ -60,6 +63,8 @@ def _load_parasitics():
 
 par = _load_parasitics()
 K, N = 1152, 256
+# Millisecond references are timed often: their median moved by up to 1.6x between runs at 10.
+_REFERENCE_REPEATS = 40
 
 
 def _rss_bytes():
@@ -99,6 +104,19 @@ def _median_time(fn, repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _stream_pass(B, passes=4, repeats=3):
+    """Seconds of one elementwise read-and-write pass over (K, N, B) float32 (in-place loop)."""
+    step = jax.jit(lambda f: jax.lax.fori_loop(0, passes, lambda i, y: y * 0.5 + 1.0, f),
+                   donate_argnums=0)
+    field = jax.block_until_ready(step(step(jnp.ones((K, N, B), jnp.float32))))  # warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        field = jax.block_until_ready(step(field))
+        times.append((time.perf_counter() - t0) / passes)
     return float(np.median(times))
 
 
@@ -148,8 +166,11 @@ def main():
     for B in batches:
         v64 = rng.uniform(0.0, 1.0, (B, K))
         v = jnp.asarray(v64, jnp.float32)
-        t_ideal = _median_time(lambda v=v: ideal(v), max(repeats, 10))
+        t_ideal = _median_time(lambda v=v: ideal(v), _REFERENCE_REPEATS)
         exact_ideal = v64 @ (g_pos64 - g_neg64)
+        t_stream = _stream_pass(B)
+        print(f"  B={B}: one streaming read+write pass over {B}x{K}x{N} float32 values: "
+              f"{1e3 * t_stream:.1f} ms = {t_stream / t_ideal:.1f}x ideal ({1e3 * t_ideal:.3f} ms)")
         path = "transfer" if B >= N else "direct"
         for r in rs:
             r32 = jnp.float32(r)
@@ -201,7 +222,7 @@ def layer_path(w, rs, repeats, rng, B=1024, batches=(1, 10, 100)):
     plain = CrossbarConfig()
     p0 = jaxbar.program(W, plain)
     ideal = jax.jit(lambda x, p: jaxbar.matmul(x, p, plain))
-    t_ideal = _median_time(lambda: ideal(x, p0), max(repeats, 10))
+    t_ideal = _median_time(lambda: ideal(x, p0), _REFERENCE_REPEATS)
     print(f"\nlayer path: jaxbar.program (transfer matrix, once per trial) + jaxbar.matmul, "
           f"{B} vectors; x = time / ideal jaxbar.matmul ({1e3 * t_ideal:.2f} ms)")
     cols = "".join(f" {f'per {B}, {n} batch':>16}" for n in batches)
@@ -214,7 +235,7 @@ def layer_path(w, rs, repeats, rng, B=1024, batches=(1, 10, 100)):
         mm = jax.jit(lambda x, p, cfg=cfg: jaxbar.matmul(x, p, cfg))
         t_prog = _median_time(lambda prog=prog: prog(W), repeats)
         p = prog(W)
-        t_mm = _median_time(lambda mm=mm, p=p: mm(x, p), max(repeats, 10))
+        t_mm = _median_time(lambda mm=mm, p=p: mm(x, p), _REFERENCE_REPEATS)
         per = {n: (t_prog / n + t_mm) / t_ideal for n in batches}
         rows.append(dict(r=r, program=t_prog / t_ideal, matmul=t_mm / t_ideal, per=per))
         print(f"{r:>7.0e} {1e3 * t_prog:>11.1f} {t_prog / t_ideal:>8.0f} {t_mm / t_ideal:>9.2f}"
