@@ -283,7 +283,7 @@ def _cell_g(g, m):
 
 
 def _sweep(cir, e_row, e_col, a, w, omega, with_loss):
-    """One block-SOR sweep (omega (Bc,), or None: Gauss-Seidel, which never reads the old fields).
+    """One block-SOR sweep (omega = 1: Gauss-Seidel).
 
     The unknowns are drops: ``a`` (K, N, P, Bc) along the A-lines (row lines: drive minus node
     voltage; supply lines: minus the node voltage) and ``w`` (K, N, 1, Bc), the bit-line node
@@ -325,12 +325,11 @@ def _sweep(cir, e_row, e_col, a, w, omega, with_loss):
     # omega (Bc,) broadcasts against every line slice (..., Bc).
     a, J_a, _ = _line_solve(
         cir.rho_a, c_a, (cir.g, *mask, *drives, w), a.shape, cir.a_axis, True, cir.r_a_end,
-        cir.r_a, None if omega is None else (a, omega),
+        cir.r_a, (a, omega),
     )
     w, J_b, lost = _line_solve(
         cir.rho_b, c_b, (cir.g, *mask, *drives, a), w.shape, 0, False, cir.r_b_end, cir.r_b,
-        None if omega is None else (w, omega), loss if with_loss else None,
-        (cir.g, a, *mask) if with_loss else (),
+        (w, omega), loss if with_loss else None, (cir.g, a, *mask) if with_loss else (),
     )
     return a, w, J_a, J_b, lost
 
@@ -488,24 +487,14 @@ def _sweep_loop(cir, e_row, e_col, tol, max_iters, n_vec, readout, readout_init,
         active = (ctl.err > tol) & (t - ctl.stall_from <= _STALL)
         return (t < max_iters) & ((t < 2) | jnp.any(active))
 
-    def body(relaxed):
-        def sweep(state):
-            t, a, w, r_state, ctl = state
-            omega = ctl.omega if relaxed else None
-            a, w, J_a, J_b, lost = _sweep(cir, e_row, e_col, a, w, omega, with_loss)
-            r_state, d = readout(r_state, a, w, J_a, J_b, lost, ctl.omega if relaxed else ones)
-            return t + 1, a, w, r_state, _control_step(ctl, t, d)
+    def body(state):
+        t, a, w, r_state, ctl = state
+        a, w, J_a, J_b, lost = _sweep(cir, e_row, e_col, a, w, ctl.omega, with_loss)
+        r_state, d = readout(r_state, a, w, J_a, J_b, lost, ctl.omega)
+        return t + 1, a, w, r_state, _control_step(ctl, t, d)
 
-        return sweep
-
-    # Plain Gauss-Seidel sweeps until done or the control switches a vector to over-relaxation,
-    # then block SOR. The split spares Gauss-Seidel the reads of the old fields (the sweeps are
-    # memory-bound: about a third of their time).
     state = (jnp.int32(0), a0, w0, readout_init, _control_init(n_vec, dtype))
-    state = lax.while_loop(
-        lambda st: running(st) & jnp.all(st[4].omega == 1.0), body(False), state
-    )
-    t, a, w, r_state, ctl = lax.while_loop(running, body(True), state)
+    t, a, w, r_state, ctl = lax.while_loop(running, body, state)
     return r_state, a, w, t, ctl.err
 
 
