@@ -126,15 +126,19 @@ def test_matches_numpy_reference(scheme, wbits, slices, inputs, adc, per_input_s
     # A value exactly at a rounding tie may land on either neighbour (PHYSICS §4); with
     # quantized weights and inputs ties are structural (e.g. "max" ranges on 10-row arrays:
     # 8-bit steps of 20/254 against weight steps of 1/127). Also accept the reference with
-    # every tie rounded up, or every tie rounded down, and a few entries (≤ 5%) in between.
+    # every tie rounded up, or every tie rounded down. Ties of one output in several ADC
+    # conversions may also round differently: combined with positive weights (input and weight
+    # slices, partitions, analog subtraction), the result lies between those two references.
+    # Negative weights (digital subtraction) can leave that envelope: a few entries (≤ 5%).
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ref, "quantize_uniform", functools.partial(_quantize_ties, up=True))
         up = ref.ref_matmul(x, W, cfg.to_dict())
         mp.setattr(ref, "quantize_uniform", functools.partial(_quantize_ties, up=False))
         down = ref.ref_matmul(x, W, cfg.to_dict())
-    bad = np.ones(y.shape, bool)
+    atol = 1e-9 * scale
+    bad = (y < np.minimum(up, down) - atol) | (y > np.maximum(up, down) + atol)
     for e in (expected, up, down):
-        bad &= ~np.isclose(y, e, rtol=1e-9, atol=1e-9 * scale)
+        bad &= ~np.isclose(y, e, rtol=1e-9, atol=atol)
     assert bad.sum() <= max(1, 0.05 * bad.size), (d, y[bad], expected[bad])
 
 
