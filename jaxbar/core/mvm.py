@@ -393,8 +393,7 @@ def array_outputs(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
     x_q = x if quantized else converters.dac(_check_inputs(x, programmed) / config.inputs.x_max,
                                              config.inputs)
     g = programmed.g.astype(x_q.dtype)
-    if config.parasitics.topology != "none" and config.device.read_noise.active:
-        raise ConfigError("device.read_noise together with parasitics is not supported yet")
+    _check_supported(config)
     if _solves_per_mvm(programmed, config):
         from jaxbar.core import crossbar_ir  # deferred: only parasitic runs need the solver
 
@@ -408,6 +407,11 @@ def array_outputs(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
     if config.inputs.bit_serial and not config.adc.per_input_slice:
         y = _shift_add_inputs(y, config)  # analog accumulation before the ADC
     return y, x_q
+
+
+def _check_supported(config: CrossbarConfig) -> None:
+    if config.parasitics.topology != "none" and config.device.read_noise.active:
+        raise ConfigError("device.read_noise together with parasitics is not supported yet")
 
 
 def _solves_per_mvm(programmed: Programmed, config: CrossbarConfig) -> bool:
@@ -442,8 +446,7 @@ def _converted_outputs(x_q, programmed, config, key, op) -> jax.Array:
     """
     lay = mapping.layout(*programmed.shape, config)
     inp = config.inputs
-    if config.parasitics.topology != "none" and config.device.read_noise.active:
-        raise ConfigError("device.read_noise together with parasitics is not supported yet")
+    _check_supported(config)
     if not inp.bit_serial or _solves_per_mvm(programmed, config):
         y, _ = array_outputs(x_q, programmed, config, key, op, quantized=True)
         y = _adc(y, config, lay.rows)
