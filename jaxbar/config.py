@@ -548,6 +548,9 @@ class ParasiticsConfig:
         exact ideal product with it; false solves the circuit on every MVM instead
         (cheaper only for very few input vectors). "gated_source" always solves per MVM:
         its input bits switch cells on and off.
+      cpu_kernel: on the CPU backend, "input_source" transfer matrices are computed by the
+        numba kernel of `jaxbar.core.ir_cpu` (many times faster than the XLA solver; it falls
+        back to it where its Gauss-Seidel passes converge slowly); false: always the XLA solver.
     """
 
     topology: str = "none"
@@ -561,6 +564,7 @@ class ParasiticsConfig:
     on_nonconvergence: str = "error"
     batch_chunk: int | None = None
     precompute: bool = True
+    cpu_kernel: bool = True
 
     def __post_init__(self):
         _floats(self, "r_row", "r_col", "r_driver", "r_integrator", "tol")
@@ -586,6 +590,8 @@ class ParasiticsConfig:
             _check_int(f"{path}.batch_chunk", self.batch_chunk, 1)
         if not isinstance(self.precompute, bool):
             _fail(f"{path}.precompute", self.precompute, "true or false")
+        if not isinstance(self.cpu_kernel, bool):
+            _fail(f"{path}.cpu_kernel", self.cpu_kernel, "true or false")
 
 
 _SECTIONS = {

@@ -22,7 +22,10 @@ observed contraction rate (see :class:`SolveInfo`).
 Input-source circuits do not depend on the inputs. With at least ``N`` input vectors the solver
 therefore computes the transfer matrix ``M`` (``I = v @ M.T``) from ``N`` adjoint solves
 (reciprocity: row j of ``M`` is the set of driver currents when column j is driven) and applies it
-with one matrix product, converging on the currents of the given vectors.
+with one matrix product, converging on the currents of the given vectors. On the CPU backend a
+float32 transfer matrix is computed by the numba kernel of :mod:`jaxbar.core.ir_cpu` (the same
+block Gauss-Seidel iteration, fused into one pass over the rows per sweep, 16 adjoint circuits per
+SIMD vector), which falls back to this solver where Gauss-Seidel sweeps converge slowly.
 
 Gradients use implicit differentiation (:func:`jax.custom_vjp`): the adjoint of the linear
 circuit is the same circuit driven by the output cotangents, solved by the same solver, and
@@ -47,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jaxbar.core import ir_cpu
 
 __all__ = [
     "ConvergenceError",
@@ -709,29 +714,67 @@ def _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs):
     return M, _make_info(jnp.max(ts), jnp.max(errs), tol, dtype)
 
 
-def _forward(topology, tol, max_iters, batch_chunk, g_stack, x, scalars):
+def _uses_cpu_kernel(cpu_kernel, dtype):
+    """The numba kernel computes float32 transfer matrices on the CPU backend."""
+    return (cpu_kernel and dtype == jnp.float32 and jax.default_backend() == "cpu"
+            and ir_cpu.available())
+
+
+@functools.cache
+def _kernel_or_xla(tol, max_iters, batch_chunk):
+    """Transfer matrix by the CPU kernel, falling back to the XLA solver where it gives up.
+
+    Under vmap the fallback must stay a real branch (a batched ``cond`` would run both), so
+    batches are mapped sequentially (the kernel runs one array at a time anyway).
+    """
+
+    @jax.custom_batching.custom_vmap
+    def transfer(g_stack, x, *res):
+        M, iterations, error, ok = ir_cpu.transfer(g_stack, x, res, tol, max_iters)
+
+        def xla(_):
+            signs = jnp.asarray([1.0, -1.0][: g_stack.shape[0]], g_stack.dtype)
+            M2, info = _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs)
+            return M2, info.iterations, info.error
+
+        return lax.cond(ok, lambda _: (M, iterations, error), xla, None)
+
+    @transfer.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        args = [a if b else jnp.broadcast_to(a, (axis_size, *jnp.shape(a)))
+                for a, b in zip(args, in_batched, strict=True)]
+        return lax.map(lambda a: transfer(*a), tuple(args)), (True, True, True)
+
+    return transfer
+
+
+def _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, g_stack, x, scalars):
     P, _, N = g_stack.shape
     signs = jnp.asarray([1.0, -1.0][:P], g_stack.dtype)
     res = _resistances(*scalars)
     if _use_transfer(topology, x.shape[0], N):
-        M, info = _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs)
+        if _uses_cpu_kernel(cpu_kernel, g_stack.dtype):
+            M, t, err = _kernel_or_xla(tol, max_iters, batch_chunk)(g_stack, x, *res)
+            info = _make_info(t, err, tol, g_stack.dtype)
+        else:
+            M, info = _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs)
         return (jnp.matmul(x, M.T, precision=_HIGHEST), info), M
     return _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, False), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _core(topology, tol, max_iters, batch_chunk, g_stack, x, *scalars):
-    return _forward(topology, tol, max_iters, batch_chunk, g_stack, x, scalars)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _core(topology, tol, max_iters, batch_chunk, cpu_kernel, g_stack, x, *scalars):
+    return _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, g_stack, x, scalars)[0]
 
 
-def _core_fwd(topology, tol, max_iters, batch_chunk, g_stack, x, *scalars):
-    out, M = _forward(topology, tol, max_iters, batch_chunk, g_stack, x, scalars)
+def _core_fwd(topology, tol, max_iters, batch_chunk, cpu_kernel, g_stack, x, *scalars):
+    out, M = _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, g_stack, x, scalars)
     # Node states are recomputed in the backward pass (together with the adjoint): storing them
     # would cost B*K*N*P values.
     return out, (g_stack, x, scalars, M)
 
 
-def _core_bwd(topology, tol, max_iters, batch_chunk, saved, cotangents):
+def _core_bwd(topology, tol, max_iters, batch_chunk, cpu_kernel, saved, cotangents):
     g_stack, x, scalars, M = saved
     I_bar = cotangents[0].astype(g_stack.dtype)
     if M is None:
@@ -869,23 +912,25 @@ def _prepare(g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows):
 
 
 def _solve(topology, g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows, tol,
-           max_iters, batch_chunk):
+           max_iters, batch_chunk, cpu_kernel=True):
     g_stack, x, scalars, lead, N = _prepare(
         g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows
     )
     if x.shape[0] == 0:
         z = jnp.zeros((), g_stack.dtype)
         return jnp.zeros(lead + (N,), g_stack.dtype), _make_info(jnp.int32(0), z, tol, z.dtype)
-    I, info = _core_jit(topology, float(tol), int(max_iters), batch_chunk, g_stack, x, *scalars)
+    I, info = _core_jit(topology, float(tol), int(max_iters), batch_chunk, bool(cpu_kernel),
+                        g_stack, x, *scalars)
     return I.reshape(lead + (N,)), info
 
 
 # Compiled once per configuration, also for eager (un-jitted) callers; inlined under jit.
-_core_jit = jax.jit(_core, static_argnums=(0, 1, 2, 3))
+_core_jit = jax.jit(_core, static_argnums=(0, 1, 2, 3, 4))
 
 
 def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
-                       extra_rows=0, tol=1e-6, max_iters=1000, batch_chunk=None):
+                       extra_rows=0, tol=1e-6, max_iters=1000, batch_chunk=None,
+                       cpu_kernel=True):
     """Column currents of an input-source (full crossbar) array with IR drop (PHYSICS.md §6).
 
     Input k drives row line k at its column-0 end through ``r_row + r_driver``; ``r_row`` lies
@@ -915,6 +960,9 @@ def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       max_iters: maximum number of sweeps.
       batch_chunk: input vectors (transfer path: adjoint columns) solved together; memory is
         about ``chunk * K * N * (4 P + 4)`` values. None: about 384 MiB of solver state.
+      cpu_kernel: on the CPU backend, compute the transfer matrix with the numba kernel of
+        :mod:`jaxbar.core.ir_cpu` (falling back to this solver where its Gauss-Seidel passes
+        converge slowly); False: always this XLA solver.
 
     Returns:
       (currents, info): currents (..., N) into the integrators in array output units (ideal:
@@ -922,7 +970,7 @@ def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       pass it to :func:`check_convergence`.
     """
     return _solve("input_source", g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
-                  tol, max_iters, batch_chunk)
+                  tol, max_iters, batch_chunk, cpu_kernel)
 
 
 def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
