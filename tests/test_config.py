@@ -160,6 +160,7 @@ def test_ideal_converter_spellings():
     ({"parasitics": {"r_col": float("nan")}}, "parasitics.r_col"),
     ({"parasitics": {"max_iters": 0}}, "parasitics.max_iters"),
     ({"parasitics": {"tol": 0}}, "parasitics.tol"),
+    ({"parasitics": {"cpu_kernel": "yes"}}, "parasitics.cpu_kernel"),
     ({"parasitics": {"topology": "input_source", "interleaved": True},
       "mapping": {"subtract": "digital"}}, "parasitics.interleaved"),
     ({"parasitics": {"topology": "gated_source"}}, "parasitics.topology"),
