@@ -9,8 +9,10 @@ table reports, in float32:
   solves and their difference, of the ideal product ``v @ g+ - v @ g-`` measured in the same run,
   and their ratio;
 * ``sweeps``: solver sweeps used (the larger of the two arrays), ``path``: direct (one solve per
-  input vector) or transfer (one adjoint solve per column, then a matrix product: used when there
-  are at least as many vectors as columns);
+  input vector) or a transfer path (one adjoint solve per column, then a matrix product: used
+  when there are at least as many vectors as columns), computed by the numba CPU kernel
+  (``kernel``; ``kernel>xla`` when it gave up and the XLA solver took over) or by the XLA solver
+  (``xla``, ``cpu_kernel=False``);
 * ``est err``: the solver's own error estimate; ``err vs f64``: the actual relative error of the
   differential output currents (per vector, max over columns, normalized by the vector's largest
   output; worst vector) against a float64 solve converged to 1e-12;
@@ -125,14 +127,32 @@ def _rel_err(x, ref):
     return float(np.max(np.max(np.abs(x - ref), -1) / np.max(np.abs(ref), -1)))
 
 
-def _differential(g_pos, g_neg, tol):
+def _differential(g_pos, g_neg, tol, cpu_kernel=True):
     @jax.jit
     def solve(v, r):
-        i_pos, info_pos = par.solve_input_source(g_pos, v, r, r, tol=tol)
-        i_neg, info_neg = par.solve_input_source(g_neg, v, r, r, tol=tol)
+        kw = dict(tol=tol, cpu_kernel=cpu_kernel)
+        i_pos, info_pos = par.solve_input_source(g_pos, v, r, r, **kw)
+        i_neg, info_neg = par.solve_input_source(g_neg, v, r, r, **kw)
         return i_pos - i_neg, info_pos, info_neg
 
     return solve
+
+
+class _KernelOutcome:
+    """Records whether the CPU kernel's runs succeeded (False: it fell back to XLA)."""
+
+    def __init__(self):
+        from jaxbar.core import ir_cpu
+
+        self.ok = []
+        real = ir_cpu._host_transfer
+
+        def wrapped(*args, **kwargs):
+            out = real(*args, **kwargs)
+            self.ok.append(bool(out[3]))
+            return out
+
+        ir_cpu._host_transfer = wrapped
 
 
 def main():
@@ -151,13 +171,15 @@ def main():
     w = w / np.abs(w).max()
     g_pos64, g_neg64 = np.maximum(w, 0.0), np.maximum(-w, 0.0)
     g_pos, g_neg = jnp.asarray(g_pos64, jnp.float32), jnp.asarray(g_neg64, jnp.float32)
-    solve32 = _differential(g_pos, g_neg, 1e-6)
+    solvers = {True: _differential(g_pos, g_neg, 1e-6),
+               False: _differential(g_pos, g_neg, 1e-6, cpu_kernel=False)}
+    outcome = _KernelOutcome()
     solve64 = _differential(jnp.asarray(g_pos64), jnp.asarray(g_neg64), 1e-12)
     ideal = jax.jit(lambda v: v @ g_pos - v @ g_neg)
 
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; "
           f"array {K}x{N} differential (2 arrays), float32, tol 1e-6, {repeats} timed repeats")
-    header = (f"{'B':>5} {'r':>7} {'path':>8} {'solve ms':>9} {'ideal ms':>9} {'x ideal':>8} "
+    header = (f"{'B':>5} {'r':>7} {'path':>10} {'solve ms':>9} {'ideal ms':>9} {'x ideal':>8} "
               f"{'sweeps':>6} {'est err':>8} {'err vs f64':>10} {'IR loss':>8} {'XLA MB':>7} "
               f"{'RSS MB':>7}")
     print(header)
@@ -171,11 +193,14 @@ def main():
         t_stream = _stream_pass(B)
         print(f"  B={B}: one streaming read+write pass over {B}x{K}x{N} float32 values: "
               f"{1e3 * t_stream:.1f} ms = {t_stream / t_ideal:.1f}x ideal ({1e3 * t_ideal:.3f} ms)")
-        path = "transfer" if B >= N else "direct"
-        for r in rs:
+        for r, kernel in [(r, k) for k in ((True, False) if B >= N else (True,)) for r in rs]:
+            solve32 = solvers[kernel]
             r32 = jnp.float32(r)
+            outcome.ok.clear()
             with _PeakRSS() as mem:
-                t_solve = _median_time(lambda v=v, r32=r32: solve32(v, r32), repeats)
+                t_solve = _median_time(lambda v=v, r32=r32, f=solve32: f(v, r32), repeats)
+            path = "direct" if B < N else "xla" if not kernel else (
+                "kernel" if all(outcome.ok) else "kernel>xla")
             stats = solve32.lower(v, r32).compile().memory_analysis()
             xla_mb = (stats.temp_size_in_bytes + stats.argument_size_in_bytes
                       + stats.output_size_in_bytes) / 2**20
@@ -193,7 +218,7 @@ def main():
             )
             rows.append(row)
             flag = "" if ok else "  (NOT CONVERGED)"
-            print(f"{B:>5} {r:>7.0e} {path:>8} {row['solve_ms']:>9.1f} {row['ideal_ms']:>9.3f} "
+            print(f"{B:>5} {r:>7.0e} {path:>10} {row['solve_ms']:>9.1f} {row['ideal_ms']:>9.3f} "
                   f"{row['ratio']:>8.0f} {sweeps:>6} {est:>8.1e} {row['err']:>10.1e} "
                   f"{row['loss']:>8.3f} {xla_mb:>7.0f} {row['rss_mb']:>7.0f}{flag}", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
@@ -251,14 +276,16 @@ def plot(rows, layer_rows, path, target=30.0):
     import matplotlib.pyplot as plt
 
     fig, (ax, ax_err) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for B, marker in ((64, "o"), (1024, "s")):
-        sel = [row for row in rows if row["B"] == B]
+    series = [(64, "direct", "o"), (1024, "kernel", "s"), (1024, "xla", "D")]
+    for B, path, marker in series:
+        sel = [row for row in rows
+               if row["B"] == B and row["path"].split(">")[0] == path]
         if sel:
-            label = f"{B} vectors, one-off solve ({sel[0]['path']})"
+            label = f"{B} vectors, one-off solve ({path})"
             ax.loglog([row["r"] for row in sel], [row["ratio"] for row in sel], marker=marker,
                       label=label)
             ax_err.loglog([row["r"] for row in sel], [row["err"] for row in sel], marker=marker,
-                          label=f"{B} vectors: error vs float64")
+                          label=f"{B} vectors ({path}): error vs float64")
     lr = [row["r"] for row in layer_rows]
     if layer_rows:
         ax.loglog(lr, [row["program"] for row in layer_rows], "k--", marker="^",

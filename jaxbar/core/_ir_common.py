@@ -159,7 +159,9 @@ def _start_rows(g, w0, j0, n_live, m):
 
 @numba.njit(nogil=True, cache=True)
 def prepare(g, r_a, r_a_end, r_b, r_b_end):
-    """Line factors (float64) of an input-source circuit g (P, K, N) and the start fields.
+    """Line factors of an input-source circuit g (P, K, N) and the start fields (float32 out).
+
+    Computed in float64, vectorized across lines (the recurrences run along each line).
 
     Returns:
       rho_a (P, K, N): row-line factors (driver at n = 0); ra (N,): row segments; coef
@@ -169,25 +171,27 @@ def prepare(g, r_a, r_a_end, r_b, r_b_end):
       its cells are driven (by -1) and the row lines are ideal.
     """
     P, K, N = g.shape
-    rho_a = np.empty((P, K, N))
+    f32 = np.float32
     ra = np.full(N, r_a)
     ra[0] = r_a_end
     rb = np.full(K, r_b)
     rb[K - 1] = r_b_end
+    rho_a = np.empty((P, K, N), f32)
     for p in range(P):
-        for k in range(K):
-            carry = 0.0
-            for n in range(N - 1, -1, -1):
-                y = g[p, k, n] + carry
+        gt = np.ascontiguousarray(g[p].T)  # (N, K): the row lines side by side
+        rt = np.empty((N, K))
+        carry = np.zeros(K)
+        for n in range(N - 1, -1, -1):
+            for k in range(K):
+                y = gt[n, k] + carry[k]
                 rho = 1.0 / (1.0 + ra[n] * y)
-                rho_a[p, k, n] = rho
-                carry = rho * y
+                rt[n, k] = rho
+                carry[k] = rho * y
+        rho_a[p] = rt.T.astype(f32)
     gs = np.zeros((K, N))
     for p in range(P):
         gs += g[p]
-    coef = np.zeros((2, 4, K, N))
-    w0 = np.empty((K, N))
-    # Elimination from the open end (row 0): rho_f; admittance form as the row lines.
+    # Elimination from the open end (row 0), admittance form as the row lines.
     rho_f = np.empty((K, N))
     carry = np.zeros(N)
     for k in range(K):
@@ -196,42 +200,44 @@ def prepare(g, r_a, r_a_end, r_b, r_b_end):
             rho = 1.0 / (1.0 + rb[k] * y)
             rho_f[k, n] = rho
             carry[n] = rho * y
-    # Elimination from the integrator end, impedance form: Z_k is the impedance below node k
-    # (through its segment), sig_k = 1 / (1 + Gs_k Z_k). Back-substitution from row 0 uses
-    # kappa_k = Z_k / Z_(k-1) <= 1, so nothing is divided by a resistance.
+    # Elimination from the integrator end, impedance form: z is the impedance below a node
+    # (through its segment), sig = 1 / (1 + Gs z). The back-substitution from row 0 uses
+    # kappa = z_k / z_(k-1) <= 1, so nothing is divided by a resistance.
     z = np.empty((K, N))
     sig = np.empty((K, N))
-    for n in range(N):
-        zk = rb[K - 1]
-        for k in range(K - 1, -1, -1):
-            if k < K - 1:
-                zk = rb[k] + sig[k + 1, n] * zk
+    for k in range(K - 1, -1, -1):
+        for n in range(N):
+            zk = rb[k] if k == K - 1 else rb[k] + sig[k + 1, n] * z[k + 1, n]
             z[k, n] = zk
             sig[k, n] = 1.0 / (1.0 + gs[k, n] * zk)
+    coef = np.zeros((2, 4, K, N), f32)
     for k in range(K):
         for n in range(N):
             coef[0, 0, k, n] = rho_f[k, n] * rb[k]
             coef[0, 1, k, n] = rho_f[k, n]
-            coef[0, 2, k, n] = sig[k + 1, n] if k < K - 1 else 0.0
             coef[0, 3, k, n] = z[k, n]
-            if k == 0:
+            coef[1, 3, k, n] = 1.0
+        if k < K - 1:
+            for n in range(N):
+                coef[0, 2, k, n] = sig[k + 1, n]
+        if k == 0:
+            for n in range(N):
                 coef[1, 0, k, n] = sig[k, n]
-            else:
+        else:
+            for n in range(N):
                 kappa = z[k, n] / z[k - 1, n] if z[k - 1, n] > 0 else 0.0
                 coef[1, 0, k, n] = sig[k, n] * (1.0 - sig[k, n] * kappa)
                 coef[1, 1, k, n] = sig[k, n] * kappa
                 coef[1, 2, k, n] = rho_f[k - 1, n]
-            coef[1, 3, k, n] = 1.0
     # The start: bit line n driven through its own cells, row lines ideal.
-    h = np.zeros(N)
     hs = np.empty((K, N))
     for k in range(K):
         for n in range(N):
-            h[n] = -gs[k, n] + (rho_f[k - 1, n] * h[n] if k > 0 else 0.0)
-            hs[k, n] = h[n]
+            hs[k, n] = -gs[k, n] + (rho_f[k - 1, n] * hs[k - 1, n] if k > 0 else 0.0)
+    w0 = np.empty((K, N), f32)
     d = np.zeros(N)
     for k in range(K - 1, -1, -1):
         for n in range(N):
             d[n] = rho_f[k, n] * (d[n] + rb[k] * hs[k, n])
             w0[k, n] = d[n]
-    return rho_a, ra, coef, w0
+    return rho_a, ra.astype(f32), coef, w0
