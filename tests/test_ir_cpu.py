@@ -173,3 +173,28 @@ def test_vmap_over_arrays_and_gradients(spy):
     grads_xla = jax.grad(loss, argnums=(0, 1))(gs, v, False)
     for a, b in zip(grads, grads_xla, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["single", "interleaved"])
+def test_work_arrays_need_no_initialization(interleaved):
+    """Workers reuse their work arrays across blocks: garbage in them must not matter."""
+    common, lanes = ir_cpu._kernels()
+    g, g_neg, v = _problem(13, 20, interleaved, False, seed=31)
+    g_stack = np.stack([g] if g_neg is None else [g, g_neg])
+    rho_a, r_a, coef, w0 = common.prepare(g_stack, 0.001, 0.002, 0.01, 0.02)
+    P, K, N = g_stack.shape
+    L = lanes.LANES
+    xs = (v / np.max(np.abs(v @ g))).astype(np.float32)
+    args = (g_stack.astype(np.float32), rho_a, r_a, coef, w0, xs, 16, 1e-6, 1.0, 1.0, 50)
+    shapes = [((K + 2) * N * L,), (2, N * L), (2, P, N * L), (N * L,), (P, K, L), (P, K, L),
+              (L, K), (L, K)]
+    outs = []
+    for fill in (0.0, np.nan):
+        work = [np.full(s, fill, np.float32) for s in shapes]
+        out, err = np.zeros((L, K), np.float32), np.full(L, np.inf)
+        fn = getattr(lanes, f"block_p{P}")
+        status = fn(*args[:6], args[6], *args[7:], *work, ir_cpu._control_state(L), out, err)
+        outs.append((status, out, err))
+    assert outs[0][0] == outs[1][0] and outs[0][0][1] == 0
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    np.testing.assert_array_equal(outs[0][2], outs[1][2])

@@ -40,7 +40,7 @@ def _readout(g, loss, ja, j0, n_live, m):
                 s_ideal += abs(g[p, k, j])
         small = s_loss <= 0.5 * s_ideal
         for k in range(K):
-            acc = m[b, k] * 0
+            acc = 0.0
             for p in range(P):
                 cur = (-g[p, k, j] - loss[p, k, b]) if small else ja[p, k, b]
                 acc = acc - cur if p == 0 else acc + cur

@@ -89,25 +89,34 @@ def _control_state(lanes):
     return state
 
 
-def _run_block(fn, lanes, args, j0):
-    """One block of driven columns: the kernel's work arrays, allocated per block."""
+def _worker(fn, lanes, args, starts, lock, results):
+    """Solves blocks of driven columns taken from ``starts`` until none is left.
+
+    The work arrays are allocated once per worker: fresh multi-megabyte arrays per block cost
+    page faults comparable to a pass.
+    """
     g = args[0]
     P, K, N = g.shape
     L = lanes
     f32 = np.float32
-    out = np.zeros((L, K), f32)
-    err = np.full(L, np.inf)
-    passes, status = fn(
-        *args[:6], j0, *args[6:],
+    work = (
         np.empty((K + 2) * N * L, f32),  # F: the bit-line elimination, rows -1 .. K (padding)
         np.empty((2, N * L), f32),  # bit-line voltages of the current and the previous row
         np.empty((2, P, N * L), f32),  # row-line elimination of the rows in flight
         np.empty(N * L, f32),  # drive: 1 at lane b's driven cell
-        np.zeros((P, K, L), f32),  # row-line boundary currents
-        np.zeros((P, K, L), f32),  # IR loss per row line
-        np.zeros((L, K), f32), np.zeros((L, K), f32),  # transfer rows, previous and new
-        _control_state(L), out, err)
-    return passes, status, out, err
+        np.empty((P, K, L), f32),  # row-line boundary currents
+        np.empty((P, K, L), f32),  # IR loss per row line
+        np.empty((L, K), f32), np.empty((L, K), f32),  # transfer rows, previous and new
+    )
+    while True:
+        with lock:
+            j0 = next(starts, None)
+        if j0 is None:
+            return
+        out = np.zeros((L, K), f32)
+        err = np.full(L, np.inf)
+        passes, status = fn(*args[:6], j0, *args[6:], *work, _control_state(L), out, err)
+        results[j0] = passes, status, out, err
 
 
 def _scale(x, g, w0, signs):
@@ -149,8 +158,15 @@ def _host_transfer(g, x, r_a, r_a_end, r_b, r_b_end, *, tol, max_iters):
     args = [np.ascontiguousarray(a, np.float32) for a in (g, rho_a, r_a_n, coef, w0)]
     args += [xs, float(tol), cx2, cxi, int(max_iters)]
     starts = range(0, N, L)
-    with _LOCK, _slp(numba), ThreadPoolExecutor(min(_threads(), len(starts))) as pool:
-        results = list(pool.map(lambda j0: _run_block(fn, L, args, j0), starts))
+    results = {}
+    queue = iter(starts)
+    n_workers = min(_threads(), len(starts))
+    with _LOCK, _slp(numba), ThreadPoolExecutor(n_workers) as pool:
+        lock = threading.Lock()
+        for f in [pool.submit(_worker, fn, L, args, queue, lock, results)
+                  for _ in range(n_workers)]:
+            f.result()
+    results = [results[j0] for j0 in starts]
     M = np.concatenate([out for _, _, out, _ in results])[:N]
     err = np.concatenate([e for _, _, _, e in results])[:N]
     passes = max(p for p, _, _, _ in results)
