@@ -277,15 +277,15 @@ def plot(rows, layer_rows, path, target=30.0):
 
     fig, (ax, ax_err) = plt.subplots(1, 2, figsize=(11, 4.2))
     series = [(64, "direct", "o"), (1024, "kernel", "s"), (1024, "xla", "D")]
-    for B, path, marker in series:
+    for B, kind, marker in series:
         sel = [row for row in rows
-               if row["B"] == B and row["path"].split(">")[0] == path]
+               if row["B"] == B and row["path"].split(">")[0] == kind]
         if sel:
-            label = f"{B} vectors, one-off solve ({path})"
+            label = f"{B} vectors, one-off solve ({kind})"
             ax.loglog([row["r"] for row in sel], [row["ratio"] for row in sel], marker=marker,
                       label=label)
             ax_err.loglog([row["r"] for row in sel], [row["err"] for row in sel], marker=marker,
-                          label=f"{B} vectors ({path}): error vs float64")
+                          label=f"{B} vectors ({kind}): error vs float64")
     lr = [row["r"] for row in layer_rows]
     if layer_rows:
         ax.loglog(lr, [row["program"] for row in layer_rows], "k--", marker="^",
