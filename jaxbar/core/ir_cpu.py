@@ -2,9 +2,9 @@
 
 :mod:`jaxbar.core.parasitics` finds the transfer matrix ``M`` of an input-source array (``I = v @
 M.T``) from N adjoint circuits, one per bit line ``j`` (driven by -1 in its own cells). In XLA
-every sweep streams the whole (K, N, N) field through memory several times. This kernel solves
-16 adjoint circuits (8 in float64) at once, one per SIMD lane, and fuses a whole Gauss-Seidel sweep
-into a single pass over the rows:
+every sweep streams (K, N, N)-sized fields through memory several times. This kernel solves 16
+adjoint circuits at once in float32, one per SIMD lane, and fuses a whole Gauss-Seidel sweep into
+a single pass over the rows:
 
 * the bit-line back-substitution of the previous sweep gives row k's bit-line voltages,
 * the row line is solved exactly given them (elimination from its open end, back-substitution
@@ -21,11 +21,12 @@ error estimate of the output currents: a cheap bound on their change (``min(|x|_
 |x|_inf |dM|_1)`` relative to each vector's largest current) gives the contraction rate, and near
 convergence the exact change replaces it.
 
-Gauss-Seidel passes are fast where the row-line coupling is weak (a pass contracts the error 20-50
-times at r = 1e-5 on 1152 x 256). When they contract by less than ``SLOW_RATE`` per pass, or do not
-converge within ``max_iters``, the kernel gives up and the caller falls back to the over-relaxed
-XLA solver. The kernel is used on the CPU backend for input-source transfer solves when numba is
-installed (``cpu_kernel=False`` turns it off).
+Gauss-Seidel passes are fast where the row-line coupling is weak (at r = 1e-4 on 1152 x 256 the
+change shrinks 15-20 times per pass). When it shrinks by less than half per pass, stalls at float32
+rounding above ``tol``, or the passes reach ``max_iters``, the kernel gives up and the caller falls
+back to the over-relaxed XLA solver. Memory: one (K + 2) x N x 16 float32 field per worker thread
+(18 MB for 1152 x 256). The kernel is used on the CPU backend for float32 input-source transfer
+solves when numba is installed (``cpu_kernel=False`` turns it off).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ __all__ = ["available", "transfer"]
 
 # Sampled columns of the start transfer matrix that set each vector's current scale.
 _SCALE_COLUMNS = 32
+# Memory for the workers' elimination fields ((K + 2) * N * 16 float32 values each): a second
+# worker is started only within this budget.
+_WORKER_BYTES = 512 * 2**20
 # One transfer solve at a time (each already uses every core).
 _LOCK = threading.Lock()
 
@@ -160,7 +164,9 @@ def _host_transfer(g, x, r_a, r_a_end, r_b, r_b_end, *, tol, max_iters):
     starts = range(0, N, L)
     results = {}
     queue = iter(starts)
-    n_workers = min(_threads(), len(starts))
+    # Each worker holds one block's elimination field; more workers only while they fit.
+    field_bytes = (K + 2) * N * L * 4
+    n_workers = max(1, min(_threads(), len(starts), _WORKER_BYTES // field_bytes))
     with _LOCK, _slp(numba), ThreadPoolExecutor(n_workers) as pool:
         lock = threading.Lock()
         for f in [pool.submit(_worker, fn, L, args, queue, lock, results)
