@@ -126,8 +126,9 @@ def _worker(fn, lanes, args, starts, lock, results):
 def _scale(x, g, w0, signs):
     """Each vector's largest output current, from sampled columns of the start transfer matrix.
 
-    A lower bound of the largest current with ideal row lines (row-line drop lowers currents a
-    little further): the error estimates relative to it are conservative.
+    Sampling can only underestimate the largest current, which makes the relative error
+    estimates conservative; the start ignores the row-line drop, which is small wherever the
+    kernel converges fast.
     """
     N = g.shape[2]
     cols = np.unique(np.linspace(0, N - 1, min(N, _SCALE_COLUMNS)).round().astype(np.int64))
