@@ -17,7 +17,6 @@ import pathlib
 LANES = 16  # one 512-bit vector of float32
 
 
-
 class _Code:
     def __init__(self, lanes: int):
         self.lanes = lanes
@@ -109,7 +108,7 @@ def block_p{pol}(g, rho_a, r_a, coef, w0, xs, j0, tol, cx2, cxi, max_passes, F, 
              ja, loss, m_old, m_new, state, out, err):
     """Transfer rows of the driven bit lines j0 .. j0 + {L} - 1, float32, P = {pol}.
 
-    See ``ir_cpu`` for the passes and ``ir_cpu._run_block`` for the arrays. Returns (passes,
+    See ``ir_cpu`` for the passes and ``ir_cpu._worker`` for the arrays. Returns (passes,
     status): status 0 converged, 1 not converged within max_passes, 2 too slow for Gauss-Seidel.
     """
     P, K, N = g.shape

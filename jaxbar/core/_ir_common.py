@@ -135,10 +135,8 @@ def _ratio(d, d_prev):
 def _estimate(d, rate, t, eps, err):
     for b in range(d.shape[0]):
         rc = min(max(rate[b], 0.0), 0.99)
-        if t >= 2:
-            e = d[b] * SAFETY * rc / (1.0 - rc)
-        else:
-            e = d[b] * max(1.0, rc / (1.0 - rc))
+        # The first change has no rate yet: it is its own estimate.
+        e = d[b] * SAFETY * rc / (1.0 - rc) if t >= 2 else d[b]
         if d[b] <= NOISE_ULPS * eps:
             e = d[b]
         err[b] = e
