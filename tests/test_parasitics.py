@@ -412,3 +412,29 @@ def test_float32(topology):
         g.astype(np.float32)
     )
     assert grad.dtype == jnp.float32 and np.all(np.isfinite(grad))
+
+
+def _errors_after(changes, dtype=np.float32):
+    """The control's error estimate after each of the given readout changes (Gauss-Seidel)."""
+    ctl = par._control_init(1, dtype)
+    errs = []
+    for t, d in enumerate(changes):
+        ctl = par._control_step(ctl, t, jnp.asarray([d], dtype))
+        errs.append(float(ctl.err[0]))
+    return errs
+
+
+def test_error_estimate_at_the_rounding_level():
+    noise = 16 * float(np.finfo(np.float32).eps)
+    # A change of a few ulps right after a large one: the rate is at most (d + noise) / d_prev,
+    # so the geometric tail (safety factor 4) bounds the error.
+    d_prev, d = 1e-3, 0.5 * noise
+    hi = d + noise
+    rate = hi / d_prev
+    assert _errors_after([d_prev, d])[-1] == pytest.approx(4 * hi * rate / (1 - rate), rel=1e-4)
+    # A tail above the change itself is capped at the change.
+    assert _errors_after([1.1 * noise, 0.9 * noise])[-1] == pytest.approx(0.9 * noise, rel=1e-5)
+    # Two changes at the rounding level carry no rate: the error is the change.
+    assert _errors_after([1e-3, 0.9 * noise, 0.5 * noise])[-1] == pytest.approx(0.5 * noise)
+    # Above the noise, the plain tail with the observed rate.
+    assert _errors_after([1e-2, 1e-4])[-1] == pytest.approx(4 * 1e-4 * 0.01 / 0.99, rel=1e-4)

@@ -133,12 +133,23 @@ def _ratio(d, d_prev):
 
 @numba.njit(nogil=True, cache=True)
 def _estimate(d, rate, t, eps, err):
+    """Geometric-tail error estimates from changes ``d`` and contraction rates (as the XLA solver).
+
+    A change of a few ulps is rounding noise and carries no rate of its own: its estimate is the
+    change itself, unless it follows a change above the noise. The true change is then at most
+    ``d + noise`` and the rate at most ``(d + noise) / d_prev``, whose tail may be smaller.
+    """
+    noise = NOISE_ULPS * eps
     for b in range(d.shape[0]):
         rc = min(max(rate[b], 0.0), 0.99)
         # The first change has no rate yet: it is its own estimate.
         e = d[b] * SAFETY * rc / (1.0 - rc) if t >= 2 else d[b]
-        if d[b] <= NOISE_ULPS * eps:
+        if d[b] <= noise:
             e = d[b]
+            if t >= 2 and d[b] > rate[b] * noise:  # d_prev = d / rate is above the noise
+                hi = d[b] + noise
+                r_hi = min(hi * rate[b] / d[b], 0.99)
+                e = min(e, hi * SAFETY * r_hi / (1.0 - r_hi))
         err[b] = e
 
 

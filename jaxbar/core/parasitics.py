@@ -395,8 +395,16 @@ def _control_step(ctl, t, d):
     monotone = (t >= 1) & (ctl.omega == 1.0)
     err = d * jnp.where(monotone, _SAFETY * tail, jnp.maximum(1.0, tail))
     # Changes of a few ulps carry no rate information: the sweeps have reached the rounding
-    # floor (typically a fixed cycle in float32), and the error is that of rounding.
-    err = jnp.where(d <= _NOISE_ULPS * jnp.finfo(d.dtype).eps, d, err)
+    # floor (typically a fixed cycle in float32), and the error is that of rounding. Right
+    # after a change above the noise, though, the true change is at most d + noise and the rate
+    # at most (d + noise) / d_prev: that tail may be smaller (fast cases stop a sweep earlier).
+    noise = _NOISE_ULPS * jnp.finfo(d.dtype).eps
+    hi = d + noise
+    rate_hi = jnp.clip(_safe_div(hi, ctl.d), 0.0, _MAX_RATE)
+    after_change = monotone & (t >= 1) & (ctl.d > noise)
+    floor_err = jnp.where(
+        after_change, jnp.minimum(d, hi * _SAFETY * rate_hi / (1.0 - rate_hi)), d)
+    err = jnp.where(d <= noise, floor_err, err)
     # Adaptive block SOR (Hageman & Young): for this 2-cyclic system a settled rate R at
     # relaxation w gives the squared block-Jacobi radius mu^2 = (R + w - 1)^2 / (R w^2), and the
     # optimal relaxation is 2 / (1 + sqrt(1 - mu^2)) (rate w - 1). R approaches the true rate
