@@ -198,3 +198,45 @@ def test_work_arrays_need_no_initialization(interleaved):
     assert outs[0][0] == outs[1][0] and outs[0][0][1] == 0
     np.testing.assert_array_equal(outs[0][1], outs[1][1])
     np.testing.assert_array_equal(outs[0][2], outs[1][2])
+
+
+def test_error_estimate_matches_the_xla_control():
+    """The kernel's error estimate is the XLA solver's, also at the rounding level."""
+    from jaxbar.core import _ir_common
+
+    eps = float(np.finfo(np.float32).eps)
+    noise = 16 * eps
+    for d_prev, d in [(1e-3, 0.5 * noise), (1.1 * noise, 0.9 * noise), (0.9 * noise, 0.5 * noise),
+                      (1e-2, 1e-4), (1e-3, 0.0)]:
+        ctl = par._control_init(1, np.float32)
+        for t, change in enumerate((d_prev, d)):
+            ctl = par._control_step(ctl, t, jnp.asarray([change], np.float32))
+        err = np.zeros(1)
+        rate = np.asarray([d / d_prev])
+        _ir_common._estimate(np.asarray([d]), rate, 2, eps, err)
+        assert err[0] == pytest.approx(float(ctl.err[0]), rel=1e-4, abs=1e-12)
+
+
+def test_blas_runs_on_one_thread_during_the_kernel(monkeypatch):
+    """OpenBLAS threads spin after each call on the cores the kernel's workers need: the kernel
+    holds every BLAS library to one thread while it runs, and restores them after."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return [(info["filepath"], info["num_threads"])
+                for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+
+    seen = []
+    real = ir_cpu._solve_blocks
+
+    def wrapped(*args):
+        seen.append(blas_threads())
+        return real(*args)
+
+    monkeypatch.setattr(ir_cpu, "_solve_blocks", wrapped)
+    g, _, v = _problem(12, 8, False, False, seed=21)
+    _kernel(g, None, v, 1e-3, 1e-3, **NONE)
+    before = dict(blas_threads())
+    assert seen and seen[0] and all(n == 1 for _, n in seen[0])
+    assert {path for path, _ in seen[0]} == set(before)
+    assert dict(blas_threads()) == before
