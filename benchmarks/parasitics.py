@@ -5,9 +5,9 @@ Laplace-distributed weights mapped one-sided, ``g+- = max(+-w, 0) / max|w|`` (in
 ratio); inputs are unsigned, uniform in [0, 1]. For each batch size and ``r = r_row = r_col`` the
 table reports, in float32:
 
-* ``solve ms`` / ``ideal ms`` / ``x ideal``: median wall time (after compilation) of the two IR
-  solves and their difference, of the ideal product ``v @ g+ - v @ g-`` measured in the same run,
-  and their ratio;
+* ``solve ms`` / ``ideal ms`` / ``x ideal``: median wall time (after compilation and a one-second
+  warm-up) of the two IR solves and their difference, of the ideal product ``v @ g+ - v @ g-``
+  measured in the same run, and their ratio;
 * ``sweeps``: solver sweeps used (the larger of the two arrays), ``path``: direct (one solve per
   input vector) or a transfer path (one adjoint solve per column, then a matrix product: used
   when there are at least as many vectors as columns), computed by the numba CPU kernel
@@ -99,8 +99,18 @@ class _PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
-def _median_time(fn, repeats):
-    jax.block_until_ready(fn())  # compile and warm up
+def _median_time(fn, repeats, warmup_s=1.0):
+    """Median seconds of ``repeats`` calls after compiling and warming up for ``warmup_s``.
+
+    The first calls after compilation ran up to 1.5 times slower (allocator and thread pools
+    settling), so the warm-up runs for a while rather than once.
+    """
+    jax.block_until_ready(fn())  # compile
+    t0 = time.perf_counter()
+    while True:
+        jax.block_until_ready(fn())
+        if time.perf_counter() - t0 >= warmup_s:
+            break
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
