@@ -98,8 +98,9 @@ class SolveInfo(NamedTuple):
         vectors. Per vector, ``d = max_n |dI_n| / max_n |I_n|`` is the relative change of its
         currents in the last sweep and ``q`` the observed contraction (ratio of the last two
         changes); the estimate is the geometric tail ``4 d q / (1 - q)`` for monotone
-        (Gauss-Seidel) sweeps and ``d max(1, q / (1 - q))`` for over-relaxed ones; changes of a
-        few ulps count as converged to rounding.
+        (Gauss-Seidel) sweeps and ``d max(1, q / (1 - q))`` for over-relaxed ones. A change of
+        a few ulps (``noise``) is rounding: its estimate is ``d``, or, right after a larger
+        change ``d_prev``, the smaller tail with ``q = (d + noise) / d_prev`` and ``d + noise``.
       converged: ``error <= tol``.
       tol: the tolerance that was asked for (for messages).
     """
@@ -401,7 +402,7 @@ def _control_step(ctl, t, d):
     noise = _NOISE_ULPS * jnp.finfo(d.dtype).eps
     hi = d + noise
     rate_hi = jnp.clip(_safe_div(hi, ctl.d), 0.0, _MAX_RATE)
-    after_change = monotone & (t >= 1) & (ctl.d > noise)
+    after_change = monotone & (ctl.d > noise)
     floor_err = jnp.where(
         after_change, jnp.minimum(d, hi * _SAFETY * rate_hi / (1.0 - rate_hi)), d)
     err = jnp.where(d <= noise, floor_err, err)
