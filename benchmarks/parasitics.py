@@ -243,6 +243,8 @@ def main():
 def layer_path(w, rs, repeats, rng, B=1024, batches=(1, 10, 100)):
     """The same array through `jaxbar.program` + `jaxbar.matmul` (parasitics.precompute).
 
+    The config's default tolerance applies (`parasitics.default_tol`: 1e-5 in float32).
+
     An input-source array is linear in its inputs, so `program` solves its transfer matrix
     once per trial (N adjoint solves) and every MVM after that is an ideal product with it.
     Reported against `jaxbar.matmul` without parasitics (same mapping, same run): the cost

@@ -37,7 +37,7 @@ def test_defaults_match_documented_schema():
             assert _contains(d[section][k], v), (section, k)
     p = d["parasitics"]
     assert (p["topology"], p["r_row"], p["r_col"], p["interleaved"]) == ("none", 0.0, 0.0, False)
-    assert (p["tol"], p["max_iters"]) == (1e-6, 1000)
+    assert (p["tol"], p["max_iters"]) == (None, 1000)  # tol: parasitics.default_tol
 
 
 def test_schema_dict_round_trip():
@@ -160,6 +160,7 @@ def test_ideal_converter_spellings():
     ({"parasitics": {"r_col": float("nan")}}, "parasitics.r_col"),
     ({"parasitics": {"max_iters": 0}}, "parasitics.max_iters"),
     ({"parasitics": {"tol": 0}}, "parasitics.tol"),
+    ({"parasitics": {"tol": "tight"}}, "parasitics.tol"),
     ({"parasitics": {"cpu_kernel": "yes"}}, "parasitics.cpu_kernel"),
     ({"parasitics": {"topology": "input_source", "interleaved": True},
       "mapping": {"subtract": "digital"}}, "parasitics.interleaved"),

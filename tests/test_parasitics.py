@@ -438,3 +438,15 @@ def test_error_estimate_at_the_rounding_level():
     assert _errors_after([1e-3, 0.9 * noise, 0.5 * noise])[-1] == pytest.approx(0.5 * noise)
     # Above the noise, the plain tail with the observed rate.
     assert _errors_after([1e-2, 1e-4])[-1] == pytest.approx(4 * 1e-4 * 0.01 / 0.99, rel=1e-4)
+
+
+def test_default_tolerance_follows_the_dtype():
+    """float32 cannot resolve 1e-6 on large arrays at large r: its default tolerance is 1e-5."""
+    assert par.default_tol(jnp.float32) == 1e-5 and par.default_tol(jnp.float64) == 1e-6
+    g, _, inp = _problem("input_source", signed=False, seed=3)
+    _, info32 = par.solve_input_source(g.astype(np.float32), inp.astype(np.float32), 0.01, 0.01)
+    _, info64 = par.solve_input_source(g, inp, 0.01, 0.01)
+    assert float(info32.tol) == pytest.approx(1e-5) and float(info64.tol) == 1e-6
+    assert bool(info32.converged) and float(info32.error) <= 1e-5
+    nodes = par.input_source_nodes(g, inp, 0.01, 0.01)
+    assert float(nodes.info.tol) == 1e-6

@@ -58,6 +58,7 @@ __all__ = [
     "NodeVoltages",
     "SolveInfo",
     "check_convergence",
+    "default_tol",
     "gated_source_nodes",
     "input_source_nodes",
     "solve_gated_source",
@@ -920,11 +921,28 @@ def _prepare(g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows):
     return g_stack, x, scalars, lead, N
 
 
+def default_tol(dtype) -> float:
+    """The solver tolerance when none is given: 1e-6 in float64, 1e-5 in float32 (and below).
+
+    float32 sweeps over arrays of about a thousand rows resolve the output currents to a few
+    1e-6 (rounding in the recurrences along the lines): at large r a float32 tolerance of 1e-6
+    is then out of reach, or looks reached only when one change lands below it by chance.
+
+    Args:
+      dtype: the solve's floating-point dtype.
+
+    Returns:
+      The relative tolerance of the output currents.
+    """
+    return 1e-6 if jnp.finfo(dtype).eps < 1e-10 else 1e-5
+
+
 def _solve(topology, g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows, tol,
            max_iters, batch_chunk, cpu_kernel=True):
     g_stack, x, scalars, lead, N = _prepare(
         g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows
     )
+    tol = default_tol(g_stack.dtype) if tol is None else tol
     if x.shape[0] == 0:
         z = jnp.zeros((), g_stack.dtype)
         return jnp.zeros(lead + (N,), g_stack.dtype), _make_info(jnp.int32(0), z, tol, z.dtype)
@@ -938,7 +956,7 @@ _core_jit = jax.jit(_core, static_argnums=(0, 1, 2, 3, 4))
 
 
 def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
-                       extra_rows=0, tol=1e-6, max_iters=1000, batch_chunk=None,
+                       extra_rows=0, tol=None, max_iters=1000, batch_chunk=None,
                        cpu_kernel=True):
     """Column currents of an input-source (full crossbar) array with IR drop (PHYSICS.md §6).
 
@@ -965,7 +983,8 @@ def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       extra_rows: unused physical rows below the used ones: the last bit-line segment becomes
         ``(extra_rows + 1) * r_col``.
       tol: stop when the estimated relative error of each vector's currents (see
-        :class:`SolveInfo`) is at most ``tol``.
+        :class:`SolveInfo`) is at most ``tol``. None: :func:`default_tol` of the dtype (1e-6 in
+        float64, 1e-5 in float32).
       max_iters: maximum number of sweeps.
       batch_chunk: input vectors (transfer path: adjoint columns) solved together; memory is
         about ``chunk * K * N * (4 P + 4)`` values. None: about 384 MiB of solver state.
@@ -983,7 +1002,7 @@ def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
 
 
 def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
-                       extra_rows=0, tol=1e-6, max_iters=1000, batch_chunk=None):
+                       extra_rows=0, tol=None, max_iters=1000, batch_chunk=None):
     """Column currents of a gated-source array with IR drop (PHYSICS.md §6).
 
     Each column has a supply line (ideal source at the top, ``r_row + r_driver`` to row 0,
@@ -1008,7 +1027,8 @@ def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       extra_rows: unused physical rows below the used ones: the last bit-line segment becomes
         ``(extra_rows + 1) * r_col``.
       tol: stop when the estimated relative error of each vector's currents (see
-        :class:`SolveInfo`) is at most ``tol``.
+        :class:`SolveInfo`) is at most ``tol``. None: :func:`default_tol` of the dtype (1e-6 in
+        float64, 1e-5 in float32).
       max_iters: maximum number of sweeps.
       batch_chunk: input vectors solved together; memory is about
         ``chunk * K * N * (6 P + 6)`` values. None: about 384 MiB of solver state.
@@ -1028,6 +1048,7 @@ def _nodes(topology, g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_ro
         g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows
     )
     g_stack, x, scalars = jax.lax.stop_gradient((g_stack, x, scalars))
+    tol = default_tol(g_stack.dtype) if tol is None else tol
     I, info, line, w = _nodes_jit(topology, float(tol), int(max_iters), batch_chunk, g_stack, x,
                                   *scalars)
     P, K = g_stack.shape[:2]
@@ -1056,7 +1077,7 @@ def _nodes_jit(topology, tol, max_iters, batch_chunk, g_stack, x, *scalars):
 
 
 def input_source_nodes(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
-                       extra_rows=0, tol=1e-6, max_iters=1000, batch_chunk=None):
+                       extra_rows=0, tol=None, max_iters=1000, batch_chunk=None):
     """Node voltages of :func:`solve_input_source` (same arguments; not differentiable).
 
     Returns:
@@ -1067,7 +1088,7 @@ def input_source_nodes(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
 
 
 def gated_source_nodes(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
-                       extra_rows=0, tol=1e-6, max_iters=1000, batch_chunk=None):
+                       extra_rows=0, tol=None, max_iters=1000, batch_chunk=None):
     """Node voltages of :func:`solve_gated_source` (same arguments; not differentiable).
 
     Returns:
