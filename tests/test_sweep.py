@@ -22,6 +22,7 @@ import yaml
 from scipy import stats
 
 from jaxbar.config import ConfigError
+from jaxbar.nn.network_config import NetworkConfig
 from jaxbar.study.results import (
     ResultStore,
     filter_rows,
@@ -31,7 +32,15 @@ from jaxbar.study.results import (
     repair,
     summary_table,
 )
-from jaxbar.study.sweep import apply_overrides, expand_path, expand_points, load_study, plan
+from jaxbar.study.sweep import (
+    apply_overrides,
+    calibration_key,
+    config_identity,
+    expand_path,
+    expand_points,
+    load_study,
+    plan,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,6 +130,19 @@ def test_study_parsing_and_overrides(tiny, tmp_path, monkeypatch):
     assert [p.point_id for p in again] == [p.point_id for p in pts]
     more = plan(load_study({**d, "trials": 3, "root": str(tiny)}))
     assert not {p.point_id for p in more} & {p.point_id for p in pts}
+    # A config field added later, at a default that keeps the old behaviour, leaves ids and
+    # calibration keys as they are: stored results are still found.
+    key = calibration_key(s, pts[0].net)
+    with monkeypatch.context() as m:
+        to_dict = NetworkConfig.to_dict
+        m.setattr(NetworkConfig, "to_dict", lambda self: {**to_dict(self), "added_later": 0})
+        later = load_study({**d, "root": str(tiny)})
+        assert [p.point_id for p in plan(later)] == [p.point_id for p in pts]
+        assert calibration_key(later, plan(later)[0].net) == key
+    other = {**d["config"], "crossbar": {**d["config"]["crossbar"], "parasitics": {"tol": 1e-4}}}
+    changed = plan(load_study({**d, "config": other, "root": str(tiny)}))
+    assert not {p.point_id for p in changed} & {p.point_id for p in pts}
+    assert config_identity(pts[2].net) == {"crossbar": None}
     with pytest.raises(ConfigError, match="adc.bitz"):
         plan(load_study({**d, "points": [{"adc.bitz": 3}], "root": str(tiny)}))
     with pytest.raises(ConfigError, match="unknown study keys"):

@@ -64,6 +64,7 @@ __all__ = [
     "SweepSummary",
     "apply_overrides",
     "calibration_key",
+    "config_identity",
     "expand_path",
     "expand_points",
     "load_study",
@@ -202,7 +203,7 @@ class Study:
             "model": self.model, "weights": self.weights, "params": self.params,
             "mean": self.mean, "data": self.data, "split": self.split, "limit": self.limit,
             "trials": self.trials, "seed": self.seed, "batch_size": self.batch_size,
-            "config": self.base_network().to_dict(), "calibration": cal,
+            "config": config_identity(self.base_network()), "calibration": cal,
         }
 
 
@@ -463,15 +464,40 @@ def plan(study: Study) -> list[Point]:
 
 # ---- calibration cache ---------------------------------------------------------------------
 
+def _without_defaults(d: Mapping[str, Any], default: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``d`` that differ from ``default``, recursively (empty sections dropped)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and isinstance(default.get(k), Mapping):
+            sub = _without_defaults(v, default[k])
+            if sub:
+                out[k] = sub
+        elif k not in default or v != default[k]:
+            out[k] = v
+    return out
+
+
+def config_identity(net: NetworkConfig) -> dict[str, Any]:
+    """A network config as it enters point ids and calibration keys: what differs from the
+    defaults. A new config field, whose default keeps the old behaviour, then leaves the ids
+    of existing results (and their resumption) intact."""
+    return _without_defaults(net.to_dict(), NetworkConfig().to_dict())
+
+
 def calibration_key(study: Study, net: NetworkConfig) -> str:
     """Identifies a calibration: the study's model and data, and the network config
     without what profiling ignores: device errors, drift (profiling sees the arrays at t0)
     and ADC bits are off while profiling."""
-    d = net.to_dict()
-    if d["crossbar"] is not None:
+    d = config_identity(net)
+    xbar = d.get("crossbar")
+    if isinstance(xbar, dict):
+        device = xbar.get("device", {})
         for k in ("programming_error", "read_noise", "drift", "time", "preset"):
-            d["crossbar"]["device"].pop(k, None)
-        d["crossbar"]["adc"].pop("bits", None)
+            device.pop(k, None)
+        xbar.get("adc", {}).pop("bits", None)
+        for section in ("device", "adc"):
+            if not xbar.get(section, True):
+                del xbar[section]
     ident = {k: getattr(study, k) for k in ("model", "weights", "params", "mean", "data")}
     return _digest({"study": ident, "net": d}, 24)
 
