@@ -462,8 +462,6 @@ def plan(study: Study) -> list[Point]:
     return [p for g in groups.values() for p in g]
 
 
-# ---- calibration cache ---------------------------------------------------------------------
-
 def _without_defaults(d: Mapping[str, Any], default: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of ``d`` that differ from ``default``, recursively (empty sections dropped)."""
     out = {}
@@ -483,6 +481,8 @@ def config_identity(net: NetworkConfig) -> dict[str, Any]:
     of existing results (and their resumption) intact."""
     return _without_defaults(net.to_dict(), NetworkConfig().to_dict())
 
+
+# ---- calibration cache ---------------------------------------------------------------------
 
 def calibration_key(study: Study, net: NetworkConfig) -> str:
     """Identifies a calibration: the study's model and data, and the network config
