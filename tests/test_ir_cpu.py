@@ -186,8 +186,7 @@ def test_work_arrays_need_no_initialization(interleaved):
     L = lanes.LANES
     xs = (v / np.max(np.abs(v @ g))).astype(np.float32)
     args = (g_stack.astype(np.float32), rho_a, r_a, coef, w0, xs, 16, 1e-6, 1.0, 1.0, 50)
-    shapes = [((K + 2) * N * L,), (2, N * L), (2, P, N * L), (N * L,), (P, K, L), (P, K, L),
-              (L, K), (L, K)]
+    shapes = ir_cpu._work_shapes(P, K, N, L)
     outs = []
     for fill in (0.0, np.nan):
         work = [np.full(s, fill, np.float32) for s in shapes]
@@ -198,6 +197,98 @@ def test_work_arrays_need_no_initialization(interleaved):
     assert outs[0][0] == outs[1][0] and outs[0][0][1] == 0
     np.testing.assert_array_equal(outs[0][1], outs[1][1])
     np.testing.assert_array_equal(outs[0][2], outs[1][2])
+
+
+def _numpy_prepare(g, r_a, r_a_end, r_b, r_b_end):
+    """Line factors and start fields written from their definitions (float64, no kernel code)."""
+    P, K, N = g.shape
+    ra = np.full(N, r_a)
+    ra[0] = r_a_end
+    rb = np.full(K, r_b)
+    rb[-1] = r_b_end
+    rho_a = np.zeros((P, K, N))
+    for p in range(P):
+        carry = np.zeros(K)
+        for n in reversed(range(N)):
+            y = g[p, :, n] + carry
+            rho_a[p, :, n] = 1 / (1 + ra[n] * y)
+            carry = rho_a[p, :, n] * y
+    gs = g.sum(0)
+    rho_f = np.zeros((K, N))
+    carry = np.zeros(N)
+    for k in range(K):
+        y = gs[k] + carry
+        rho_f[k] = 1 / (1 + rb[k] * y)
+        carry = rho_f[k] * y
+    z = np.zeros((K, N))  # impedance below each node, through its segment
+    for k in reversed(range(K)):
+        below = 0.0 if k == K - 1 else z[k + 1] / (1 + gs[k + 1] * z[k + 1])
+        z[k] = rb[k] + below
+    sig = 1 / (1 + gs * z)
+    coef = np.zeros((2, 4, K, N))
+    coef[0, 0], coef[0, 1], coef[0, 3], coef[1, 3] = rho_f * rb[:, None], rho_f, z, 1.0
+    coef[0, 2, :-1] = sig[1:]
+    coef[1, 0, 0] = sig[0]
+    kappa = z[1:] / z[:-1]
+    coef[1, 0, 1:] = sig[1:] * (1 - sig[1:] * kappa)
+    coef[1, 1, 1:] = sig[1:] * kappa
+    coef[1, 2, 1:] = rho_f[:-1]
+    # Start: each bit line driven by -1 through its own cells, row lines ideal (dense solve).
+    w0 = np.zeros((K, N))
+    for n in range(N):
+        A = np.diag(gs[:, n])
+        for k in range(K):  # segment k joins node k to node k + 1 (the integrator below K - 1)
+            A[k, k] += 1 / rb[k]
+            if k + 1 < K:
+                A[k + 1, k + 1] += 1 / rb[k]
+                A[k, k + 1] = A[k + 1, k] = -1 / rb[k]
+        w0[:, n] = np.linalg.solve(A, -gs[:, n])
+    return rho_a, ra, coef, w0
+
+
+@pytest.mark.parametrize("P", [1, 2])
+def test_line_factors_match_their_definitions_whatever_the_outputs_held(P):
+    """prepare_into writes every entry of its (reused, so arbitrary) outputs: from NaN-filled
+    arrays it gives the factors computed from their definitions."""
+    common, _ = ir_cpu._kernels()
+    rng = np.random.default_rng(5)
+    g = rng.uniform(0.0, 1.0, (P, 9, 7)).astype(np.float32)
+    r = (0.01, 0.03, 0.02, 0.05)
+    outs = (np.full((P, 9, 7), np.nan, np.float32), np.full((2, 4, 9, 7), np.nan, np.float32),
+            np.full((9, 7), np.nan, np.float32))
+    ra = common.prepare_into(g, *r, *outs)
+    ref = _numpy_prepare(g.astype(np.float64), *r)
+    for got, want in zip((outs[0], ra, outs[1], outs[2]), ref, strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+
+
+def test_scaled_inputs_and_their_norms():
+    common, _ = ir_cpu._kernels()
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1.0, 1.0, (5, 11)).astype(np.float32)
+    s = np.asarray([2.0, 0.0, 0.5, 3.0, 1.0])
+    xs = np.full_like(x, np.nan)
+    cx2, cxi = common.scaled_inputs(x, s, xs)
+    want = np.where(s[:, None] > 0, x / np.where(s > 0, s, 1.0)[:, None], 0.0)
+    np.testing.assert_allclose(xs, want, rtol=1e-6)
+    assert cx2 == pytest.approx(np.max(np.linalg.norm(want, axis=1)), rel=1e-6)
+    assert cxi == pytest.approx(np.max(np.abs(want)), rel=1e-6)
+
+
+def test_scratch_is_reused_aligned_and_shape_independent():
+    """Solves reuse the scratch buffers across shapes (grown as needed); results do not depend
+    on what an earlier solve left there, and every work array starts on a cache line."""
+    problems = [_problem(13, 20, False, True, seed=s) for s in (1, 2)] + [
+        _problem(31, 40, True, False, seed=3), _problem(7, 9, False, False, seed=4)]
+    fresh = []
+    for g, g_neg, v in problems:
+        ir_cpu.release_scratch()
+        fresh.append(_kernel(g, g_neg, v, 1e-3, 1e-2, **NONE)[0])
+    for (g, g_neg, v), want in zip(problems, fresh, strict=True):
+        np.testing.assert_array_equal(_kernel(g, g_neg, v, 1e-3, 1e-2, **NONE)[0], want)
+    assert ir_cpu._SCRATCH
+    for view in ir_cpu._scratch_views(1, ir_cpu._work_shapes(2, 5, 3, 16)):
+        assert view.ctypes.data % 64 == 0
 
 
 def test_error_estimate_matches_the_xla_control():

@@ -33,10 +33,11 @@ class _Code:
         self.lines.append(" " * (4 * indent) + f"{left} = ({right})")
 
 
-def _group(c: _Code, ind: int, rows: int, pol: int, L: int, bufs) -> None:
+def _group(c: _Code, ind: int, rows: int, pol: int, L: int, bufs, last: bool = False) -> None:
     """Pass body for ``rows`` consecutive rows (k0, k0 + step, ...) with ``pol`` polarities.
 
-    ``bufs[r]`` = (write, previous): the bit-line voltage buffers of row r and of the row before.
+    ``bufs[r]`` = (write, previous): the bit-line voltage buffers of row r and of the row before;
+    ``last``: no group follows in this pass.
     """
     chains = [(r, p) for r in range(rows) for p in range(pol)]
     for r in range(1, rows):
@@ -76,8 +77,15 @@ def _group(c: _Code, ind: int, rows: int, pol: int, L: int, bufs) -> None:
     for r, p in chains:
         c.lanes_(ind, f"d{r}{p}_#", "zero")
         c.lanes_(ind, f"l{r}{p}_#", "zero")
+    # The next group's rows of the elimination field are fetched while this one is computed.
+    c(ind, "pf = False" if last else "pf = gi + 2 < n_groups")
+    for r in range(rows):
+        c(ind, f"pf{r} = U(((k{r} + {2 * rows} * step + 1) * N) * {L})")
     c(ind, "for n in range(N):")
     c(ind + 1, f"q = U(n * {L})")
+    c(ind + 1, "if pf:")
+    for r in range(rows):
+        c(ind + 2, f"prefetch(F, pf{r} + q)")
     c(ind + 1, "ran = r_a[n]")
     for r in range(rows):
         for p in range(pol):
@@ -135,7 +143,7 @@ def block_p{pol}(g, rho_a, r_a, coef, w0, xs, j0, tol, cx2, cxi, max_passes, F, 
         _group(c, 3, 2, pol, L, [("0", "1"), ("1", "0")])
         c(2, "if K % 2 == 1:")
         c(3, "k0 = 0 if desc else K - 1")
-        _group(c, 3, 1, pol, L, [("0", "1")])
+        _group(c, 3, 1, pol, L, [("0", "1")], last=True)
     else:  # one row (two polarities) at a time; the two voltage buffers alternate
         c(3, "wa = gi % 2")
         c(3, "wb = 1 - wa")
@@ -164,7 +172,7 @@ def generate() -> str:
         f"# _ir_common.py sha256: {_helpers_hash()}",
         "import numba",
         "",
-        "from jaxbar.core._ir_common import _control, _readout, _start_rows",
+        "from jaxbar.core._ir_common import _control, _readout, _start_rows, prefetch",
         "",
         f"LANES = {LANES}",
     ]

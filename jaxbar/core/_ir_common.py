@@ -7,6 +7,9 @@ is regenerated (recompiled) whenever it changes.
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # Per-pass contraction above which Gauss-Seidel passes are too slow: the caller falls back to
 # the over-relaxed XLA solver.
@@ -19,6 +22,30 @@ SAFETY = 4.0
 NOISE_ULPS = 16
 # Within this factor of tol the cheap bound on the output change is replaced by the exact one.
 EXACT_ZONE = 1e3
+
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Hints the cache line holding ``arr[idx]`` into the caches for reading (never faults).
+
+    The kernels read each row's elimination field once per pass from memory; fetching the next
+    rows' lines while the current ones are computed hides the memory latency.
+    """
+    sig = numba.types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        arr_t, idx_t = signature.args
+        ary = context.make_array(arr_t)(context, builder, args[0])
+        i = context.cast(builder, args[1], idx_t, numba.types.intp)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        ptr = builder.bitcast(builder.gep(ary.data, [i]), i8p)
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])  # read, high locality, data cache
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @numba.njit(nogil=True, cache=True)
@@ -154,6 +181,24 @@ def _estimate(d, rate, t, eps, err):
 
 
 @numba.njit(nogil=True, cache=True)
+def scaled_inputs(x, s, xs):
+    """xs = x / s per vector (0 where s = 0); returns the largest 2-norm and entry of xs."""
+    B, K = x.shape
+    cx2 = 0.0
+    cxi = 0.0
+    for b in range(B):
+        inv = 1.0 / s[b] if s[b] > 0 else 0.0
+        acc = 0.0
+        for k in range(K):
+            v = np.float32(x[b, k] * inv)
+            xs[b, k] = v
+            acc += np.float64(v) * v
+            cxi = max(cxi, abs(np.float64(v)))
+        cx2 = max(cx2, np.sqrt(acc))
+    return cx2, cxi
+
+
+@numba.njit(nogil=True, cache=True)
 def _start_rows(g, w0, j0, n_live, m):
     """Transfer rows of the start (row lines ideal): m[b, k] = sum_p s_p g (1 + w0) at j0 + b."""
     P, K, _ = g.shape
@@ -170,8 +215,6 @@ def _start_rows(g, w0, j0, n_live, m):
 def prepare(g, r_a, r_a_end, r_b, r_b_end):
     """Line factors of an input-source circuit g (P, K, N) and the start fields (float32 out).
 
-    Computed in float64, vectorized across lines (the recurrences run along each line).
-
     Returns:
       rho_a (P, K, N): row-line factors (driver at n = 0); ra (N,): row segments; coef
       (2, 4, K, N): per pass direction (0: rows descending, 1: ascending) the coefficients of
@@ -181,72 +224,81 @@ def prepare(g, r_a, r_a_end, r_b, r_b_end):
     """
     P, K, N = g.shape
     f32 = np.float32
+    rho_a = np.empty((P, K, N), f32)
+    coef = np.empty((2, 4, K, N), f32)
+    w0 = np.empty((K, N), f32)
+    ra = prepare_into(g, r_a, r_a_end, r_b, r_b_end, rho_a, coef, w0)
+    return rho_a, ra, coef, w0
+
+
+@numba.njit(nogil=True, cache=True)
+def prepare_into(g, r_a, r_a_end, r_b, r_b_end, rho_a, coef, w0):
+    """``prepare`` into given arrays (any contents); returns ra.
+
+    The recurrences run in float64 with one line's worth of carries: full-size float64
+    temporaries cost more in fresh memory than the arithmetic.
+    """
+    P, K, N = g.shape
     ra = np.full(N, r_a)
     ra[0] = r_a_end
     rb = np.full(K, r_b)
     rb[K - 1] = r_b_end
-    rho_a = np.empty((P, K, N), f32)
+    # Row lines: elimination from the open end; the rows side by side (independent chains).
+    carry = np.zeros(K)
     for p in range(P):
-        gt = np.ascontiguousarray(g[p].T)  # (N, K): the row lines side by side
-        rt = np.empty((N, K))
-        carry = np.zeros(K)
+        carry[:] = 0.0
         for n in range(N - 1, -1, -1):
             for k in range(K):
-                y = gt[n, k] + carry[k]
+                y = np.float64(g[p, k, n]) + carry[k]
                 rho = 1.0 / (1.0 + ra[n] * y)
-                rt[n, k] = rho
+                rho_a[p, k, n] = rho
                 carry[k] = rho * y
-        rho_a[p] = rt.T.astype(f32)
-    gs = np.zeros((K, N))
-    for p in range(P):
-        gs += g[p]
-    # Elimination from the open end (row 0), admittance form as the row lines.
-    rho_f = np.empty((K, N))
-    carry = np.zeros(N)
+    # Bit lines, from the open end (row 0) in admittance form: rho_f, and the start's
+    # elimination hs (kept in w0 until the back-substitution below).
+    cf = np.zeros(N)
+    rf_prev = np.zeros(N)
+    h_prev = np.zeros(N)
     for k in range(K):
         for n in range(N):
-            y = gs[k, n] + carry[n]
+            gs = np.float64(g[0, k, n])
+            if P == 2:
+                gs += np.float64(g[1, k, n])
+            y = gs + cf[n]
             rho = 1.0 / (1.0 + rb[k] * y)
-            rho_f[k, n] = rho
-            carry[n] = rho * y
-    # Elimination from the integrator end, impedance form: z is the impedance below a node
-    # (through its segment), sig = 1 / (1 + Gs z). The back-substitution from row 0 uses
-    # kappa = z_k / z_(k-1) <= 1, so nothing is divided by a resistance.
-    z = np.empty((K, N))
-    sig = np.empty((K, N))
-    for k in range(K - 1, -1, -1):
-        for n in range(N):
-            zk = rb[k] if k == K - 1 else rb[k] + sig[k + 1, n] * z[k + 1, n]
-            z[k, n] = zk
-            sig[k, n] = 1.0 / (1.0 + gs[k, n] * zk)
-    coef = np.zeros((2, 4, K, N), f32)
-    for k in range(K):
-        for n in range(N):
-            coef[0, 0, k, n] = rho_f[k, n] * rb[k]
-            coef[0, 1, k, n] = rho_f[k, n]
-            coef[0, 3, k, n] = z[k, n]
+            cf[n] = rho * y
+            coef[0, 0, k, n] = rho * rb[k]
+            coef[0, 1, k, n] = rho
+            coef[1, 2, k, n] = rf_prev[n]  # rho_f of row k - 1 (0 above row 0)
             coef[1, 3, k, n] = 1.0
-        if k < K - 1:
-            for n in range(N):
-                coef[0, 2, k, n] = sig[k + 1, n]
-        if k == 0:
-            for n in range(N):
-                coef[1, 0, k, n] = sig[k, n]
-        else:
-            for n in range(N):
-                kappa = z[k, n] / z[k - 1, n] if z[k - 1, n] > 0 else 0.0
-                coef[1, 0, k, n] = sig[k, n] * (1.0 - sig[k, n] * kappa)
-                coef[1, 1, k, n] = sig[k, n] * kappa
-                coef[1, 2, k, n] = rho_f[k - 1, n]
-    # The start: bit line n driven through its own cells, row lines ideal.
-    hs = np.empty((K, N))
-    for k in range(K):
-        for n in range(N):
-            hs[k, n] = -gs[k, n] + (rho_f[k - 1, n] * hs[k - 1, n] if k > 0 else 0.0)
-    w0 = np.empty((K, N), f32)
+            h = -gs + rf_prev[n] * h_prev[n]
+            w0[k, n] = h
+            h_prev[n] = h
+            rf_prev[n] = rho
+    # From the integrator end in impedance form: z is the impedance below a node (through its
+    # segment), sig = 1 / (1 + Gs z). The back-substitution from row 0 uses kappa = z_k / z_(k-1)
+    # <= 1, so nothing is divided by a resistance. Row k + 1's coefficients need z_k: they are
+    # written one step later. The start's back-substitution runs alongside.
+    z_next = np.zeros(N)
+    sig_next = np.zeros(N)
     d = np.zeros(N)
     for k in range(K - 1, -1, -1):
         for n in range(N):
-            d[n] = rho_f[k, n] * (d[n] + rb[k] * hs[k, n])
+            gs = np.float64(g[0, k, n])
+            if P == 2:
+                gs += np.float64(g[1, k, n])
+            zk = rb[k] if k == K - 1 else rb[k] + sig_next[n] * z_next[n]
+            sk = 1.0 / (1.0 + gs * zk)
+            coef[0, 3, k, n] = zk
+            coef[0, 2, k, n] = sig_next[n] if k < K - 1 else 0.0
+            if k < K - 1:
+                kappa = z_next[n] / zk if zk > 0 else 0.0
+                coef[1, 0, k + 1, n] = sig_next[n] * (1.0 - sig_next[n] * kappa)
+                coef[1, 1, k + 1, n] = sig_next[n] * kappa
+            d[n] = coef[0, 1, k, n] * (d[n] + rb[k] * w0[k, n])
             w0[k, n] = d[n]
-    return rho_a, ra.astype(f32), coef, w0
+            z_next[n] = zk
+            sig_next[n] = sk
+    for n in range(N):  # row 0: nothing above it
+        coef[1, 0, 0, n] = sig_next[n]
+        coef[1, 1, 0, n] = 0.0
+    return ra.astype(np.float32)

@@ -25,8 +25,11 @@ Gauss-Seidel passes are fast where the row-line coupling is weak (at r = 1e-4 on
 change shrinks 15-20 times per pass). When it shrinks by less than half per pass, stalls at float32
 rounding above ``tol``, or the passes reach ``max_iters``, the kernel gives up and the caller falls
 back to the over-relaxed XLA solver. Memory: one (K + 2) x N x 16 float32 field per worker thread
-(18 MB for 1152 x 256). The kernel is used on the CPU backend for float32 input-source transfer
-solves when numba is installed (``cpu_kernel=False`` turns it off).
+(18 MB for 1152 x 256) and the line factors, kept between solves for the largest array seen
+(``release_scratch`` frees them): faulting in fresh fields on every call cost about a pass. While
+a pass computes two rows it prefetches the field of the rows two steps ahead. The kernel is used
+on the CPU backend for float32 input-source transfer solves when numba is installed
+(``cpu_kernel=False`` turns it off).
 """
 
 from __future__ import annotations
@@ -42,13 +45,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["available", "transfer"]
+__all__ = ["available", "release_scratch", "transfer"]
 
 # Sampled columns of the start transfer matrix that set each vector's current scale.
 _SCALE_COLUMNS = 32
 # Memory for the workers' elimination fields ((K + 2) * N * 16 float32 values each): a second
 # worker is started only within this budget.
 _WORKER_BYTES = 512 * 2**20
+# Cache-line size: the lane groups (16 float32) are aligned to it.
+_ALIGN = 64
+# Scratch buffers (see _scratch_views).
+_SCRATCH: list[np.ndarray] = []
 # One transfer solve at a time (each already uses every core).
 _LOCK = threading.Lock()
 
@@ -118,25 +125,54 @@ def _control_state(lanes):
     return state
 
 
-def _worker(fn, lanes, args, starts, lock, results):
-    """Solves blocks of driven columns taken from ``starts`` until none is left.
+def _work_shapes(P, K, N, L):
+    return (
+        ((K + 2) * N * L,),  # F: the bit-line elimination, rows -1 .. K (padding)
+        (2, N * L),  # bit-line voltages of the current and the previous row
+        (2, P, N * L),  # row-line elimination of the rows in flight
+        (N * L,),  # drive: 1 at lane b's driven cell
+        (P, K, L),  # row-line boundary currents
+        (P, K, L),  # IR loss per row line
+        (L, K), (L, K),  # transfer rows, previous and new
+    )
 
-    The work arrays are allocated once per worker: fresh multi-megabyte arrays per block cost
-    page faults comparable to a pass.
+
+def _padded(n):
+    return -(-n // (_ALIGN // 4)) * (_ALIGN // 4)
+
+
+def _scratch_views(slot, shapes):
+    """Views of scratch buffer ``slot`` with the given shapes, each starting on a cache line.
+
+    The buffers are kept between solves (under _LOCK) and grown to the largest problem seen:
+    fresh arrays, faulted in on every call, cost about as much as a pass. Slot 0 holds the
+    line factors (13 float32 values per cell at most), slot 1 + i worker i's work arrays.
     """
-    g = args[0]
-    P, K, N = g.shape
+    total = sum(_padded(int(np.prod(s))) for s in shapes)
+    while len(_SCRATCH) <= slot:
+        _SCRATCH.append(np.empty(0, np.float32))
+    if _SCRATCH[slot].size < total:
+        _SCRATCH[slot] = _aligned_empty(total)
+    views, at = [], 0
+    for s in shapes:
+        n = int(np.prod(s))
+        views.append(_SCRATCH[slot][at:at + n].reshape(s))
+        at += _padded(n)
+    return tuple(views)
+
+
+def release_scratch() -> None:
+    """Frees the kernel's scratch buffers (an elimination field per worker thread)."""
+    with _LOCK:
+        _SCRATCH.clear()
+
+
+def _worker(i, fn, lanes, args, starts, lock, results):
+    """Solves blocks of driven columns taken from ``starts`` until none is left (worker i)."""
+    P, K, N = args[0].shape
     L = lanes
     f32 = np.float32
-    work = (
-        np.empty((K + 2) * N * L, f32),  # F: the bit-line elimination, rows -1 .. K (padding)
-        np.empty((2, N * L), f32),  # bit-line voltages of the current and the previous row
-        np.empty((2, P, N * L), f32),  # row-line elimination of the rows in flight
-        np.empty(N * L, f32),  # drive: 1 at lane b's driven cell
-        np.empty((P, K, L), f32),  # row-line boundary currents
-        np.empty((P, K, L), f32),  # IR loss per row line
-        np.empty((L, K), f32), np.empty((L, K), f32),  # transfer rows, previous and new
-    )
+    work = _scratch_views(1 + i, _work_shapes(P, K, N, L))
     while True:
         with lock:
             j0 = next(starts, None)
@@ -146,6 +182,18 @@ def _worker(fn, lanes, args, starts, lock, results):
         err = np.full(L, np.inf)
         passes, status = fn(*args[:6], j0, *args[6:], *work, _control_state(L), out, err)
         results[j0] = passes, status, out, err
+
+
+def _aligned_empty(shape, align=_ALIGN):
+    """An uninitialized float32 array whose data starts on a cache line.
+
+    The kernel's lane groups are 64 bytes; numpy's default 16-byte alignment would split every
+    one of their loads and stores across two cache lines.
+    """
+    n = int(np.prod(shape))
+    raw = np.empty(n + align // 4, np.float32)
+    start = (-raw.ctypes.data % align) // 4
+    return raw[start:start + n].reshape(shape)
 
 
 def _scale(x, g, w0, signs):
@@ -176,22 +224,20 @@ def _host_transfer(g, x, r_a, r_a_end, r_b, r_b_end, *, tol, max_iters):
 
 
 def _solve_blocks(common, lanes, g, x, r_a, r_a_end, r_b, r_b_end, tol, max_iters):
-    g = np.asarray(g, np.float32)
-    x = np.asarray(x, np.float32)
+    g = np.ascontiguousarray(g, np.float32)
+    x = np.ascontiguousarray(x, np.float32)
     P, K, N = g.shape
+    B = x.shape[0]
     signs = np.asarray([1.0, -1.0][:P])
-    g64 = np.ascontiguousarray(g, np.float64)
-    rho_a, r_a_n, coef, w0 = common.prepare(
-        g64, float(r_a), float(r_a_end), float(r_b), float(r_b_end))
-    s = _scale(x, g64, w0, signs)
-    safe = np.where(s > 0, s, 1.0)
-    xs = np.ascontiguousarray(np.where(s[:, None] > 0, x / safe[:, None], 0.0), np.float32)
-    cx2 = float(np.max(np.linalg.norm(xs.astype(np.float64), axis=1), initial=0.0))
-    cxi = float(np.max(np.abs(xs), initial=0.0))
+    rho_a, coef, w0 = _scratch_views(0, [(P, K, N), (2, 4, K, N), (K, N)])
+    r_a_n = common.prepare_into(g, float(r_a), float(r_a_end), float(r_b), float(r_b_end),
+                                rho_a, coef, w0)
+    s = _scale(x, g, w0, signs)
+    xs = np.empty((B, K), np.float32)  # inputs relative to each vector's largest current
+    cx2, cxi = common.scaled_inputs(x, s, xs)
     fn = getattr(lanes, f"block_p{P}")
     L = lanes.LANES
-    args = [np.ascontiguousarray(a, np.float32) for a in (g, rho_a, r_a_n, coef, w0)]
-    args += [xs, float(tol), cx2, cxi, int(max_iters)]
+    args = [g, rho_a, r_a_n, coef, w0, xs, float(tol), cx2, cxi, int(max_iters)]
     starts = range(0, N, L)
     results = {}
     queue = iter(starts)
@@ -200,8 +246,8 @@ def _solve_blocks(common, lanes, g, x, r_a, r_a_end, r_b, r_b_end, tol, max_iter
     n_workers = max(1, min(_threads(), len(starts), _WORKER_BYTES // field_bytes))
     with ThreadPoolExecutor(n_workers) as pool:
         lock = threading.Lock()
-        for f in [pool.submit(_worker, fn, L, args, queue, lock, results)
-                  for _ in range(n_workers)]:
+        for f in [pool.submit(_worker, i, fn, L, args, queue, lock, results)
+                  for i in range(n_workers)]:
             f.result()
     results = [results[j0] for j0 in starts]
     M = np.concatenate([out for _, _, out, _ in results])[:N]
