@@ -40,7 +40,8 @@ def prefetch(typingctx, arr, idx):
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # The typed-pointer name: native before LLVM 15, remangled to "p0" by later versions.
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
         ptr = builder.bitcast(builder.gep(ary.data, [i]), i8p)
         builder.call(fn, [ptr, i32(0), i32(3), i32(1)])  # read, high locality, data cache
         return context.get_dummy_value()
