@@ -78,14 +78,12 @@ def _group(c: _Code, ind: int, rows: int, pol: int, L: int, bufs, last: bool = F
         c.lanes_(ind, f"d{r}{p}_#", "zero")
         c.lanes_(ind, f"l{r}{p}_#", "zero")
     # The next group's rows of the elimination field are fetched while this one is computed.
-    c(ind, "pf = False" if last else "pf = gi + 2 < n_groups")
     for r in range(rows):
-        c(ind, f"pf{r} = U(((k{r} + {2 * rows} * step + 1) * N) * {L})")
+        c(ind, f"pf{r} = U(((min(max(k{r} + {2 * rows} * step, 0), K - 1) + 1) * N) * {L})")
     c(ind, "for n in range(N):")
     c(ind + 1, f"q = U(n * {L})")
-    c(ind + 1, "if pf:")
-    for r in range(rows):
-        c(ind + 2, f"prefetch(F, pf{r} + q)")
+    for r in range(rows if not last else 0):
+        c(ind + 1, f"prefetch(F, pf{r} + q)")
     c(ind + 1, "ran = r_a[n]")
     for r in range(rows):
         for p in range(pol):

@@ -78,14 +78,12 @@ def block_p1(g, rho_a, r_a, coef, w0, xs, j0, tol, cx2, cxi, max_passes, F, wbuf
             l00_0, l00_1, l00_2, l00_3, l00_4, l00_5, l00_6, l00_7, l00_8, l00_9, l00_10, l00_11, l00_12, l00_13, l00_14, l00_15 = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
             d10_0, d10_1, d10_2, d10_3, d10_4, d10_5, d10_6, d10_7, d10_8, d10_9, d10_10, d10_11, d10_12, d10_13, d10_14, d10_15 = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
             l10_0, l10_1, l10_2, l10_3, l10_4, l10_5, l10_6, l10_7, l10_8, l10_9, l10_10, l10_11, l10_12, l10_13, l10_14, l10_15 = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
-            pf = gi + 2 < n_groups
-            pf0 = U(((k0 + 4 * step + 1) * N) * 16)
-            pf1 = U(((k1 + 4 * step + 1) * N) * 16)
+            pf0 = U(((min(max(k0 + 4 * step, 0), K - 1) + 1) * N) * 16)
+            pf1 = U(((min(max(k1 + 4 * step, 0), K - 1) + 1) * N) * 16)
             for n in range(N):
                 q = U(n * 16)
-                if pf:
-                    prefetch(F, pf0 + q)
-                    prefetch(F, pf1 + q)
+                prefetch(F, pf0 + q)
+                prefetch(F, pf1 + q)
                 ran = r_a[n]
                 gg = g[0, k0, n]
                 ra = rho_a[0, k0, n]
@@ -134,12 +132,9 @@ def block_p1(g, rho_a, r_a, coef, w0, xs, j0, tol, cx2, cxi, max_passes, F, wbuf
             ja[0, k0, 0], ja[0, k0, 1], ja[0, k0, 2], ja[0, k0, 3], ja[0, k0, 4], ja[0, k0, 5], ja[0, k0, 6], ja[0, k0, 7], ja[0, k0, 8], ja[0, k0, 9], ja[0, k0, 10], ja[0, k0, 11], ja[0, k0, 12], ja[0, k0, 13], ja[0, k0, 14], ja[0, k0, 15] = (ra00 * h00_0, ra00 * h00_1, ra00 * h00_2, ra00 * h00_3, ra00 * h00_4, ra00 * h00_5, ra00 * h00_6, ra00 * h00_7, ra00 * h00_8, ra00 * h00_9, ra00 * h00_10, ra00 * h00_11, ra00 * h00_12, ra00 * h00_13, ra00 * h00_14, ra00 * h00_15)
             d00_0, d00_1, d00_2, d00_3, d00_4, d00_5, d00_6, d00_7, d00_8, d00_9, d00_10, d00_11, d00_12, d00_13, d00_14, d00_15 = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
             l00_0, l00_1, l00_2, l00_3, l00_4, l00_5, l00_6, l00_7, l00_8, l00_9, l00_10, l00_11, l00_12, l00_13, l00_14, l00_15 = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
-            pf = False
-            pf0 = U(((k0 + 2 * step + 1) * N) * 16)
+            pf0 = U(((min(max(k0 + 2 * step, 0), K - 1) + 1) * N) * 16)
             for n in range(N):
                 q = U(n * 16)
-                if pf:
-                    prefetch(F, pf0 + q)
                 ran = r_a[n]
                 gg = g[0, k0, n]
                 ra = rho_a[0, k0, n]
@@ -225,12 +220,10 @@ def block_p2(g, rho_a, r_a, coef, w0, xs, j0, tol, cx2, cxi, max_passes, F, wbuf
             l00_0, l00_1, l00_2, l00_3, l00_4, l00_5, l00_6, l00_7, l00_8, l00_9, l00_10, l00_11, l00_12, l00_13, l00_14, l00_15 = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
             d01_0, d01_1, d01_2, d01_3, d01_4, d01_5, d01_6, d01_7, d01_8, d01_9, d01_10, d01_11, d01_12, d01_13, d01_14, d01_15 = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
             l01_0, l01_1, l01_2, l01_3, l01_4, l01_5, l01_6, l01_7, l01_8, l01_9, l01_10, l01_11, l01_12, l01_13, l01_14, l01_15 = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
-            pf = gi + 2 < n_groups
-            pf0 = U(((k0 + 2 * step + 1) * N) * 16)
+            pf0 = U(((min(max(k0 + 2 * step, 0), K - 1) + 1) * N) * 16)
             for n in range(N):
                 q = U(n * 16)
-                if pf:
-                    prefetch(F, pf0 + q)
+                prefetch(F, pf0 + q)
                 ran = r_a[n]
                 gg = g[0, k0, n]
                 ra = rho_a[0, k0, n]
