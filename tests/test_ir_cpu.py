@@ -331,3 +331,25 @@ def test_blas_runs_on_one_thread_during_the_kernel(monkeypatch):
     assert seen and seen[0] and all(n == 1 for _, n in seen[0])
     assert {path for path, _ in seen[0]} == set(before)
     assert dict(blas_threads()) == before
+
+
+def test_cells_error_scale_in_the_kernel(spy):
+    """The kernel converges relative to both polarities' currents added when asked: where the
+    differential outputs nearly cancel, their error is within tol of that scale."""
+    from .test_parasitics import _cancelling_pair
+
+    K, N, r, tol = 40, 12, 2e-3, 1e-5
+    g, g_neg = _cancelling_pair(K, N, seed=22)
+    v = np.eye(K + 1, K) + 10.0 / K
+    ref = reference_currents(g, v, r, r, g_neg=g_neg)
+    cells = np.max(np.abs(v) @ (g + g_neg), axis=1)
+    g32, gn32, v32 = _f32(g, g_neg, v)
+    I, info = par.solve_input_source(g32, v32, r, r, g_neg=gn32, tol=tol, error_scale="cells")
+    assert spy == [True] and bool(info.converged)
+    assert np.max(np.max(np.abs(np.asarray(I, np.float64) - ref), axis=1) / cells) <= tol
+    # The scale itself: the start transfer with the polarities added, over every column.
+    g_stack = np.stack([g, g_neg]).astype(np.float32)
+    w0 = ir_cpu._kernels()[0].prepare(g_stack, r, r, r, r)[3]
+    m0 = (g + g_neg) * (1.0 + w0.astype(np.float64))
+    s = ir_cpu._scale(np.asarray(v32), g_stack, w0, np.array([1.0, -1.0]), cells=True)
+    np.testing.assert_allclose(s, np.max(np.abs(v @ m0), axis=1), rtol=1e-5)

@@ -450,3 +450,33 @@ def test_default_tolerance_follows_the_dtype():
     assert bool(info32.converged) and float(info32.error) <= 1e-5
     nodes = par.input_source_nodes(g, inp, 0.01, 0.01)
     assert float(nodes.info.tol) == 1e-6
+
+
+def _cancelling_pair(K, N, seed):
+    """Interleaved conductances on a baseline whose outputs nearly cancel: zero-mean columns."""
+    rng = np.random.default_rng(seed)
+    w = rng.laplace(size=(K, N))
+    w -= w.mean(axis=0)
+    w /= np.abs(w).max()
+    return 0.1 + 0.9 * np.maximum(w, 0.0), 0.1 + 0.9 * np.maximum(-w, 0.0)
+
+
+@pytest.mark.parametrize("B", [8, 41])  # fewer vectors than columns: direct; more: transfer
+def test_cells_error_scale_where_the_outputs_cancel(B):
+    """``error_scale="cells"``: the error is within tol of each vector's currents of both
+    polarities added, also where the differential outputs are a few percent of them
+    (``program``'s single-row probes of a layer of zero-mean weights)."""
+    K, N, r, tol = 40, 12, 2e-3, 1e-5
+    g, g_neg = _cancelling_pair(K, N, seed=21)
+    v = np.eye(B, K) + 10.0 / K  # rows driven one by one on a uniform drive (and it alone)
+    ref = reference_currents(g, v, r, r, g_neg=g_neg)
+    cells = np.max(np.abs(v) @ (g + g_neg), axis=1)  # ideal currents of both polarities
+    assert np.max(np.max(np.abs(ref), axis=1) / cells) < 0.2  # the outputs do cancel
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    I, info = par.solve_input_source(f32(g), f32(v), r, r, g_neg=f32(g_neg), tol=tol,
+                                     cpu_kernel=False, error_scale="cells")
+    assert bool(info.converged)
+    err = np.max(np.abs(np.asarray(I, np.float64) - ref), axis=1) / cells
+    assert np.max(err) <= tol
+    with pytest.raises(ValueError, match="error_scale"):
+        par.solve_input_source(g, v, r, r, g_neg=g_neg, error_scale="differential")

@@ -25,7 +25,7 @@ def _solver(config: CrossbarConfig):
 
 
 def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
-                   lay: mapping.Layout) -> jax.Array:
+                   lay: mapping.Layout, error_scale: str = "output") -> jax.Array:
     """Column currents of every array of a layer with IR drop.
 
     Args:
@@ -33,6 +33,7 @@ def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
       g: tiles (pr, rows, S, P, M) from `program`.
       config: the crossbar config (its parasitics section is used).
       lay: the layer's layout.
+      error_scale: of input-source solves (see `parasitics.solve_input_source`).
 
     Returns:
       (J, *batch, pr, S, P', M): P' = 1 after analog differential subtraction (of two
@@ -53,7 +54,7 @@ def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
     kwargs = dict(r_driver=p.r_driver, r_integrator=p.r_integrator, extra_rows=extra,
                   tol=p.tol, max_iters=p.max_iters, batch_chunk=p.batch_chunk)
     if p.topology == "input_source":
-        kwargs["cpu_kernel"] = p.cpu_kernel
+        kwargs.update(cpu_kernel=p.cpu_kernel, error_scale=error_scale)
 
     def tile_columns(gt):  # (rows, M) → (pc, rows, cols[+1]); a unit column goes first
         main = gt[:, : pc * lay.cols].reshape(rows, pc, lay.cols).transpose(1, 0, 2)

@@ -196,14 +196,18 @@ def _aligned_empty(shape, align=_ALIGN):
     return raw[start:start + n].reshape(shape)
 
 
-def _scale(x, g, w0, signs):
+def _scale(x, g, w0, signs, cells=False):
     """Each vector's largest output current, from sampled columns of the start transfer matrix.
 
     Sampling can only underestimate the largest current, which makes the relative error
     estimates conservative; the start ignores the row-line drop, which is small wherever the
-    kernel converges fast.
+    kernel converges fast. ``cells``: the largest current of both polarities' cells added, from
+    every column (single-row probes, which need it, vary a lot between columns).
     """
     N = g.shape[2]
+    if cells:
+        m_all = np.einsum("pkn,kn->kn", g, 1.0 + w0).astype(x.dtype)
+        return np.max(np.abs(x @ m_all), axis=1)
     cols = np.unique(np.linspace(0, N - 1, min(N, _SCALE_COLUMNS)).round().astype(np.int64))
     m0 = np.einsum("p,pkc,kc->kc", signs, g[:, :, cols], 1.0 + w0[:, cols])
     s = np.max(np.abs(x @ m0.astype(x.dtype)), axis=1)
@@ -214,16 +218,17 @@ def _scale(x, g, w0, signs):
     return s
 
 
-def _host_transfer(g, x, r_a, r_a_end, r_b, r_b_end, *, tol, max_iters):
+def _host_transfer(g, x, r_a, r_a_end, r_b, r_b_end, *, tol, max_iters, cells=False):
     """numpy in, numpy out: (M (N, K), iterations, error, ok); float32."""
     import numba
 
     common, lanes = _kernels()
     with _LOCK, _slp(numba), _one_blas_thread():
-        return _solve_blocks(common, lanes, g, x, r_a, r_a_end, r_b, r_b_end, tol, max_iters)
+        return _solve_blocks(common, lanes, g, x, r_a, r_a_end, r_b, r_b_end, tol, max_iters,
+                             cells)
 
 
-def _solve_blocks(common, lanes, g, x, r_a, r_a_end, r_b, r_b_end, tol, max_iters):
+def _solve_blocks(common, lanes, g, x, r_a, r_a_end, r_b, r_b_end, tol, max_iters, cells):
     g = np.ascontiguousarray(g, np.float32)
     x = np.ascontiguousarray(x, np.float32)
     P, K, N = g.shape
@@ -232,7 +237,7 @@ def _solve_blocks(common, lanes, g, x, r_a, r_a_end, r_b, r_b_end, tol, max_iter
     rho_a, coef, w0 = _scratch_views(0, [(P, K, N), (2, 4, K, N), (K, N)])
     r_a_n = common.prepare_into(g, float(r_a), float(r_a_end), float(r_b), float(r_b_end),
                                 rho_a, coef, w0)
-    s = _scale(x, g, w0, signs)
+    s = _scale(x, g, w0, signs, cells)
     xs = np.empty((B, K), np.float32)  # inputs relative to each vector's largest current
     cx2, cxi = common.scaled_inputs(x, s, xs)
     fn = getattr(lanes, f"block_p{P}")
@@ -257,7 +262,7 @@ def _solve_blocks(common, lanes, g, x, r_a, r_a_end, r_b, r_b_end, tol, max_iter
     return M, np.int32(passes), np.float32(np.max(err)), np.bool_(ok)
 
 
-def transfer(g_stack, x, res, tol, max_iters):
+def transfer(g_stack, x, res, tol, max_iters, cells=False):
     """Transfer matrix of an input-source array by the CPU kernel (inside jit, via a callback).
 
     Args:
@@ -266,6 +271,7 @@ def transfer(g_stack, x, res, tol, max_iters):
       res: (r_a, r_a_end, r_b, r_b_end) row segment, first row segment (with the driver), bit-line
         segment, last bit-line segment (with unused rows and the integrator).
       tol, max_iters: as the solver's.
+      cells: converge relative to the currents of both polarities added (``error_scale``).
 
     Returns:
       (M (N, K), iterations, error, ok): ``ok`` False when the kernel gave up (slow contraction
@@ -279,6 +285,6 @@ def transfer(g_stack, x, res, tol, max_iters):
         jax.ShapeDtypeStruct((), f32),
         jax.ShapeDtypeStruct((), jnp.bool_),
     )
-    host = functools.partial(_host_transfer, tol=tol, max_iters=max_iters)
+    host = functools.partial(_host_transfer, tol=tol, max_iters=max_iters, cells=cells)
     return jax.pure_callback(host, shapes, g_stack.astype(f32), x.astype(f32),
                              *(jnp.asarray(r, f32) for r in res), vmap_method="sequential")

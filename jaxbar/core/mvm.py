@@ -103,7 +103,10 @@ def _ir_transfer(g: jax.Array, config: CrossbarConfig, shape: tuple[int, int]) -
     alone, rows far from the integrators can carry currents 10^4 times smaller than the
     others at large r: their own relative accuracy is irrelevant to any real input and below
     float32 rounding (stalling the solver). A larger uniform drive would cost accuracy in the
-    subtraction.
+    subtraction. In an interleaved pair that uniform drive's currents cancel between the
+    polarities (weights of zero mean), and a row's own output can lie below the float32
+    rounding of its cells' currents: the solves converge relative to the currents of both
+    polarities added (``error_scale="cells"``), the scale of the rounding.
     """
     from jaxbar.core import crossbar_ir  # deferred: only parasitic runs need the solver
 
@@ -111,7 +114,7 @@ def _ir_transfer(g: jax.Array, config: CrossbarConfig, shape: tuple[int, int]) -
     K = shape[0]
     probe = jnp.full((1, K), 10.0 / K, g.dtype)
     u = jnp.concatenate([jnp.eye(K, dtype=g.dtype) + probe, probe])
-    y = crossbar_ir.array_currents(u[None], g, config, lay)[0]
+    y = crossbar_ir.array_currents(u[None], g, config, lay, error_scale="cells")[0]
     y = y[:K] - y[K:]
     if lay.trivial_rows:  # (K, 1, S, P', M) → (1, K, S, P', M)
         return jnp.moveaxis(y, 1, 0)

@@ -97,7 +97,8 @@ class SolveInfo(NamedTuple):
       iterations: sweeps used (int32; the maximum over batch chunks).
       error: estimated relative error of the output currents at exit, the maximum over input
         vectors. Per vector, ``d = max_n |dI_n| / max_n |I_n|`` is the relative change of its
-        currents in the last sweep and ``q`` the observed contraction (ratio of the last two
+        currents in the last sweep (``error_scale="cells"``: relative to the currents of both
+        polarities' cells added) and ``q`` the observed contraction (ratio of the last two
         changes); the estimate is the geometric tail ``4 d q / (1 - q)`` for monotone
         (Gauss-Seidel) sweeps and ``d max(1, q / (1 - q))`` for over-relaxed ones. A change of
         a few ulps (``noise``) is rounding: its estimate is ``d``, or, right after a larger
@@ -513,13 +514,15 @@ def _sweep_loop(cir, e_row, e_col, tol, max_iters, n_vec, readout, readout_init,
     return r_state, a, w, t, ctl.err
 
 
-def _iterate(cir, e_row, e_col, tol, max_iters):
+def _iterate(cir, e_row, e_col, tol, max_iters, cells=False):
     """Solve one chunk of input vectors to tolerance on the integrator currents.
 
     Args:
       cir: the :class:`_Circuit`.
       e_row: (K, 1, P, Bc) cell drive per row (sign of the polarity included).
       e_col: None or (1, N, 1, Bc) cell drive per column (the adjoint sources).
+      cells: converge relative to each vector's largest ideal current of the cells of both
+        polarities added (``error_scale="cells"``), not to its largest output current.
 
     Returns:
       (I, a, w, iterations, error): I (Bc, N) integrator currents; a (K, N, P, Bc) A-line drops;
@@ -529,6 +532,11 @@ def _iterate(cir, e_row, e_col, tol, max_iters):
     N = cir.g.shape[1]
     dtype = cir.rho_b.dtype
     ideal = _ideal(cir, e_row, e_col)
+    if cells:
+        # The polarities' currents are not tracked apart: their ideal sum sets the scale.
+        floor = jnp.max(jnp.abs(_ideal(cir, jnp.abs(e_row), e_col)), axis=1)
+    else:
+        floor = jnp.zeros((Bc,), dtype)
 
     def readout(r_state, a, w, J_a, J_b, lost, omega):
         I, I_j = r_state
@@ -538,7 +546,8 @@ def _iterate(cir, e_row, e_col, tol, max_iters):
         I_j = I_j + omega[:, None] * (J_b[:, 0, :].T - I_j)
         lost = lost[:, 0, :].T
         I_new = jnp.where(jnp.abs(lost) <= 0.5 * jnp.abs(ideal), ideal - lost, I_j)
-        d = _safe_div(jnp.max(jnp.abs(I_new - I), axis=1), jnp.max(jnp.abs(I_new), axis=1))
+        scale = jnp.maximum(jnp.max(jnp.abs(I_new), axis=1), floor)
+        d = _safe_div(jnp.max(jnp.abs(I_new - I), axis=1), scale)
         return (I_new, I_j), d
 
     zero = jnp.zeros((Bc, N), dtype)
@@ -548,7 +557,7 @@ def _iterate(cir, e_row, e_col, tol, max_iters):
     return I, a, w, t, err
 
 
-def _iterate_transfer(cir, e_col, cols, x, signs, tol, max_iters):
+def _iterate_transfer(cir, e_col, cols, x, signs, tol, max_iters, cells=False):
     """Rows of the transfer matrix ``M`` (I = x @ M.T) for a chunk of output columns.
 
     By reciprocity, row j of ``M`` (the response of integrator j to every input) is the set of
@@ -556,7 +565,8 @@ def _iterate_transfer(cir, e_col, cols, x, signs, tol, max_iters):
     Converges on the currents of the actual inputs ``x`` (B, K): ``max_b |dY_bj| / S_b`` with
     ``Y = x @ M_chunk.T`` and ``S_b`` the largest |Y_bj| in the chunk (at most the largest
     current of vector b, so the test is conservative). ``cols`` (Nc,) are the driven columns
-    (N or more: padding, not driven).
+    (N or more: padding, not driven). ``cells``: ``S_b`` from the currents of both polarities
+    added instead (``error_scale="cells"``).
 
     Returns:
       (M (Nc, K), iterations, error (Nc,)).
@@ -579,7 +589,9 @@ def _iterate_transfer(cir, e_col, cols, x, signs, tol, max_iters):
         small = jnp.sum(jnp.abs(loss), axis=(0, 1)) <= 0.5 * ideal_size
         J = jnp.where(small, ideal - loss, J + omega * (J_a - J))
         Y_new = jnp.matmul(x, _rows(J, signs).T, precision=_HIGHEST)
-        scale = jnp.max(jnp.abs(Y_new), axis=1, keepdims=True)
+        Y_scale = Y_new if not cells else jnp.matmul(x, _rows(J, jnp.abs(signs)).T,
+                                                     precision=_HIGHEST)
+        scale = jnp.max(jnp.abs(Y_scale), axis=1, keepdims=True)
         d = jnp.max(_safe_div(jnp.abs(Y_new - Y), scale), axis=0)
         return (J, Y_new), d
 
@@ -656,7 +668,8 @@ def _per_vector_bytes(topology, K, N, P, itemsize):
     return fields * K * N * itemsize
 
 
-def _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, with_states):
+def _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, with_states,
+                 cells=False):
     """Forward solve of all vectors x (B, K), chunked. Returns I (B, N), info, [states]."""
     B, K = x.shape
     P, _, N = g_stack.shape
@@ -670,7 +683,7 @@ def _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, 
     def one(xc):
         g_l, e_row, mask = _to_layout(topology, g_stack, xc, signs)
         cir = _chunk_circuit(topology, shared, g_l, mask, res)
-        I, a, w, t, err = _iterate(cir, e_row, None, tol, max_iters)
+        I, a, w, t, err = _iterate(cir, e_row, None, tol, max_iters, cells)
         out = (I, t, jnp.max(err))
         if with_states:
             out = out + (jnp.moveaxis(a, -1, 0), jnp.moveaxis(w[:, :, 0, :], -1, 0))
@@ -703,7 +716,7 @@ def _use_transfer(topology, B, N):
     return topology == "input_source" and B >= _TRANSFER_RATIO * N
 
 
-def _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs):
+def _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs, cells=False):
     """Transfer matrix M (N, K) of an input-source array (I = x @ M.T), chunked over columns."""
     P, K, N = g_stack.shape
     dtype = g_stack.dtype
@@ -716,7 +729,7 @@ def _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs):
     def one(cols_c):
         # Adjoint drive of output column j: -1 in every cell of column j (padding: none).
         e_col = -(jnp.arange(N)[:, None] == cols_c[None, :]).astype(dtype)[None, :, None, :]
-        M, t, err = _iterate_transfer(shared, e_col, cols_c, x, signs, tol, max_iters)
+        M, t, err = _iterate_transfer(shared, e_col, cols_c, x, signs, tol, max_iters, cells)
         return M, t, jnp.max(err)
 
     Ms, ts, errs = _map_chunks(one, cols)
@@ -731,7 +744,7 @@ def _uses_cpu_kernel(cpu_kernel, dtype):
 
 
 @functools.cache
-def _kernel_or_xla(tol, max_iters, batch_chunk):
+def _kernel_or_xla(tol, max_iters, batch_chunk, cells):
     """Transfer matrix by the CPU kernel, falling back to the XLA solver where it gives up.
 
     Under vmap the fallback must stay a real branch (a batched ``cond`` would run both), so
@@ -740,11 +753,12 @@ def _kernel_or_xla(tol, max_iters, batch_chunk):
 
     @jax.custom_batching.custom_vmap
     def transfer(g_stack, x, *res):
-        M, iterations, error, ok = ir_cpu.transfer(g_stack, x, res, tol, max_iters)
+        M, iterations, error, ok = ir_cpu.transfer(g_stack, x, res, tol, max_iters, cells)
 
         def xla(_):
             signs = jnp.asarray([1.0, -1.0][: g_stack.shape[0]], g_stack.dtype)
-            M2, info = _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs)
+            M2, info = _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs,
+                                       cells)
             return M2, info.iterations, info.error
 
         return lax.cond(ok, lambda _: (M, iterations, error), xla, None)
@@ -758,33 +772,38 @@ def _kernel_or_xla(tol, max_iters, batch_chunk):
     return transfer
 
 
-def _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, g_stack, x, scalars):
+def _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x, scalars):
     P, _, N = g_stack.shape
     signs = jnp.asarray([1.0, -1.0][:P], g_stack.dtype)
     res = _resistances(*scalars)
     if _use_transfer(topology, x.shape[0], N):
         if _uses_cpu_kernel(cpu_kernel, g_stack.dtype):
-            M, t, err = _kernel_or_xla(tol, max_iters, batch_chunk)(g_stack, x, *res)
+            M, t, err = _kernel_or_xla(tol, max_iters, batch_chunk, cells)(g_stack, x, *res)
             info = _make_info(t, err, tol, g_stack.dtype)
         else:
-            M, info = _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs)
+            M, info = _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs,
+                                      cells)
         return (jnp.matmul(x, M.T, precision=_HIGHEST), info), M
-    return _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, False), None
+    out = _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, False,
+                       cells)
+    return out, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _core(topology, tol, max_iters, batch_chunk, cpu_kernel, g_stack, x, *scalars):
-    return _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, g_stack, x, scalars)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def _core(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x, *scalars):
+    return _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x,
+                    scalars)[0]
 
 
-def _core_fwd(topology, tol, max_iters, batch_chunk, cpu_kernel, g_stack, x, *scalars):
-    out, M = _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, g_stack, x, scalars)
+def _core_fwd(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x, *scalars):
+    out, M = _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x,
+                      scalars)
     # Node states are recomputed in the backward pass (together with the adjoint): storing them
     # would cost B*K*N*P values.
     return out, (g_stack, x, scalars, M)
 
 
-def _core_bwd(topology, tol, max_iters, batch_chunk, cpu_kernel, saved, cotangents):
+def _core_bwd(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, saved, cotangents):
     g_stack, x, scalars, M = saved
     I_bar = cotangents[0].astype(g_stack.dtype)
     if M is None:
@@ -938,7 +957,9 @@ def default_tol(dtype) -> float:
 
 
 def _solve(topology, g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows, tol,
-           max_iters, batch_chunk, cpu_kernel=True):
+           max_iters, batch_chunk, cpu_kernel=True, error_scale="output"):
+    if error_scale not in _ERROR_SCALES:
+        raise ValueError(f"error_scale must be one of {_ERROR_SCALES}, got {error_scale!r}")
     g_stack, x, scalars, lead, N = _prepare(
         g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows
     )
@@ -947,17 +968,18 @@ def _solve(topology, g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_ro
         z = jnp.zeros((), g_stack.dtype)
         return jnp.zeros(lead + (N,), g_stack.dtype), _make_info(jnp.int32(0), z, tol, z.dtype)
     I, info = _core_jit(topology, float(tol), int(max_iters), batch_chunk, bool(cpu_kernel),
-                        g_stack, x, *scalars)
+                        error_scale == "cells", g_stack, x, *scalars)
     return I.reshape(lead + (N,)), info
 
 
 # Compiled once per configuration, also for eager (un-jitted) callers; inlined under jit.
-_core_jit = jax.jit(_core, static_argnums=(0, 1, 2, 3, 4))
+_core_jit = jax.jit(_core, static_argnums=(0, 1, 2, 3, 4, 5))
+_ERROR_SCALES = ("output", "cells")
 
 
 def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
                        extra_rows=0, tol=None, max_iters=1000, batch_chunk=None,
-                       cpu_kernel=True):
+                       cpu_kernel=True, error_scale="output"):
     """Column currents of an input-source (full crossbar) array with IR drop (PHYSICS.md §6).
 
     Input k drives row line k at its column-0 end through ``r_row + r_driver``; ``r_row`` lies
@@ -991,6 +1013,12 @@ def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       cpu_kernel: on the CPU backend, compute the transfer matrix with the numba kernel of
         :mod:`jaxbar.core.ir_cpu` (falling back to this solver where its Gauss-Seidel passes
         converge slowly); False: always this XLA solver.
+      error_scale: what the error of each vector's currents is relative to: ``"output"`` its
+        largest output current; ``"cells"`` its largest current of the cells of both polarities
+        added (the same without ``g_neg``). With interleaved cells the output is a difference,
+        which float32 rounding of the two polarities' currents limits to about 1e-5 of their
+        sum: where the differences are small (e.g. `program`'s single-row probes of a layer
+        with zero-mean weights), ``"output"`` can be out of reach while ``"cells"`` is not.
 
     Returns:
       (currents, info): currents (..., N) into the integrators in array output units (ideal:
@@ -998,7 +1026,7 @@ def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       pass it to :func:`check_convergence`.
     """
     return _solve("input_source", g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
-                  tol, max_iters, batch_chunk, cpu_kernel)
+                  tol, max_iters, batch_chunk, cpu_kernel, error_scale)
 
 
 def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
