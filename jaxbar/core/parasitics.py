@@ -34,7 +34,9 @@ differentiation is supported.
 
 Precision: the iteration error is controlled by ``tol``; float32 rounding adds about
 ``sqrt(K) * eps`` relative (~1e-6 for K = 1152), more when most of the current is lost to IR drop.
-Use float64 where that matters.
+An interleaved pair's output is a difference: the rounding is that of the two polarities'
+currents, which can exceed ``tol`` relative to a small difference (``error_scale="cells"``
+converges relative to them). Use float64 where that matters.
 
 All voltages and currents are normalized (PHYSICS.md §0, §6): conductances ``g = G/Gmax``,
 resistances ``r = R*Gmax``, currents in array output units (the ideal result is ``v @ g``).
