@@ -809,7 +809,8 @@ def _core_bwd(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, saved, c
     g_stack, x, scalars, M = saved
     I_bar = cotangents[0].astype(g_stack.dtype)
     if M is None:
-        grads = _pair_grads(topology, tol, max_iters, batch_chunk, g_stack, x, I_bar, scalars)
+        grads = _pair_grads(topology, tol, max_iters, batch_chunk, g_stack, x, I_bar, scalars,
+                            cells)
         g_bar, x_bar, r_bars = grads
     else:
         # L = sum(I_bar * (x @ M.T)) is bilinear in the fields of forward and adjoint solves:
@@ -818,7 +819,7 @@ def _core_bwd(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, saved, c
         x_tilde = jnp.matmul(I_bar.T, x, precision=_HIGHEST)
         eye = jnp.eye(I_bar.shape[1], dtype=I_bar.dtype)
         g_bar, _, r_bars = _pair_grads(
-            topology, tol, max_iters, batch_chunk, g_stack, x_tilde, eye, scalars
+            topology, tol, max_iters, batch_chunk, g_stack, x_tilde, eye, scalars, cells
         )
         x_bar = jnp.matmul(I_bar, M, precision=_HIGHEST)
     cast = lambda v, ref: jnp.asarray(v).astype(jnp.result_type(ref))  # noqa: E731
@@ -827,8 +828,10 @@ def _core_bwd(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, saved, c
             jnp.zeros_like(scalars[4]))
 
 
-def _pair_grads(topology, tol, max_iters, batch_chunk, g_stack, x, I_bar, scalars):
+def _pair_grads(topology, tol, max_iters, batch_chunk, g_stack, x, I_bar, scalars, cells=False):
     """Gradients of sum(I_bar * I(x)) by pairs of forward and adjoint solves (chunked).
+
+    ``cells``: the solves converge relative to both polarities' currents (as the forward).
 
     Returns:
       (g_bar (P, K, N), x_bar (B, K), (r_row_bar, r_col_bar, r_driver_bar, r_integrator_bar)).
@@ -859,7 +862,7 @@ def _pair_grads(topology, tol, max_iters, batch_chunk, g_stack, x, I_bar, scalar
         )
         mask2 = None if mask is None else jnp.concatenate([mask, mask], axis=-1)
         cir = _chunk_circuit(topology, shared, g_l, mask2, res)
-        _, a, w, t, err = _iterate(cir, e_row2, e_col2, tol, max_iters)
+        _, a, w, t, err = _iterate(cir, e_row2, e_col2, tol, max_iters, cells)
         G = g_l if mask is None else g_l * mask  # (K, N, P, Bc) or (K, N, P, 1)
         a_f, a_b = a[..., :chunk], a[..., chunk:]
         w_f, w_b = w[..., :chunk], w[..., chunk:]
