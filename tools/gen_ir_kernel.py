@@ -77,12 +77,15 @@ def _group(c: _Code, ind: int, rows: int, pol: int, L: int, bufs, last: bool = F
     for r, p in chains:
         c.lanes_(ind, f"d{r}{p}_#", "zero")
         c.lanes_(ind, f"l{r}{p}_#", "zero")
-    # The next group's rows of the elimination field are fetched while this one is computed.
-    for r in range(rows):
+    # The next group's rows of the elimination field are fetched while this one is computed:
+    # always, from a row clamped into the array (a branch in the loop had the compiler rotate
+    # a dozen registers on every step).
+    fetch = range(0 if last else rows)
+    for r in fetch:
         c(ind, f"pf{r} = U(((min(max(k{r} + {2 * rows} * step, 0), K - 1) + 1) * N) * {L})")
     c(ind, "for n in range(N):")
     c(ind + 1, f"q = U(n * {L})")
-    for r in range(rows if not last else 0):
+    for r in fetch:
         c(ind + 1, f"prefetch(F, pf{r} + q)")
     c(ind + 1, "ran = r_a[n]")
     for r in range(rows):

@@ -132,7 +132,6 @@ def block_p1(g, rho_a, r_a, coef, w0, xs, j0, tol, cx2, cxi, max_passes, F, wbuf
             ja[0, k0, 0], ja[0, k0, 1], ja[0, k0, 2], ja[0, k0, 3], ja[0, k0, 4], ja[0, k0, 5], ja[0, k0, 6], ja[0, k0, 7], ja[0, k0, 8], ja[0, k0, 9], ja[0, k0, 10], ja[0, k0, 11], ja[0, k0, 12], ja[0, k0, 13], ja[0, k0, 14], ja[0, k0, 15] = (ra00 * h00_0, ra00 * h00_1, ra00 * h00_2, ra00 * h00_3, ra00 * h00_4, ra00 * h00_5, ra00 * h00_6, ra00 * h00_7, ra00 * h00_8, ra00 * h00_9, ra00 * h00_10, ra00 * h00_11, ra00 * h00_12, ra00 * h00_13, ra00 * h00_14, ra00 * h00_15)
             d00_0, d00_1, d00_2, d00_3, d00_4, d00_5, d00_6, d00_7, d00_8, d00_9, d00_10, d00_11, d00_12, d00_13, d00_14, d00_15 = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
             l00_0, l00_1, l00_2, l00_3, l00_4, l00_5, l00_6, l00_7, l00_8, l00_9, l00_10, l00_11, l00_12, l00_13, l00_14, l00_15 = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
-            pf0 = U(((min(max(k0 + 2 * step, 0), K - 1) + 1) * N) * 16)
             for n in range(N):
                 q = U(n * 16)
                 ran = r_a[n]

@@ -206,9 +206,9 @@ def _scale(x, g, w0, signs, cells=False):
     """
     N = g.shape[2]
     if cells:
-        m_all = np.einsum("pkn,kn->kn", g, 1.0 + w0).astype(x.dtype)
-        return np.max(np.abs(x @ m_all), axis=1)
-    cols = np.unique(np.linspace(0, N - 1, min(N, _SCALE_COLUMNS)).round().astype(np.int64))
+        signs, cols = np.abs(signs), np.arange(N)
+    else:
+        cols = np.unique(np.linspace(0, N - 1, min(N, _SCALE_COLUMNS)).round().astype(np.int64))
     m0 = np.einsum("p,pkc,kc->kc", signs, g[:, :, cols], 1.0 + w0[:, cols])
     s = np.max(np.abs(x @ m0.astype(x.dtype)), axis=1)
     missing = (s == 0) & np.any(x != 0, axis=1)
