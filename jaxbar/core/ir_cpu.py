@@ -146,7 +146,7 @@ def _scratch_views(slot, shapes):
 
     The buffers are kept between solves (under _LOCK) and grown to the largest problem seen:
     fresh arrays, faulted in on every call, cost about as much as a pass. Slot 0 holds the
-    line factors (13 float32 values per cell at most), slot 1 + i worker i's work arrays.
+    line factors (11 float32 values per cell at most), slot 1 + i worker i's work arrays.
     """
     total = sum(_padded(int(np.prod(s))) for s in shapes)
     while len(_SCRATCH) <= slot:
