@@ -177,26 +177,17 @@ def test_vmap_over_arrays_and_gradients(spy):
 
 @pytest.mark.parametrize("interleaved", [False, True], ids=["single", "interleaved"])
 def test_work_arrays_need_no_initialization(interleaved):
-    """Workers reuse their work arrays across blocks: garbage in them must not matter."""
-    common, lanes = ir_cpu._kernels()
+    """Solves reuse their scratch (factors and work arrays) without clearing it: garbage left
+    there must not matter."""
     g, g_neg, v = _problem(13, 20, interleaved, False, seed=31)
-    g_stack = np.stack([g] if g_neg is None else [g, g_neg])
-    rho_a, r_a, coef, w0 = common.prepare(g_stack, 0.001, 0.002, 0.01, 0.02)
-    P, K, N = g_stack.shape
-    L = lanes.LANES
-    xs = (v / np.max(np.abs(v @ g))).astype(np.float32)
-    args = (g_stack.astype(np.float32), rho_a, r_a, coef, w0, xs, 16, 1e-6, 1.0, 1.0, 50)
-    shapes = ir_cpu._work_shapes(P, K, N, L)
-    outs = []
-    for fill in (0.0, np.nan):
-        work = [np.full(s, fill, np.float32) for s in shapes]
-        out, err = np.zeros((L, K), np.float32), np.full(L, np.inf)
-        fn = getattr(lanes, f"block_p{P}")
-        status = fn(*args[:6], args[6], *args[7:], *work, ir_cpu._control_state(L), out, err)
-        outs.append((status, out, err))
-    assert outs[0][0] == outs[1][0] and outs[0][0][1] == 0
-    np.testing.assert_array_equal(outs[0][1], outs[1][1])
-    np.testing.assert_array_equal(outs[0][2], outs[1][2])
+    g[2, 3] = g[5, :] = 0.0  # a non-conducting cell and row (the single kernel skips them)
+    first = _kernel(g, g_neg, v, 0.001, 0.01, **NONE)
+    for buf in ir_cpu._SCRATCH:
+        buf[:] = np.nan
+    second = _kernel(g, g_neg, v, 0.001, 0.01, **NONE)
+    assert first[3] and second[3]
+    np.testing.assert_array_equal(first[0], second[0])
+    assert first[1:] == second[1:]
 
 
 def _numpy_prepare(g, r_a, r_a_end, r_b, r_b_end):
@@ -246,7 +237,7 @@ def _numpy_prepare(g, r_a, r_a_end, r_b, r_b_end):
     return rho_a, ra, coef, w0
 
 
-@pytest.mark.parametrize("P", [1, 2])
+@pytest.mark.parametrize("P", [2])
 def test_line_factors_match_their_definitions_whatever_the_outputs_held(P):
     """prepare_into writes every entry of its (reused, so arbitrary) outputs: from NaN-filled
     arrays it gives the factors computed from their definitions."""
@@ -353,3 +344,118 @@ def test_cells_error_scale_in_the_kernel(spy):
     m0 = (g + g_neg) * (1.0 + w0.astype(np.float64))
     s = ir_cpu._scale(np.asarray(v32), g_stack, w0, np.array([1.0, -1.0]), cells=True)
     np.testing.assert_allclose(s, np.max(np.abs(v @ m0), axis=1), rtol=1e-5)
+
+
+# Single arrays: the kernel works on the conducting cells only (g = 0 joins segments in series).
+SPARSE_CASES = [
+    # (K, N, terminals, signed, r_row, r_col, fraction of cells conducting)
+    (12, 9, NONE, False, 0.002, 0.02, 0.5),
+    (17, 20, TERMINALS, True, 5e-4, 0.01, 0.3),  # two lane blocks, terminal resistances
+    (9, 6, TERMINALS, False, 0.004, 0.05, 0.15),  # mostly empty rows and bit lines
+]
+
+
+def _sparse(k, n, fraction, seed):
+    rng = np.random.default_rng(seed)
+    g = rng.uniform(0.0, 1.0, (k, n)) * (rng.uniform(size=(k, n)) < fraction)
+    g[1, :] = 0.0  # a non-conducting row
+    g[:, 2] = 0.0  # a non-conducting bit line
+    g[0, 2] = 0.7  # ... but for its first cell
+    return g
+
+
+@pytest.mark.parametrize("k,n,terminals,signed,r_row,r_col,fraction", SPARSE_CASES)
+def test_kernel_on_partly_conducting_arrays(k, n, terminals, signed, r_row, r_col, fraction):
+    g = _sparse(k, n, fraction, seed=k + n)
+    v = np.random.default_rng(k).uniform(-1.0 if signed else 0.0, 1.0, (2 * n, k))
+    ref = reference_currents(g, v, r_row, r_col, **terminals)
+    currents, iterations, error, ok = _kernel(g, None, v, r_row, r_col, **terminals)
+    assert ok and error <= 1e-6 and iterations >= 2
+    assert _rel_err(currents, ref) <= 3e-6
+    assert _rel_err(currents, ref) < 0.1 * _rel_err(v @ g, ref)
+
+
+def test_kernel_on_an_array_without_conducting_cells():
+    v = np.random.default_rng(1).uniform(0.0, 1.0, (8, 10))
+    currents, _, error, ok = _kernel(np.zeros((10, 7)), None, v, 0.01, 0.01, **NONE)
+    assert ok and error == 0.0 and not np.any(currents)
+
+
+def _compact(g, r):
+    """prepare_compact's outputs for a (K, N) array, from NaN-filled arrays."""
+    common, _ = ir_cpu._kernels()
+    K, N = g.shape
+    nnz = int(np.count_nonzero(g))
+    rp, col = np.full(K + 1, -1, np.int32), np.full(nnz + 1, -1, np.int32)
+    assert common.compact_pattern(g.astype(np.float32), rp, col) == nnz
+    out = [np.full(shape, np.nan, np.float32) for shape in
+           [(nnz,), (nnz,), (nnz,), (K,), (2, 2, nnz), (2, 2, nnz), (K, N)]]
+    qhat = common.prepare_compact(g.astype(np.float32), rp, col[:nnz], *r, *out)
+    return rp, col[:nnz], out, qhat
+
+
+def test_compact_pattern_start_and_contraction_estimate():
+    """The compact pattern lists the conducting cells; the start (bit lines driven through their
+    own cells, row lines ideal) and the contraction estimate (largest row voltage with every bit
+    line at 1 times largest bit-line voltage with every row line at 1) match dense solves."""
+    g = _sparse(11, 8, 0.4, seed=3)
+    r = (0.01, 0.03, 0.02, 0.05)  # r_a, r_a_end, r_b, r_b_end
+    rp, col, out, qhat = _compact(g, r)
+    rows, cols = np.nonzero(g)
+    np.testing.assert_array_equal(col, cols)
+    np.testing.assert_array_equal(rp, np.searchsorted(rows, np.arange(12)))
+    w0_ref = _numpy_prepare(g[None], *r)[3]
+    np.testing.assert_allclose(out[-1], np.where(g != 0, w0_ref, 0.0), rtol=2e-6, atol=1e-7)
+
+    def line_voltages(gl, r_seg, r_end):
+        """Voltages of a line grounded through r_end at node 0, cells to sources at 1."""
+        n = len(gl)
+        A = np.diag(gl.astype(np.float64))
+        segs = [r_end] + [r_seg] * (n - 1)  # segment before node i
+        for i, rs in enumerate(segs):
+            A[i, i] += 1 / rs
+            if i:
+                A[i - 1, i - 1] += 1 / rs
+                A[i, i - 1] = A[i - 1, i] = -1 / rs
+        return np.linalg.solve(A, gl)
+
+    a = max(np.max(line_voltages(row, r[0], r[1])) for row in g)
+    b = max(np.max(line_voltages(column[::-1], r[2], r[3])) for column in g.T)
+    assert qhat == pytest.approx(a * b, rel=1e-5)
+
+
+def test_first_at_least():
+    common, _ = ir_cpu._kernels()
+    col = np.asarray([0, 3, 3, 7, 9], np.int32)
+    for n, want in [(-1, 1), (0, 1), (3, 1), (4, 3), (8, 4), (9, 4), (10, 5)]:
+        assert common._first_at_least(col, 1, 5, n) == want
+
+
+def test_a_pass_predicted_last_is_run_again_when_it_does_not_converge(monkeypatch):
+    """A pass predicted to converge skips the bit-line elimination; when the prediction fails
+    it is run again in full. Forcing the prediction (a contraction estimate of 0) must then give
+    exactly the solve that never predicts (an estimate of 1)."""
+    from jaxbar.core import _ir_common
+
+    g, _, v = _problem(30, 16, False, False, seed=41)
+    real = _ir_common.prepare_compact
+    runs = {}
+    for qhat in (0.0, 1.0):
+        def forced(*args, q=qhat, **kwargs):
+            est = real(*args, **kwargs)
+            return q if np.isfinite(est) else est
+
+        monkeypatch.setattr(_ir_common, "prepare_compact", forced)
+        runs[qhat] = _kernel(g, None, v, 0.004, 0.004, **NONE)
+    assert runs[0.0][3] and runs[0.0][1] >= 4  # slow enough that the forced prediction fails
+    np.testing.assert_array_equal(runs[0.0][0], runs[1.0][0])
+    assert runs[0.0][1:] == runs[1.0][1:]
+    ref = reference_currents(g, v, 0.004, 0.004)
+    assert _rel_err(runs[0.0][0], ref) <= 3e-6
+
+
+def test_rows_too_attenuated_for_the_kernel_fall_back():
+    """A row whose factors would overflow the kernel's weights is left to the XLA solver."""
+    g = np.full((4, 200), 5.0)
+    _, _, _, ok = _kernel(g, None, np.ones((3, 4)), 1.0, 1e-3, **NONE)
+    assert not ok

@@ -137,22 +137,149 @@ def block_p{pol}(g, rho_a, r_a, coef, w0, xs, j0, tol, cx2, cxi, max_passes, F, 
         dr = 0 if desc else 1
         step = -1 if desc else 1
         wbuf[1, :] = zero
-        n_groups = K // {2 if pol == 1 else 1}
-        for gi in range(n_groups):
-            k0 = K - 1 - {2 if pol == 1 else 1} * gi if desc else {2 if pol == 1 else 1} * gi''')
-    if pol == 1:  # two rows at a time
-        _group(c, 3, 2, pol, L, [("0", "1"), ("1", "0")])
-        c(2, "if K % 2 == 1:")
-        c(3, "k0 = 0 if desc else K - 1")
-        _group(c, 3, 1, pol, L, [("0", "1")], last=True)
-    else:  # one row (two polarities) at a time; the two voltage buffers alternate
-        c(3, "wa = gi % 2")
-        c(3, "wb = 1 - wa")
-        _group(c, 3, 1, pol, L, [("wa", "wb")])
+        for gi in range(K):
+            k0 = K - 1 - gi if desc else gi''')
+    # One row (two polarities) at a time; the two voltage buffers alternate.
+    c(3, "wa = gi % 2")
+    c(3, "wb = 1 - wa")
+    _group(c, 3, 1, pol, L, [("wa", "wb")])
     c(0, '''        passes = t
         _readout(g, loss, ja, j0, n_live, m_new)
         done = _control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err)
         m_old[:, :] = m_new
+        if done != 0:
+            status = 0 if done == 1 else 2
+            break
+    for b in range(n_live):
+        out[b, :] = m_old[b, :]
+    return passes, status''')
+    return c.lines
+
+
+def _compact_block(L: int) -> list[str]:
+    """The single-array kernel over conducting cells only (see ``_ir_common.prepare_compact``).
+
+    Rows are solved one at a time: their cells differ, and a row's recurrences (one multiply-add
+    per cell) are shorter than the loads and stores around them. A lane's drive (its bit line's
+    cells driven by -1) only enters the cells in the block's own columns: each row's cells are
+    swept in three runs, the middle one adding a row of an identity (a branch per cell split the
+    lanes' vectors into pieces; reading a zero row elsewhere cost a third of a pass).
+    """
+    c = _Code(L)
+    c(0, f'''
+
+@numba.njit(nogil=True, fastmath={{"contract"}}, cache=True)
+def block_c1(g, rp, col, gq, rho, rrp, jr, cab, ccd, w0, eye, xs, j0, tol, cx2, cxi, qhat,
+             max_passes, F, wbuf, fbuf, hbuf, ja, m_old, m_new, state, out, err):
+    """Transfer rows of the driven bit lines j0 .. j0 + {L} - 1 of a single array, float32.
+
+    See ``ir_cpu`` for the passes and ``ir_cpu._worker`` for the arrays; ``eye``: the {L} x {L}
+    identity (row b: lane b's drive). Returns (passes, status): status 0 converged, 1 not
+    converged within max_passes, 2 too slow for Gauss-Seidel.
+    """
+    K = rp.shape[0] - 1
+    N = w0.shape[1]
+    U = numba.uint64
+    zero = numba.float32(0.0)  # typed: a Python number would promote the lanes to float64
+    n_live = min({L}, N - j0)
+    passes = 0
+    status = 1
+    full_passes = 0
+    done = 0
+    _start_rows(g, w0, j0, n_live, m_old)
+    t = 0
+    while t < max_passes:
+        t += 1
+        # A pass that is predicted to converge skips the bit-line elimination (which only the
+        # next pass would read); when it does not converge it is run again in full.
+        last = _worth_last(state, n_live, t - 1, qhat, tol)
+        for attempt in range(2):
+            full = attempt == 1 or not last
+            desc = full_passes % 2 == 0
+            dr = 0 if desc else 1
+            start = full_passes == 0
+            wbuf[:] = zero  # per column: the last cell's bit-line voltage and elimination
+            fbuf[:] = zero
+            for kk in range(K):
+                k = K - 1 - kk if desc else kk
+                i0 = rp[k]
+                i1 = rp[k + 1]''')
+    ind = 4
+    c.lanes_(ind, "e_#", "zero")
+    # Cells [a, b) lie in the block's own columns, where the lanes' drives enter.
+    c(ind, "a = _first_at_least(col, i0, i1, j0)")
+    c(ind, "b = _first_at_least(col, a, i1, j0 + n_live)")
+    # Row-line elimination from the open end, i = i1 - 1 - ii down to i0.
+    segments = (("0", "i1 - b", False), ("i1 - b", "i1 - a", True), ("i1 - a", "i1 - i0", False))
+    c(ind, "if start:  # the start: bit lines solved with ideal row lines (0 off the drives)")
+    for lo, hi, drive in segments:
+        c(ind + 1, f"for ii in range({lo}, {hi}):")
+        if drive:
+            c(ind + 2, "i = U(i1 - 1 - ii)")
+            c(ind + 2, "n = col[i]")
+            c(ind + 2, f"x = U((n - j0) * {L})")
+            c(ind + 2, "gv = gq[i] * (w0[k, n] + numba.float32(1.0))")
+            c.lanes_(ind + 2, "e_#", "e_# - gv * eye[x + U(#)]")
+        c.lanes_(ind + 2, f"hbuf[U(ii * {L}) + U(#)]", "e_#")
+    c(ind, "else:  # with the bit-line back-substitution of the previous pass")
+    # The rows two steps ahead are fetched while this one is read (the passes read each cell's
+    # elimination once, from memory).
+    c(ind + 1, "pf = rp[min(max(k + (-2 if desc else 2), 0), K - 1) + 1] - i1")
+    c(ind + 1, f"last_line = F.shape[0] // {L} - 1")
+    for lo, hi, drive in segments:
+        c(ind + 1, f"for ii in range({lo}, {hi}):")
+        c(ind + 2, "i = U(i1 - 1 - ii)")
+        c(ind + 2, f"prefetch(F, U(min(max(pf + i1 - 1 - ii, 0), last_line) * {L}))")
+        c(ind + 2, "n = col[i]")
+        c(ind + 2, f"q = U(n * {L})")
+        c(ind + 2, f"o = i * U({L})")
+        c(ind + 2, "ca = cab[dr, 0, i]")
+        c(ind + 2, "cb = cab[dr, 1, i]")
+        c.lanes_(ind + 2, "wbuf[q + U(#)]",
+                 "(ca * F[o + U(#)] + wbuf[q + U(#)]) - cb * wbuf[q + U(#)]")
+        c(ind + 2, "gw = gq[i]")
+        if drive:
+            c(ind + 2, f"x = U((n - j0) * {L})")
+            c.lanes_(ind + 2, "e_#", "e_# - gw * (wbuf[q + U(#)] + eye[x + U(#)])")
+        else:
+            c.lanes_(ind + 2, "e_#", "e_# - gw * wbuf[q + U(#)]")
+        c.lanes_(ind + 2, f"hbuf[U(ii * {L}) + U(#)]", "e_#")
+    c(ind, "jk = jr[k]")
+    c.lanes_(ind, "ja[k, #]", "jk * e_#")
+    # Row-line back-substitution from the driver and the next bit-line elimination.
+    c(ind, "if full:")
+    c.lanes_(ind + 1, "d_#", "zero")
+    for lo, hi, drive in (("0", "a - i0", False), ("a - i0", "b - i0", True),
+                          ("b - i0", "i1 - i0", False)):
+        c(ind + 1, f"for ii in range({lo}, {hi}):")
+        c(ind + 2, "i = U(i0 + ii)")
+        c(ind + 2, "n = col[i]")
+        c(ind + 2, f"q = U(n * {L})")
+        c(ind + 2, f"o = i * U({L})")
+        c(ind + 2, f"hq = U((i1 - i0 - 1 - ii) * {L})")
+        c(ind + 2, "ra = rho[i]")
+        c(ind + 2, "rs = rrp[i]")
+        c.lanes_(ind + 2, "d_#", "ra * d_# + rs * hbuf[hq + U(#)]")
+        c(ind + 2, "cg = ccd[dr, 0, i]")
+        c(ind + 2, "cd = ccd[dr, 1, i]")
+        if drive:
+            c(ind + 2, f"x = U((n - j0) * {L})")
+            c.lanes_(ind + 2, "f_#",
+                     "(fbuf[q + U(#)] + cd * (d_# + eye[x + U(#)])) - cg * fbuf[q + U(#)]")
+        else:
+            c.lanes_(ind + 2, "f_#", "(fbuf[q + U(#)] + cd * d_#) - cg * fbuf[q + U(#)]")
+        c.lanes_(ind + 2, "F[o + U(#)]", "f_#")
+        c.lanes_(ind + 2, "fbuf[q + U(#)]", "f_#")
+    c(0, '''            if full:
+                full_passes += 1
+            if attempt == 1:
+                break  # the pass run again in full: its readout was taken
+            passes = t
+            _compact_readout(ja, n_live, m_new)
+            done = _control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err)
+            m_old[:, :] = m_new
+            if done != 0 or full:
+                break
         if done != 0:
             status = 0 if done == 1 else 2
             break
@@ -173,12 +300,13 @@ def generate() -> str:
         f"# _ir_common.py sha256: {_helpers_hash()}",
         "import numba",
         "",
-        "from jaxbar.core._ir_common import _control, _readout, _start_rows, prefetch",
+        "from jaxbar.core._ir_common import (_compact_readout, _control, _first_at_least,",
+        "                                    _readout, _start_rows, _worth_last, prefetch)",
         "",
         f"LANES = {LANES}",
     ]
-    for pol in (1, 2):
-        lines.extend(_block(pol, LANES))
+    lines.extend(_block(2, LANES))
+    lines.extend(_compact_block(LANES))
     return "\n".join(lines) + "\n"
 
 

@@ -91,8 +91,9 @@ def _control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err):
     (below ``floor``): such a lane is accepted after STALL passes if the smallest exact change
     seen is within tol (that change is then its error).
 
-    ``state`` (6, lanes): previous bound, smallest change so far, pass of its last halving,
-    smallest exact change, exact mode (row 4, first lane), previous exact change.
+    ``state`` (7, lanes): previous bound, smallest change so far, pass of its last halving,
+    smallest exact change, exact mode (row 4, first lane), previous exact change, last rate
+    (-1 before pass 2).
     """
     eps = np.finfo(m_new.dtype).eps
     K = m_new.shape[1]
@@ -136,6 +137,7 @@ def _control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err):
     give_up = False
     for b in range(n_live):
         state[0, b] = bound[b]
+        state[6, b] = rate[b] if t >= 2 else -1.0
         if t == 1 or d[b] <= 0.5 * state[1, b]:
             state[1, b] = d[b]
             state[2, b] = t
@@ -306,3 +308,244 @@ def prepare_into(g, r_a, r_a_end, r_b, r_b_end, rho_a, coef, w0):
         coef[1, 0, 0, n] = sig_next[n]
         coef[1, 1, 0, n] = 0.0
     return ra.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Single arrays (P = 1) in compact form: only conducting cells are nodes of the circuit. A cell
+# with g = 0 joins its row segments and its bit-line segments in series, which is exact; the
+# kernel's work and memory then scale with the number of conducting cells (half of a one-sided
+# differential pair's cells with an infinite on/off ratio, most cells of bit slices).
+
+
+@numba.njit(nogil=True, cache=True)
+def compact_pattern(g, rp, col):
+    """Row pointers rp (K + 1) and columns col (nnz + 1: one spare slot) of the cells with
+    g != 0 (row-major); returns nnz."""
+    K, N = g.shape
+    i = 0
+    for k in range(K):
+        rp[k] = i
+        for n in range(N):  # branch-free: the slot is overwritten unless g != 0
+            col[i] = n
+            i += g[k, n] != 0
+    rp[K] = i
+    return i
+
+
+def prepare_compact(g, rp, col, r_a, r_a_end, r_b, r_b_end, gq, rho, rrp, jr, cab, ccd, w0,
+                    run=lambda f, *a: f(*a)):
+    """Line factors of a single input-source array in compact form (float32 out, any contents).
+
+    Args:
+      g: (K, N) conductances; rp, col: their compact pattern (``compact_pattern``).
+      r_a, r_a_end, r_b, r_b_end: row segment, first row segment (with the driver), bit-line
+        segment, last bit-line segment (with unused rows and the integrator).
+
+    Writes, per conducting cell i (row-major):
+
+    * the row-line elimination from the open end as a weighted sum: with ``P_i`` the product of
+      the row factors ``rho`` of the cells beyond i, ``h_i = P_i e_i`` and ``e_i = e_(i+1) - gq_i
+      (w_i + drive_i)``, ``gq = g / P``; ``rho`` and ``rrp = rho * segment * P`` give the
+      back-substitution ``d_i = rho_i d_(i-1) + rrp_i e_i`` (d the negated row voltage, from the
+      driver), and jr[k] = rho P at row k's first cell the driver current ``jr e``;
+    * per pass direction dr (0: rows descending, 1: ascending) the bit-line back-substitution
+      ``w_i = A F_i + (1 - beta) w_prev`` (cab[dr] = A, beta) and elimination ``F_i = (1 -
+      gamma) F_prev + D (d_i + drive_i)`` (ccd[dr] = gamma, D; D includes -g).
+
+    Factors near 1 are kept as their distance from 1: rounded to float32 as factors, their
+    products over a thousand rows or a few hundred columns lost the IR drop's last digits.
+    w0 (K, N) is the start: each bit line's voltages when its own cells are driven by -1 and the
+    row lines are ideal (0 off the pattern).
+
+    ``run(f, *args)`` runs a part and returns a future-like object with ``result()`` (or the
+    result itself): the row lines and the bit lines are independent and can run on two threads.
+
+    Returns:
+      qhat: an a-priori estimate of the passes' contraction, the largest row-line voltage with
+      every bit line at 1 times the largest bit-line voltage with every row line at 1 (a bound
+      of the bit-line voltages' contraction in the max norm; only used to decide when a pass is
+      worth trying as the last one); inf when a row attenuates so strongly that the weights
+      ``1 / P`` would overflow (the kernel is then not used).
+    """
+    rows = run(_prepare_rows, g, rp, col, r_a, r_a_end, gq, rho, rrp, jr)
+    b_max = _prepare_columns(g, rp, col, r_b, r_b_end, cab, ccd, w0)
+    a_max = rows.result() if hasattr(rows, "result") else rows
+    return a_max * b_max
+
+
+@numba.njit(nogil=True, cache=True)
+def _prepare_rows(g, rp, col, r_a, r_a_end, gq, rho, rrp, jr):
+    """The row-line part of ``prepare_compact``; returns the largest row voltage with every bit
+    line at 1 (inf if the weights would overflow)."""
+    K, N = g.shape
+    a_max = 0.0
+    pw = np.empty(N)
+    hs = np.empty(N)
+    for k in range(K):
+        i0, i1 = rp[k], rp[k + 1]
+        jr[k] = 0.0
+        y_next = 0.0
+        p = 1.0  # product of the factors beyond the cell
+        for i in range(i1 - 1, i0 - 1, -1):
+            n_prev = col[i - 1] if i > i0 else -1
+            seg = (col[i] - n_prev - 1) * r_a + (r_a_end if n_prev < 0 else r_a)
+            gg = np.float64(g[k, col[i]])
+            y = gg + y_next
+            rh = 1.0 / (1.0 + seg * y)
+            if p < 1e-30:
+                return np.inf
+            rho[i] = rh
+            gq[i] = gg / p
+            rrp[i] = rh * seg * p
+            pw[i - i0] = p
+            y_next = rh * y
+            p *= rh
+        if i1 > i0:
+            jr[k] = p  # rho P at the first cell
+        # Row voltages with every bit line at 1 (negated), for qhat.
+        h = 0.0
+        for i in range(i1 - 1, i0 - 1, -1):
+            h = (np.float64(rho[i + 1]) if i + 1 < i1 else 0.0) * h - np.float64(g[k, col[i]])
+            hs[i - i0] = h
+        d = 0.0
+        for i in range(i0, i1):
+            n_prev = col[i - 1] if i > i0 else -1
+            seg = (col[i] - n_prev - 1) * r_a + (r_a_end if n_prev < 0 else r_a)
+            d = np.float64(rho[i]) * (d + seg * hs[i - i0])
+            a_max = max(a_max, abs(d))
+    return a_max
+
+
+@numba.njit(nogil=True, cache=True)
+def _prepare_columns(g, rp, col, r_b, r_b_end, cab, ccd, w0):
+    """The bit-line part of ``prepare_compact``; returns the largest bit-line voltage with every
+    row line at 1."""
+    K, N = g.shape
+    nnz = rp[K]
+    # Bit lines, row by row with one carry per column (sequential in memory). Down from the
+    # open end (row 0) in admittance form: a cell's factors need the segment below it, so each
+    # column's last cell waits until the next one (or the end) is seen.
+    w0[:, :] = 0.0
+    rf = np.empty(nnz)  # per cell: rho_f, the start's and qhat's eliminations
+    hw = np.empty(nnz)
+    hb = np.empty(nnz)
+    last = np.full(N, -1, np.int64)  # the column's pending cell
+    last_k = np.zeros(N, np.int64)
+    cf = np.zeros(N)
+    for kk in range(K + 1):
+        k = min(kk, K - 1)
+        for i in range(rp[k], rp[k + 1]) if kk < K else range(0):
+            n = col[i]
+            j = last[n]
+            if j >= 0:
+                _finish_admittance(g, r_b * (k - last_k[n]), j, n, last_k[n], cf, rf, cab)
+            gg = np.float64(g[k, n])
+            ccd[1, 0, i] = 1.0 - rf[j] if j >= 0 else 1.0
+            ccd[1, 1, i] = -gg
+            hw[i] = -gg + (rf[j] * hw[j] if j >= 0 else 0.0)  # the start: cells driven by -1
+            hb[i] = gg + (rf[j] * hb[j] if j >= 0 else 0.0)  # qhat: row lines at 1
+            last[n] = i
+            last_k[n] = k
+        if kk == K:  # the last cells, above the integrator
+            for n in range(N):
+                if last[n] >= 0:
+                    seg = r_b * (K - 1 - last_k[n]) + r_b_end
+                    _finish_admittance(g, seg, last[n], n, last_k[n], cf, rf, cab)
+    # Up from the integrator end in impedance form, with the back-substitutions of the start
+    # and of qhat's bit-line voltages.
+    b_max = 0.0
+    below = np.full(N, -1, np.int64)
+    below_k = np.zeros(N, np.int64)
+    z_b = np.zeros(N)
+    sg_b = np.zeros(N)
+    d0 = np.zeros(N)
+    d1 = np.zeros(N)
+    for k in range(K - 1, -1, -1):
+        for i in range(rp[k + 1] - 1, rp[k] - 1, -1):
+            n = col[i]
+            jb = below[n]
+            gg = np.float64(g[k, n])
+            if jb >= 0:
+                seg = r_b * (below_k[n] - k)
+                z = seg + sg_b[n] * z_b[n]
+                ccd[0, 0, i] = 1.0 - sg_b[n]
+                # The cell below: back-substitution from this one; 1 - sig kappa = seg / z.
+                beta = seg / z if z > 0 else 1.0
+                cab[1, 0, jb] = sg_b[n] * beta
+                cab[1, 1, jb] = beta
+            else:
+                seg = r_b * (K - 1 - k) + r_b_end
+                z = seg
+                ccd[0, 0, i] = 1.0
+            sg = 1.0 / (1.0 + gg * z)
+            ccd[0, 1, i] = -gg * z
+            d0[n] = rf[i] * (d0[n] + seg * hw[i])
+            d1[n] = rf[i] * (d1[n] + seg * hb[i])
+            w0[k, n] = d0[n]
+            b_max = max(b_max, abs(d1[n]))
+            z_b[n] = z
+            sg_b[n] = sg
+            below[n] = i
+            below_k[n] = k
+    for n in range(N):  # the first cells: nothing above them
+        if below[n] >= 0:
+            cab[1, 0, below[n]] = sg_b[n]
+            cab[1, 1, below[n]] = 1.0
+    return b_max
+
+
+@numba.njit(nogil=True, cache=True)
+def _finish_admittance(g, seg, i, n, k, cf, rf, cab):
+    """Admittance-form factors of cell i (row k, column n) once the segment below it is known."""
+    y = np.float64(g[k, n]) + cf[n]
+    ry = seg * y
+    rh = 1.0 / (1.0 + ry)
+    cf[n] = rh * y
+    rf[i] = rh
+    cab[0, 0, i] = rh * seg
+    cab[0, 1, i] = ry / (1.0 + ry)  # 1 - rho_f
+
+
+@numba.njit(nogil=True, cache=True)
+def _first_at_least(col, lo, hi, n):
+    """The first index i in [lo, hi) with col[i] >= n (hi if none); col sorted there."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if col[mid] < n:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@numba.njit(nogil=True, cache=True)
+def _compact_readout(ja, n_live, m):
+    """Transfer rows m[b, k] = -J[k, b]: the driver currents of lane b's adjoint circuit."""
+    K = ja.shape[0]
+    for b in range(n_live):
+        for k in range(K):
+            m[b, k] = -ja[k, b]
+
+
+@numba.njit(nogil=True, cache=True)
+def _worth_last(state, n_live, t, qhat, tol):
+    """Whether pass t + 1 is predicted to converge, so that it can skip the bit-line elimination
+    that only a further pass would use (if the prediction fails the pass is run again in full).
+
+    The next change is predicted as the last one times the contraction rate, which is measured
+    from pass 3 on and taken from ``qhat`` before; its error estimate is then formed as
+    ``_estimate`` would. Pass 2 is always run in full: its estimate takes its rate from the first
+    change, which compares with the start (not a pass) and is rarely small enough.
+    """
+    if t < 2:
+        return False
+    exact = state[4, 0] > 0
+    for b in range(n_live):
+        d = state[5, b] if exact else state[0, b]
+        rate = qhat
+        if t >= 3 and state[6, b] >= 0:
+            rate = state[6, b]
+        rc = min(max(rate, 0.0), 0.99)
+        if SAFETY * rc * (rc * d) / (1.0 - rc) > 0.5 * tol:
+            return False
+    return True

@@ -15,21 +15,33 @@ Consecutive passes run in opposite directions over the rows, so the bit-line eli
 alternates between the open end (admittance form, as the XLA solver) and the integrator end
 (impedance form: ``Z_k`` is the impedance below node k and the back-substitution uses ``Z_k /
 Z_(k-1) <= 1``, so nothing is divided by a resistance). The passes start from the bit lines solved
-with ideal row lines, read the driver currents after each pass as the XLA solver does (ideal
-minus IR loss while the loss is small, else the row solve's own currents) and stop on the same
+with ideal row lines, read the driver currents after each pass (interleaved pairs as the XLA
+solver: ideal minus IR loss while the loss is small, else the row solve's own currents; single
+arrays from the row elimination, kept accurate by its weighted form) and stop on the same
 error estimate of the output currents: a cheap bound on their change (``min(|x|_2 |dM|_2,
 |x|_inf |dM|_1)`` relative to each vector's largest current) gives the contraction rate, and near
 convergence the exact change replaces it.
 
+Single arrays (P = 1) run a compact kernel over their conducting cells only: a cell with g = 0
+joins its row segments and its bit-line segments in series, so the line factors are those of
+the merged segments and the field holds one value per conducting cell and lane (half of a
+one-sided differential pair's cells with an infinite on/off ratio). Its row lines are solved one
+at a time as weighted sums (factors near 1 are kept as their distance from 1, see
+``_ir_common.prepare_compact``), and a pass that is predicted to converge (from the measured
+contraction, or before pass 3 from an a-priori bound) skips the bit-line elimination that only a
+further pass would read: about 40% of a pass. If it does not converge it is run again in full.
+
 Gauss-Seidel passes are fast where the row-line coupling is weak (at r = 1e-4 on 1152 x 256 the
 change shrinks 15-20 times per pass). When it shrinks by less than half per pass, stalls at float32
 rounding above ``tol``, or the passes reach ``max_iters``, the kernel gives up and the caller falls
-back to the over-relaxed XLA solver. Memory: one (K + 2) x N x 16 float32 field per worker thread
-(18 MB for 1152 x 256) and the line factors, kept between solves for the largest array seen
+back to the over-relaxed XLA solver. Memory: per worker thread one field of 16 float32 values per
+bit-line node (interleaved pairs: (K + 2) x N x 16, 18 MB for 1152 x 256) or per conducting cell
+(single arrays), and the line factors, kept between solves for the largest array seen
 (``release_scratch`` frees them): faulting in fresh fields on every call cost about a pass. While
-a pass computes two rows it prefetches the field of the rows two steps ahead. The kernel is used
+a pass computes a row it prefetches the field of the row two steps ahead. The kernel is used
 on the CPU backend for float32 input-source transfer solves when numba is installed
-(``cpu_kernel=False`` turns it off).
+(``cpu_kernel=False`` turns it off). The setup (line factors, scale, scaled inputs) runs its
+independent halves on two threads.
 """
 
 from __future__ import annotations
@@ -120,8 +132,9 @@ def _threads() -> int:
 
 
 def _control_state(lanes):
-    state = np.full((6, lanes), np.inf)
+    state = np.full((7, lanes), np.inf)
     state[4] = 0.0  # not yet in exact mode
+    state[6] = -1.0  # no rate yet
     return state
 
 
@@ -167,21 +180,29 @@ def release_scratch() -> None:
         _SCRATCH.clear()
 
 
-def _worker(i, fn, lanes, args, starts, lock, results):
-    """Solves blocks of driven columns taken from ``starts`` until none is left (worker i)."""
-    P, K, N = args[0].shape
-    L = lanes
-    f32 = np.float32
-    work = _scratch_views(1 + i, _work_shapes(P, K, N, L))
+def _worker(i, fn, L, K, head, tail, shapes, starts, lock, results):
+    """Solves blocks of driven columns taken from ``starts`` until none is left (worker i):
+    ``fn(*head, j0, *tail, *work, state, out, err)`` with work arrays of the given shapes."""
+    work = _scratch_views(1 + i, shapes)
     while True:
         with lock:
             j0 = next(starts, None)
         if j0 is None:
             return
-        out = np.zeros((L, K), f32)
+        out = np.zeros((L, K), np.float32)
         err = np.full(L, np.inf)
-        passes, status = fn(*args[:6], j0, *args[6:], *work, _control_state(L), out, err)
+        passes, status = fn(*head, j0, *tail, *work, _control_state(L), out, err)
         results[j0] = passes, status, out, err
+
+
+def _compact_work_shapes(nnz, K, N, L):
+    return (
+        (nnz * L,),  # F: the bit-line elimination at every conducting cell
+        (N * L,), (N * L,),  # per column: the last bit-line voltage and elimination
+        (N * L,),  # row-line elimination of the current row
+        (K, L),  # driver currents
+        (L, K), (L, K),  # transfer rows, previous and new
+    )
 
 
 def _aligned_empty(shape, align=_ALIGN):
@@ -196,7 +217,14 @@ def _aligned_empty(shape, align=_ALIGN):
     return raw[start:start + n].reshape(shape)
 
 
-def _scale(x, g, w0, signs, cells=False):
+def _halves(pool, fn, B):
+    """fn(a, b) on two halves of range(B) (the second on ``pool``); the two results."""
+    h = B // 2
+    other = pool.submit(fn, h, B)
+    return fn(0, h), other.result()
+
+
+def _scale(x, g, w0, signs, cells=False, pool=None):
     """Each vector's largest output current, from sampled columns of the start transfer matrix.
 
     Sampling can only underestimate the largest current, which makes the relative error
@@ -209,8 +237,12 @@ def _scale(x, g, w0, signs, cells=False):
         signs, cols = np.abs(signs), np.arange(N)
     else:
         cols = np.unique(np.linspace(0, N - 1, min(N, _SCALE_COLUMNS)).round().astype(np.int64))
-    m0 = np.einsum("p,pkc,kc->kc", signs, g[:, :, cols], 1.0 + w0[:, cols])
-    s = np.max(np.abs(x @ m0.astype(x.dtype)), axis=1)
+    m0 = np.einsum("p,pkc,kc->kc", signs, g[:, :, cols], 1.0 + w0[:, cols]).astype(x.dtype)
+    if pool is None:
+        s = np.max(np.abs(x @ m0), axis=1)
+    else:
+        s = np.concatenate(_halves(pool, lambda a, b: np.max(np.abs(x[a:b] @ m0), axis=1),
+                                   x.shape[0]))
     missing = (s == 0) & np.any(x != 0, axis=1)
     if np.any(missing):  # no current in the sampled columns: use all of them
         m_all = np.einsum("p,pkn,kn->kn", signs, g, 1.0 + w0).astype(x.dtype)
@@ -233,25 +265,50 @@ def _solve_blocks(common, lanes, g, x, r_a, r_a_end, r_b, r_b_end, tol, max_iter
     x = np.ascontiguousarray(x, np.float32)
     P, K, N = g.shape
     B = x.shape[0]
-    signs = np.asarray([1.0, -1.0][:P])
-    rho_a, coef, w0 = _scratch_views(0, [(P, K, N), (2, 4, K, N), (K, N)])
-    r_a_n = common.prepare_into(g, float(r_a), float(r_a_end), float(r_b), float(r_b_end),
-                                rho_a, coef, w0)
-    s = _scale(x, g, w0, signs, cells)
-    xs = np.empty((B, K), np.float32)  # inputs relative to each vector's largest current
-    cx2, cxi = common.scaled_inputs(x, s, xs)
-    fn = getattr(lanes, f"block_p{P}")
     L = lanes.LANES
-    args = [g, rho_a, r_a_n, coef, w0, xs, float(tol), cx2, cxi, int(max_iters)]
-    starts = range(0, N, L)
-    results = {}
-    queue = iter(starts)
-    # Each worker holds one block's elimination field; more workers only while they fit.
-    field_bytes = (K + 2) * N * L * 4
-    n_workers = max(1, min(_threads(), len(starts), _WORKER_BYTES // field_bytes))
-    with ThreadPoolExecutor(n_workers) as pool:
+    signs = np.asarray([1.0, -1.0][:P])
+    # One pool for the setup (two independent halves at a time) and the workers.
+    with ThreadPoolExecutor(max(2, _threads())) as pool:
+        if P == 1:  # compact: conducting cells only
+            nnz = int(np.count_nonzero(g))
+            rp, col, gq, rho, rrp, jr, cab, ccd, w0 = _scratch_views(
+                0, [(K + 1,), (nnz + 1,), (nnz,), (nnz,), (nnz,), (K,), (2, 2, nnz),
+                    (2, 2, nnz), (K, N)])
+            rp, col = rp.view(np.int32), col.view(np.int32)
+            common.compact_pattern(g[0], rp, col)
+            col = col[:nnz]
+            qhat = common.prepare_compact(g[0], rp, col, float(r_a), float(r_a_end),
+                                          float(r_b), float(r_b_end), gq, rho, rrp, jr, cab,
+                                          ccd, w0, run=pool.submit)
+            if not np.isfinite(qhat):  # rows attenuate too strongly for Gauss-Seidel passes
+                return (np.zeros((N, K), np.float32), np.int32(0), np.float32(np.inf),
+                        np.bool_(False))
+            eye = np.eye(L + 1, L, dtype=np.float32).ravel()
+            head = [g, rp, col, gq, rho, rrp, jr, cab, ccd, w0, eye]
+            fn = lanes.block_c1
+            shapes = _compact_work_shapes(nnz, K, N, L)
+            field_bytes = nnz * L * 4
+        else:
+            rho_a, coef, w0 = _scratch_views(0, [(P, K, N), (2, 4, K, N), (K, N)])
+            r_a_n = common.prepare_into(g, float(r_a), float(r_a_end), float(r_b),
+                                        float(r_b_end), rho_a, coef, w0)
+            head = [g, rho_a, r_a_n, coef, w0]
+            fn = getattr(lanes, f"block_p{P}")
+            shapes = _work_shapes(P, K, N, L)
+            field_bytes = (K + 2) * N * L * 4
+        s = _scale(x, g, w0, signs, cells, pool)
+        xs = np.empty((B, K), np.float32)  # inputs relative to each vector's largest current
+        norms = _halves(pool, lambda a, b: common.scaled_inputs(x[a:b], s[a:b], xs[a:b]), B)
+        cx2, cxi = (max(c) for c in zip(*norms, strict=True))
+        head.append(xs)
+        tail = [float(tol), cx2, cxi] + ([qhat] if P == 1 else []) + [int(max_iters)]
+        starts = range(0, N, L)
+        results = {}
+        queue = iter(starts)
+        # Each worker holds one block's elimination field; more workers only while they fit.
+        n_workers = max(1, min(_threads(), len(starts), _WORKER_BYTES // max(field_bytes, 1)))
         lock = threading.Lock()
-        for f in [pool.submit(_worker, i, fn, L, args, queue, lock, results)
+        for f in [pool.submit(_worker, i, fn, L, K, head, tail, shapes, queue, lock, results)
                   for i in range(n_workers)]:
             f.result()
     results = [results[j0] for j0 in starts]
