@@ -1,6 +1,7 @@
 """Tests of the CPU (numba) kernel of the input-source transfer solve against the dense circuit
 reference and the XLA solver."""
 
+import functools
 import importlib.util
 import pathlib
 
@@ -237,20 +238,30 @@ def _numpy_prepare(g, r_a, r_a_end, r_b, r_b_end):
     return rho_a, ra, coef, w0
 
 
-@pytest.mark.parametrize("P", [2])
+@pytest.mark.parametrize("P", [1, 2])
 def test_line_factors_match_their_definitions_whatever_the_outputs_held(P):
-    """prepare_into writes every entry of its (reused, so arbitrary) outputs: from NaN-filled
-    arrays it gives the factors computed from their definitions."""
-    common, _ = ir_cpu._kernels()
+    """prepare_compact writes every entry of its (reused, so arbitrary) outputs: from NaN-filled
+    arrays, on an array where every cell conducts, it gives the factors computed from their
+    definitions (the distances from 1 and the weights from the factors)."""
     rng = np.random.default_rng(5)
-    g = rng.uniform(0.0, 1.0, (P, 9, 7)).astype(np.float32)
+    g = rng.uniform(0.1, 1.0, (P, 9, 7))
     r = (0.01, 0.03, 0.02, 0.05)
-    outs = (np.full((P, 9, 7), np.nan, np.float32), np.full((2, 4, 9, 7), np.nan, np.float32),
-            np.full((9, 7), np.nan, np.float32))
-    ra = common.prepare_into(g, *r, *outs)
-    ref = _numpy_prepare(g.astype(np.float64), *r)
-    for got, want in zip((outs[0], ra, outs[1], outs[2]), ref, strict=True):
-        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+    _, _, (gq, rho, rrp, jr, cab, ccd, w0), _ = _compact(g, r)
+    rho_a, ra, coef, w0_ref = _numpy_prepare(g.astype(np.float32).astype(np.float64), *r)
+    flat = lambda a: a.reshape(*a.shape[:-2], -1)  # noqa: E731  (K, N) -> compact order
+    beyond = np.cumprod(rho_a[..., ::-1], axis=-1)[..., ::-1]  # product over m >= n
+    beyond = np.concatenate([beyond[..., 1:], np.ones(beyond.shape[:-1] + (1,))], axis=-1)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-12)
+    close(rho, flat(rho_a))
+    close(gq, flat(g / beyond))
+    close(rrp, flat(rho_a * ra * beyond))
+    close(jr, np.prod(rho_a, axis=-1))
+    close(cab[:, 0], flat(coef[:, 0]))
+    close(cab[:, 1], flat(1.0 - coef[:, 1]))
+    close(ccd[:, 0], flat(1.0 - coef[:, 2]))
+    for p in range(P):
+        close(ccd[:, 1 + p], flat(-g[p] * coef[:, 3]))
+    close(w0, w0_ref)
 
 
 def test_scaled_inputs_and_their_norms():
@@ -278,7 +289,7 @@ def test_scratch_is_reused_aligned_and_shape_independent():
     for (g, g_neg, v), want in zip(problems, fresh, strict=True):
         np.testing.assert_array_equal(_kernel(g, g_neg, v, 1e-3, 1e-2, **NONE)[0], want)
     assert ir_cpu._SCRATCH
-    for view in ir_cpu._scratch_views(1, ir_cpu._work_shapes(2, 5, 3, 16)):
+    for view in ir_cpu._scratch_views(1, ir_cpu._work_shapes(2, 13, 5, 3, 16)):
         assert view.ctypes.data % 64 == 0
 
 
@@ -340,7 +351,7 @@ def test_cells_error_scale_in_the_kernel(spy):
     assert np.max(np.max(np.abs(np.asarray(I, np.float64) - ref), axis=1) / cells) <= tol
     # The scale itself: the start transfer with the polarities added, over every column.
     g_stack = np.stack([g, g_neg]).astype(np.float32)
-    w0 = ir_cpu._kernels()[0].prepare(g_stack, r, r, r, r)[3]
+    w0 = _compact(g_stack, (r, r, r, r))[2][-1]
     m0 = (g + g_neg) * (1.0 + w0.astype(np.float64))
     s = ir_cpu._scale(np.asarray(v32), g_stack, w0, np.array([1.0, -1.0]), cells=True)
     np.testing.assert_allclose(s, np.max(np.abs(v @ m0), axis=1), rtol=1e-5)
@@ -382,15 +393,16 @@ def test_kernel_on_an_array_without_conducting_cells():
 
 
 def _compact(g, r):
-    """prepare_compact's outputs for a (K, N) array, from NaN-filled arrays."""
+    """prepare_compact's outputs for a (P, K, N) or (K, N) array, from NaN-filled arrays."""
     common, _ = ir_cpu._kernels()
-    K, N = g.shape
-    nnz = int(np.count_nonzero(g))
+    g = np.asarray(g, np.float32).reshape((-1,) + np.shape(g)[-2:])
+    P, K, N = g.shape
+    nnz = int(np.count_nonzero(np.any(g != 0, axis=0)))
     rp, col = np.full(K + 1, -1, np.int32), np.full(nnz + 1, -1, np.int32)
-    assert common.compact_pattern(g.astype(np.float32), rp, col) == nnz
+    assert common.compact_pattern(g, rp, col) == nnz
     out = [np.full(shape, np.nan, np.float32) for shape in
-           [(nnz,), (nnz,), (nnz,), (K,), (2, 2, nnz), (2, 2, nnz), (K, N)]]
-    qhat = common.prepare_compact(g.astype(np.float32), rp, col[:nnz], *r, *out)
+           [(P, nnz), (P, nnz), (P, nnz), (P, K), (2, 2, nnz), (2, 1 + P, nnz), (K, N)]]
+    qhat = common.prepare_compact(g, rp, col[:nnz], *r, *out, np.full((4, nnz), np.nan))
     return rp, col[:nnz], out, qhat
 
 

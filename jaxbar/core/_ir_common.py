@@ -53,32 +53,6 @@ def prefetch(typingctx, arr, idx):
 
 
 @numba.njit(nogil=True, cache=True)
-def _readout(g, loss, ja, j0, n_live, m):
-    """Transfer rows m[b] = -sum_p s_p J[p, :, b] of the driven columns j0 + b.
-
-    The driver currents J are read as ideal minus IR loss where the loss is under half the ideal
-    current (accurate in float32 for small loss), else as the row-line solve's boundary currents
-    (accurate for strongly attenuated rows); the choice is per driven column.
-    """
-    P, K, _ = g.shape
-    for b in range(n_live):
-        j = j0 + b
-        s_loss = 0.0
-        s_ideal = 0.0
-        for p in range(P):
-            for k in range(K):
-                s_loss += abs(loss[p, k, b])
-                s_ideal += abs(g[p, k, j])
-        small = s_loss <= 0.5 * s_ideal
-        for k in range(K):
-            acc = 0.0
-            for p in range(P):
-                cur = (-g[p, k, j] - loss[p, k, b]) if small else ja[p, k, b]
-                acc = acc - cur if p == 0 else acc + cur
-            m[b, k] = acc
-
-
-@numba.njit(nogil=True, cache=True)
 def _control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err):
     """Error estimate after pass t; returns 1 converged, 2 give up, 0 continue.
 
@@ -217,145 +191,57 @@ def _start_rows(g, w0, j0, n_live, m):
             m[b, k] = acc
 
 
-@numba.njit(nogil=True, cache=True)
-def prepare(g, r_a, r_a_end, r_b, r_b_end):
-    """Line factors of an input-source circuit g (P, K, N) and the start fields (float32 out).
-
-    Returns:
-      rho_a (P, K, N): row-line factors (driver at n = 0); ra (N,): row segments; coef
-      (2, 4, K, N): per pass direction (0: rows descending, 1: ascending) the coefficients of
-      the bit-line back-substitution ``w_k = A F_k + B w_prev`` and elimination
-      ``F_k = C F_prev + D c_k`` (see ir_cpu); w0 (K, N): column n's bit-line voltages when only
-      its cells are driven (by -1) and the row lines are ideal.
-    """
-    P, K, N = g.shape
-    f32 = np.float32
-    rho_a = np.empty((P, K, N), f32)
-    coef = np.empty((2, 4, K, N), f32)
-    w0 = np.empty((K, N), f32)
-    ra = prepare_into(g, r_a, r_a_end, r_b, r_b_end, rho_a, coef, w0)
-    return rho_a, ra, coef, w0
-
-
-@numba.njit(nogil=True, cache=True)
-def prepare_into(g, r_a, r_a_end, r_b, r_b_end, rho_a, coef, w0):
-    """``prepare`` into given arrays (any contents); returns ra.
-
-    The recurrences run in float64 with one line's worth of carries: full-size float64
-    temporaries cost more in fresh memory than the arithmetic.
-    """
-    P, K, N = g.shape
-    ra = np.full(N, r_a)
-    ra[0] = r_a_end
-    rb = np.full(K, r_b)
-    rb[K - 1] = r_b_end
-    # Row lines: elimination from the open end; the rows side by side (independent chains).
-    carry = np.zeros(K)
-    for p in range(P):
-        carry[:] = 0.0
-        for n in range(N - 1, -1, -1):
-            for k in range(K):
-                y = np.float64(g[p, k, n]) + carry[k]
-                rho = 1.0 / (1.0 + ra[n] * y)
-                rho_a[p, k, n] = rho
-                carry[k] = rho * y
-    # Bit lines, from the open end (row 0) in admittance form: rho_f, and the start's
-    # elimination hs (kept in w0 until the back-substitution below).
-    cf = np.zeros(N)
-    rf_prev = np.zeros(N)
-    h_prev = np.zeros(N)
-    for k in range(K):
-        for n in range(N):
-            gs = np.float64(g[0, k, n])
-            if P == 2:
-                gs += np.float64(g[1, k, n])
-            y = gs + cf[n]
-            rho = 1.0 / (1.0 + rb[k] * y)
-            cf[n] = rho * y
-            coef[0, 0, k, n] = rho * rb[k]
-            coef[0, 1, k, n] = rho
-            coef[1, 2, k, n] = rf_prev[n]  # rho_f of row k - 1 (0 above row 0)
-            coef[1, 3, k, n] = 1.0
-            h = -gs + rf_prev[n] * h_prev[n]
-            w0[k, n] = h
-            h_prev[n] = h
-            rf_prev[n] = rho
-    # From the integrator end in impedance form: z is the impedance below a node (through its
-    # segment), sig = 1 / (1 + Gs z). The back-substitution from row 0 uses kappa = z_k / z_(k-1)
-    # <= 1, so nothing is divided by a resistance. Row k + 1's coefficients need z_k: they are
-    # written one step later. The start's back-substitution runs alongside.
-    z_next = np.zeros(N)
-    sig_next = np.zeros(N)
-    d = np.zeros(N)
-    for k in range(K - 1, -1, -1):
-        for n in range(N):
-            gs = np.float64(g[0, k, n])
-            if P == 2:
-                gs += np.float64(g[1, k, n])
-            zk = rb[k] if k == K - 1 else rb[k] + sig_next[n] * z_next[n]
-            sk = 1.0 / (1.0 + gs * zk)
-            coef[0, 3, k, n] = zk
-            coef[0, 2, k, n] = sig_next[n] if k < K - 1 else 0.0
-            if k < K - 1:
-                kappa = z_next[n] / zk if zk > 0 else 0.0
-                coef[1, 0, k + 1, n] = sig_next[n] * (1.0 - sig_next[n] * kappa)
-                coef[1, 1, k + 1, n] = sig_next[n] * kappa
-            d[n] = coef[0, 1, k, n] * (d[n] + rb[k] * w0[k, n])
-            w0[k, n] = d[n]
-            z_next[n] = zk
-            sig_next[n] = sk
-    for n in range(N):  # row 0: nothing above it
-        coef[1, 0, 0, n] = sig_next[n]
-        coef[1, 1, 0, n] = 0.0
-    return ra.astype(np.float32)
-
-
 # ---------------------------------------------------------------------------------------------
-# Single arrays (P = 1) in compact form: only conducting cells are nodes of the circuit. A cell
-# with g = 0 joins its row segments and its bit-line segments in series, which is exact; the
-# kernel's work and memory then scale with the number of conducting cells (half of a one-sided
-# differential pair's cells with an infinite on/off ratio, most cells of bit slices).
+# Compact form: only bit-line nodes with a conducting cell are nodes of the circuit. A cell with
+# g = 0 joins its row segments (and, if no cell conducts at its node, its bit-line segments) in
+# series, which is exact; the kernel's work and memory then scale with the conducting nodes (half
+# of a one-sided differential pair's single arrays with an infinite on/off ratio, most cells of
+# bit slices).
 
 
 @numba.njit(nogil=True, cache=True)
 def compact_pattern(g, rp, col):
-    """Row pointers rp (K + 1) and columns col (nnz + 1: one spare slot) of the cells with
-    g != 0 (row-major); returns nnz."""
-    K, N = g.shape
+    """Row pointers rp (K + 1) and columns col (nnz + 1: one spare slot) of the bit-line nodes
+    with a conducting cell of either polarity, g (P, K, N) != 0 (row-major); returns nnz."""
+    P, K, N = g.shape
     i = 0
     for k in range(K):
         rp[k] = i
-        for n in range(N):  # branch-free: the slot is overwritten unless g != 0
+        for n in range(N):  # branch-free: the slot is overwritten unless a cell conducts
             col[i] = n
-            i += g[k, n] != 0
+            i += (g[0, k, n] != 0) | (g[P - 1, k, n] != 0)
     rp[K] = i
     return i
 
 
-def prepare_compact(g, rp, col, r_a, r_a_end, r_b, r_b_end, gq, rho, rrp, jr, cab, ccd, w0,
+def prepare_compact(g, rp, col, r_a, r_a_end, r_b, r_b_end, gq, rho, rrp, jr, cab, ccd, w0, tmp,
                     run=lambda f, *a: f(*a)):
-    """Line factors of a single input-source array in compact form (float32 out, any contents).
+    """Line factors of an input-source array in compact form (float32 out, any contents).
 
     Args:
-      g: (K, N) conductances; rp, col: their compact pattern (``compact_pattern``).
+      g: (P, K, N) conductances (P = 2: interleaved negative cells); rp, col: the compact pattern
+        of its bit-line nodes (``compact_pattern``).
       r_a, r_a_end, r_b, r_b_end: row segment, first row segment (with the driver), bit-line
         segment, last bit-line segment (with unused rows and the integrator).
 
-    Writes, per conducting cell i (row-major):
+    Writes, per node i (row-major) and polarity p:
 
     * the row-line elimination from the open end as a weighted sum: with ``P_i`` the product of
-      the row factors ``rho`` of the cells beyond i, ``h_i = P_i e_i`` and ``e_i = e_(i+1) - gq_i
-      (w_i + drive_i)``, ``gq = g / P``; ``rho`` and ``rrp = rho * segment * P`` give the
-      back-substitution ``d_i = rho_i d_(i-1) + rrp_i e_i`` (d the negated row voltage, from the
-      driver), and jr[k] = rho P at row k's first cell the driver current ``jr e``;
+      the row factors ``rho`` of the polarity's cells beyond i, ``h_i = P_i e_i`` and ``e_i =
+      e_(i+1) - gq_i (w_i + drive_i)``, ``gq = g / P``; ``rho`` and ``rrp = rho * segment * P``
+      give the back-substitution ``d_i = rho_i d_(i-1) + rrp_i e_i`` (d the negated row voltage,
+      from the driver; the segment joins the polarity's previous cell), and jr[p, k] = rho P at
+      the row's first cell the driver current ``jr e``. At a node without a cell of the
+      polarity, gq = rrp = 0 and rho = 1: the sums pass it unchanged;
     * per pass direction dr (0: rows descending, 1: ascending) the bit-line back-substitution
       ``w_i = A F_i + (1 - beta) w_prev`` (cab[dr] = A, beta) and elimination ``F_i = (1 -
-      gamma) F_prev + D (d_i + drive_i)`` (ccd[dr] = gamma, D; D includes -g).
+      gamma) F_prev + sum_p D_p (d_p,i + drive_i)`` (ccd[dr] = gamma, D_0 .., D_p including
+      -g_p).
 
     Factors near 1 are kept as their distance from 1: rounded to float32 as factors, their
     products over a thousand rows or a few hundred columns lost the IR drop's last digits.
     w0 (K, N) is the start: each bit line's voltages when its own cells are driven by -1 and the
-    row lines are ideal (0 off the pattern).
+    row lines are ideal (0 off the pattern). tmp: (4, nnz) float64 scratch.
 
     ``run(f, *args)`` runs a part and returns a future-like object with ``result()`` (or the
     result itself): the row lines and the bit lines are independent and can run on two threads.
@@ -368,94 +254,111 @@ def prepare_compact(g, rp, col, r_a, r_a_end, r_b, r_b_end, gq, rho, rrp, jr, ca
       ``1 / P`` would overflow (the kernel is then not used).
     """
     rows = run(_prepare_rows, g, rp, col, r_a, r_a_end, gq, rho, rrp, jr)
-    b_max = _prepare_columns(g, rp, col, r_b, r_b_end, cab, ccd, w0)
+    b_max = _prepare_columns(g, rp, col, r_b, r_b_end, cab, ccd, w0, tmp)
     a_max = rows.result() if hasattr(rows, "result") else rows
     return a_max * b_max
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _prepare_rows(g, rp, col, r_a, r_a_end, gq, rho, rrp, jr):
     """The row-line part of ``prepare_compact``; returns the largest row voltage with every bit
-    line at 1 (inf if the weights would overflow)."""
-    K, N = g.shape
+    line at 1 (inf if the weights would overflow).
+
+    Branch-free over the nodes (which polarity conducts at a node is a coin toss in one-sided
+    pairs): a node without a cell of the polarity gets a zero segment, which makes its factor 1
+    and its weights 0 through the same formulas. Each row's eliminations are chains of
+    divisions: an interleaved row's two run side by side.
+    """
+    P, K, N = g.shape
     a_max = 0.0
-    pw = np.empty(N)
+    seg = np.empty((P, N))
     hs = np.empty(N)
     for k in range(K):
         i0, i1 = rp[k], rp[k + 1]
-        jr[k] = 0.0
-        y_next = 0.0
-        p = 1.0  # product of the factors beyond the cell
+        for p in range(P):
+            n_prev = -1
+            for i in range(i0, i1):  # the segment before each of the polarity's cells
+                n = col[i]
+                on = g[p, k, n] != 0
+                seg[p, i - i0] = on * ((n - n_prev - 1) * r_a + (r_a_end if n_prev < 0 else r_a))
+                n_prev = n if on else n_prev
+        # The eliminations from the open end (P = 1: the second one repeats the first).
+        y0 = y1 = 0.0
+        q0 = q1 = 1.0  # products of the factors beyond the node
         for i in range(i1 - 1, i0 - 1, -1):
-            n_prev = col[i - 1] if i > i0 else -1
-            seg = (col[i] - n_prev - 1) * r_a + (r_a_end if n_prev < 0 else r_a)
-            gg = np.float64(g[k, col[i]])
-            y = gg + y_next
-            rh = 1.0 / (1.0 + seg * y)
-            if p < 1e-30:
+            n = col[i]
+            g0 = np.float64(g[0, k, n])
+            g1 = np.float64(g[P - 1, k, n])
+            x0 = g0 + y0
+            x1 = g1 + y1
+            r0 = 1.0 / (1.0 + seg[0, i - i0] * x0)
+            r1 = 1.0 / (1.0 + seg[P - 1, i - i0] * x1)
+            rho[0, i], gq[0, i], rrp[0, i] = r0, g0 / q0, r0 * seg[0, i - i0] * q0
+            rho[P - 1, i], gq[P - 1, i] = r1, g1 / q1
+            rrp[P - 1, i] = r1 * seg[P - 1, i - i0] * q1
+            y0, y1 = r0 * x0, r1 * x1
+            q0 *= r0
+            q1 *= r1
+        jr[0, k], jr[P - 1, k] = q0, q1  # rho P at the first cell
+        for p in range(P):
+            if jr[p, k] < 1e-30:
                 return np.inf
-            rho[i] = rh
-            gq[i] = gg / p
-            rrp[i] = rh * seg * p
-            pw[i - i0] = p
-            y_next = rh * y
-            p *= rh
-        if i1 > i0:
-            jr[k] = p  # rho P at the first cell
-        # Row voltages with every bit line at 1 (negated), for qhat.
-        h = 0.0
-        for i in range(i1 - 1, i0 - 1, -1):
-            h = (np.float64(rho[i + 1]) if i + 1 < i1 else 0.0) * h - np.float64(g[k, col[i]])
-            hs[i - i0] = h
-        d = 0.0
-        for i in range(i0, i1):
-            n_prev = col[i - 1] if i > i0 else -1
-            seg = (col[i] - n_prev - 1) * r_a + (r_a_end if n_prev < 0 else r_a)
-            d = np.float64(rho[i]) * (d + seg * hs[i - i0])
-            a_max = max(a_max, abs(d))
+            # Row voltages with every bit line at 1 (negated), for qhat.
+            h = 0.0
+            for i in range(i1 - 1, i0 - 1, -1):
+                h = (np.float64(rho[p, i + 1]) if i + 1 < i1 else 1.0) * h - g[p, k, col[i]]
+                hs[i - i0] = h
+            d = 0.0
+            for i in range(i0, i1):
+                d = np.float64(rho[p, i]) * (d + seg[p, i - i0] * hs[i - i0])
+                a_max = max(a_max, abs(d))
     return a_max
 
 
-@numba.njit(nogil=True, cache=True)
-def _prepare_columns(g, rp, col, r_b, r_b_end, cab, ccd, w0):
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _prepare_columns(g, rp, col, r_b, r_b_end, cab, ccd, w0, tmp):
     """The bit-line part of ``prepare_compact``; returns the largest bit-line voltage with every
-    row line at 1."""
-    K, N = g.shape
-    nnz = rp[K]
-    # Bit lines, row by row with one carry per column (sequential in memory). Down from the
-    # open end (row 0) in admittance form: a cell's factors need the segment below it, so each
-    # column's last cell waits until the next one (or the end) is seen.
+    row line at 1.
+
+    Three sweeps over the rows with one carry per column (sequential in memory): up, for each
+    node's segment below it; down from the open end (row 0) in admittance form; up from the
+    integrator in impedance form, with the back-substitutions of the start and of qhat.
+    """
+    P, K, N = g.shape
     w0[:, :] = 0.0
-    rf = np.empty(nnz)  # per cell: rho_f, the start's and qhat's eliminations
-    hw = np.empty(nnz)
-    hb = np.empty(nnz)
-    last = np.full(N, -1, np.int64)  # the column's pending cell
-    last_k = np.zeros(N, np.int64)
-    cf = np.zeros(N)
-    for kk in range(K + 1):
-        k = min(kk, K - 1)
-        for i in range(rp[k], rp[k + 1]) if kk < K else range(0):
+    seg_b, rf, hw, hb = tmp[0], tmp[1], tmp[2], tmp[3]
+    below_k = np.full(N, K, np.int64)
+    for k in range(K - 1, -1, -1):
+        for i in range(rp[k + 1] - 1, rp[k] - 1, -1):
             n = col[i]
-            j = last[n]
-            if j >= 0:
-                _finish_admittance(g, r_b * (k - last_k[n]), j, n, last_k[n], cf, rf, cab)
-            gg = np.float64(g[k, n])
-            ccd[1, 0, i] = 1.0 - rf[j] if j >= 0 else 1.0
-            ccd[1, 1, i] = -gg
-            hw[i] = -gg + (rf[j] * hw[j] if j >= 0 else 0.0)  # the start: cells driven by -1
-            hb[i] = gg + (rf[j] * hb[j] if j >= 0 else 0.0)  # qhat: row lines at 1
-            last[n] = i
-            last_k[n] = k
-        if kk == K:  # the last cells, above the integrator
-            for n in range(N):
-                if last[n] >= 0:
-                    seg = r_b * (K - 1 - last_k[n]) + r_b_end
-                    _finish_admittance(g, seg, last[n], n, last_k[n], cf, rf, cab)
-    # Up from the integrator end in impedance form, with the back-substitutions of the start
-    # and of qhat's bit-line voltages.
+            kb = below_k[n]
+            seg_b[i] = r_b * (kb - k) if kb < K else r_b * (K - 1 - k) + r_b_end
+            below_k[n] = k
+    cf = np.zeros(N)
+    rf_up = np.zeros(N)  # rho_f of the node above (0: none)
+    hw_up = np.zeros(N)
+    hb_up = np.zeros(N)
+    for k in range(K):
+        for i in range(rp[k], rp[k + 1]):
+            n = col[i]
+            gs = 0.0
+            for p in range(P):
+                gp = np.float64(g[p, k, n])
+                gs += gp
+                ccd[1, 1 + p, i] = -gp
+            y = gs + cf[n]
+            ry = seg_b[i] * y
+            rh = 1.0 / (1.0 + ry)
+            cf[n] = rh * y
+            cab[0, 0, i] = rh * seg_b[i]
+            cab[0, 1, i] = ry * rh  # 1 - rho_f
+            ccd[1, 0, i] = 1.0 - rf_up[n]
+            h0 = -gs + rf_up[n] * hw_up[n]  # the start: cells driven by -1
+            h1 = gs + rf_up[n] * hb_up[n]  # qhat: row lines at 1
+            rf[i], hw[i], hb[i] = rh, h0, h1
+            rf_up[n], hw_up[n], hb_up[n] = rh, h0, h1
     b_max = 0.0
     below = np.full(N, -1, np.int64)
-    below_k = np.zeros(N, np.int64)
     z_b = np.zeros(N)
     sg_b = np.zeros(N)
     d0 = np.zeros(N)
@@ -464,21 +367,23 @@ def _prepare_columns(g, rp, col, r_b, r_b_end, cab, ccd, w0):
         for i in range(rp[k + 1] - 1, rp[k] - 1, -1):
             n = col[i]
             jb = below[n]
-            gg = np.float64(g[k, n])
+            seg = seg_b[i]
             if jb >= 0:
-                seg = r_b * (below_k[n] - k)
                 z = seg + sg_b[n] * z_b[n]
                 ccd[0, 0, i] = 1.0 - sg_b[n]
-                # The cell below: back-substitution from this one; 1 - sig kappa = seg / z.
+                # The node below: back-substitution from this one; 1 - sig kappa = seg / z.
                 beta = seg / z if z > 0 else 1.0
                 cab[1, 0, jb] = sg_b[n] * beta
                 cab[1, 1, jb] = beta
             else:
-                seg = r_b * (K - 1 - k) + r_b_end
                 z = seg
                 ccd[0, 0, i] = 1.0
-            sg = 1.0 / (1.0 + gg * z)
-            ccd[0, 1, i] = -gg * z
+            gs = 0.0
+            for p in range(P):
+                gp = np.float64(g[p, k, n])
+                gs += gp
+                ccd[0, 1 + p, i] = -gp * z
+            sg = 1.0 / (1.0 + gs * z)
             d0[n] = rf[i] * (d0[n] + seg * hw[i])
             d1[n] = rf[i] * (d1[n] + seg * hb[i])
             w0[k, n] = d0[n]
@@ -486,24 +391,11 @@ def _prepare_columns(g, rp, col, r_b, r_b_end, cab, ccd, w0):
             z_b[n] = z
             sg_b[n] = sg
             below[n] = i
-            below_k[n] = k
-    for n in range(N):  # the first cells: nothing above them
+    for n in range(N):  # the first nodes: nothing above them
         if below[n] >= 0:
             cab[1, 0, below[n]] = sg_b[n]
             cab[1, 1, below[n]] = 1.0
     return b_max
-
-
-@numba.njit(nogil=True, cache=True)
-def _finish_admittance(g, seg, i, n, k, cf, rf, cab):
-    """Admittance-form factors of cell i (row k, column n) once the segment below it is known."""
-    y = np.float64(g[k, n]) + cf[n]
-    ry = seg * y
-    rh = 1.0 / (1.0 + ry)
-    cf[n] = rh * y
-    rf[i] = rh
-    cab[0, 0, i] = rh * seg
-    cab[0, 1, i] = ry / (1.0 + ry)  # 1 - rho_f
 
 
 @numba.njit(nogil=True, cache=True)
@@ -520,11 +412,11 @@ def _first_at_least(col, lo, hi, n):
 
 @numba.njit(nogil=True, cache=True)
 def _compact_readout(ja, n_live, m):
-    """Transfer rows m[b, k] = -J[k, b]: the driver currents of lane b's adjoint circuit."""
-    K = ja.shape[0]
+    """Transfer rows m[b, k] = -sum_p s_p J[p, k, b] (s = +1, -1): lane b's driver currents."""
+    P, K, _ = ja.shape
     for b in range(n_live):
         for k in range(K):
-            m[b, k] = -ja[k, b]
+            m[b, k] = -ja[0, k, b] + (ja[1, k, b] if P == 2 else 0.0)
 
 
 @numba.njit(nogil=True, cache=True)

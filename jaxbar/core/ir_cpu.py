@@ -138,18 +138,6 @@ def _control_state(lanes):
     return state
 
 
-def _work_shapes(P, K, N, L):
-    return (
-        ((K + 2) * N * L,),  # F: the bit-line elimination, rows -1 .. K (padding)
-        (2, N * L),  # bit-line voltages of the current and the previous row
-        (2, P, N * L),  # row-line elimination of the rows in flight
-        (N * L,),  # drive: 1 at lane b's driven cell
-        (P, K, L),  # row-line boundary currents
-        (P, K, L),  # IR loss per row line
-        (L, K), (L, K),  # transfer rows, previous and new
-    )
-
-
 def _padded(n):
     return -(-n // (_ALIGN // 4)) * (_ALIGN // 4)
 
@@ -195,12 +183,12 @@ def _worker(i, fn, L, K, head, tail, shapes, starts, lock, results):
         results[j0] = passes, status, out, err
 
 
-def _compact_work_shapes(nnz, K, N, L):
+def _work_shapes(P, nnz, K, N, L):
     return (
-        (nnz * L,),  # F: the bit-line elimination at every conducting cell
-        (N * L,), (N * L,),  # per column: the last bit-line voltage and elimination
-        (N * L,),  # row-line elimination of the current row
-        (K, L),  # driver currents
+        (nnz * L,),  # F: the bit-line elimination at every node
+        (N * L,), (N * L,),  # per column: the last node's bit-line voltage and elimination
+        (P, N * L),  # row-line elimination of the current row
+        (P, K, L),  # driver currents
         (L, K), (L, K),  # transfer rows, previous and new
     )
 
@@ -269,39 +257,30 @@ def _solve_blocks(common, lanes, g, x, r_a, r_a_end, r_b, r_b_end, tol, max_iter
     signs = np.asarray([1.0, -1.0][:P])
     # One pool for the setup (two independent halves at a time) and the workers.
     with ThreadPoolExecutor(max(2, _threads())) as pool:
-        if P == 1:  # compact: conducting cells only
-            nnz = int(np.count_nonzero(g))
-            rp, col, gq, rho, rrp, jr, cab, ccd, w0 = _scratch_views(
-                0, [(K + 1,), (nnz + 1,), (nnz,), (nnz,), (nnz,), (K,), (2, 2, nnz),
-                    (2, 2, nnz), (K, N)])
-            rp, col = rp.view(np.int32), col.view(np.int32)
-            common.compact_pattern(g[0], rp, col)
-            col = col[:nnz]
-            qhat = common.prepare_compact(g[0], rp, col, float(r_a), float(r_a_end),
-                                          float(r_b), float(r_b_end), gq, rho, rrp, jr, cab,
-                                          ccd, w0, run=pool.submit)
-            if not np.isfinite(qhat):  # rows attenuate too strongly for Gauss-Seidel passes
-                return (np.zeros((N, K), np.float32), np.int32(0), np.float32(np.inf),
-                        np.bool_(False))
-            eye = np.eye(L + 1, L, dtype=np.float32).ravel()
-            head = [g, rp, col, gq, rho, rrp, jr, cab, ccd, w0, eye]
-            fn = lanes.block_c1
-            shapes = _compact_work_shapes(nnz, K, N, L)
-            field_bytes = nnz * L * 4
-        else:
-            rho_a, coef, w0 = _scratch_views(0, [(P, K, N), (2, 4, K, N), (K, N)])
-            r_a_n = common.prepare_into(g, float(r_a), float(r_a_end), float(r_b),
-                                        float(r_b_end), rho_a, coef, w0)
-            head = [g, rho_a, r_a_n, coef, w0]
-            fn = getattr(lanes, f"block_p{P}")
-            shapes = _work_shapes(P, K, N, L)
-            field_bytes = (K + 2) * N * L * 4
+        nnz = int(np.count_nonzero(np.any(g != 0, axis=0)))  # nodes with a conducting cell
+        rp, col, gq, rho, rrp, jr, cab, ccd, w0, tmp = _scratch_views(
+            0, [(K + 1,), (nnz + 1,), (P, nnz), (P, nnz), (P, nnz), (P, K), (2, 2, nnz),
+                (2, 1 + P, nnz), (K, N), (8 * nnz,)])
+        rp, col, tmp = rp.view(np.int32), col.view(np.int32), tmp.view(np.float64)
+        common.compact_pattern(g, rp, col)
+        col = col[:nnz]
+        qhat = common.prepare_compact(g, rp, col, float(r_a), float(r_a_end), float(r_b),
+                                      float(r_b_end), gq, rho, rrp, jr, cab, ccd, w0,
+                                      tmp.reshape(4, nnz), run=pool.submit)
+        if not np.isfinite(qhat):  # rows attenuate too strongly for Gauss-Seidel passes
+            return (np.zeros((N, K), np.float32), np.int32(0), np.float32(np.inf),
+                    np.bool_(False))
+        eye = np.eye(L, dtype=np.float32).ravel()
+        head = [g, rp, col, gq, rho, rrp, jr, cab, ccd, w0, eye]
+        fn = getattr(lanes, f"block_p{P}")
+        shapes = _work_shapes(P, nnz, K, N, L)
+        field_bytes = nnz * L * 4
         s = _scale(x, g, w0, signs, cells, pool)
         xs = np.empty((B, K), np.float32)  # inputs relative to each vector's largest current
         norms = _halves(pool, lambda a, b: common.scaled_inputs(x[a:b], s[a:b], xs[a:b]), B)
         cx2, cxi = (max(c) for c in zip(*norms, strict=True))
         head.append(xs)
-        tail = [float(tol), cx2, cxi] + ([qhat] if P == 1 else []) + [int(max_iters)]
+        tail = [float(tol), cx2, cxi, qhat, int(max_iters)]
         starts = range(0, N, L)
         results = {}
         queue = iter(starts)
