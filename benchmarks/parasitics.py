@@ -251,11 +251,38 @@ def main():
                   f"{row['rss_mb']:>7.0f}{flag}", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(f"process peak RSS (ru_maxrss, all of the above incl. float64 references): {peak:.0f} MB")
+    if not args.quick:
+        finite_on_off(w, tol, repeats, rng)
     layer_rows = layer_path(w, rs, repeats, rng)
     if args.plot:
         plot(rows, layer_rows, args.plot, tol_text)
         print(f"figure: {args.plot}")
     return rows, layer_rows
+
+
+def finite_on_off(w, tol, repeats, rng, on_off=100.0, r=1e-5, B=1024):
+    """The same weights on devices with a finite on/off ratio, ``g+- = g_min + (1 - g_min)
+    max(+-w, 0)``: no cell is off, so the kernel works on every cell of both arrays (with an
+    infinite ratio, the table's, each array of a separate pair has half its cells off).
+    """
+    g_min = 1.0 / on_off
+    g64 = [g_min + (1.0 - g_min) * np.maximum(s * w, 0.0) for s in (1.0, -1.0)]
+    g32 = [jnp.asarray(g, jnp.float32) for g in g64]
+    v64 = rng.uniform(0.0, 1.0, (B, K))
+    v = jnp.asarray(v64, jnp.float32)
+    ideal = jax.jit(lambda v: v @ g32[0] - v @ g32[1])
+    t_ideal = _median_time(lambda: ideal(v), _REFERENCE_REPEATS)
+    print(f"\nfinite on/off ratio {on_off:g} (every cell conducts), r = {r:g}, {B} vectors, "
+          f"kernel; ideal {1e3 * t_ideal:.3f} ms")
+    for layout in LAYOUTS:
+        solve = _differential(*g32, tol, layout)
+        r32 = jnp.float32(r)
+        t = _median_time(lambda solve=solve, r32=r32: solve(v, r32), repeats)
+        out, infos = solve(v, r32)
+        ref, _ = _differential(*(jnp.asarray(g) for g in g64), 1e-12, layout)(jnp.asarray(v64), r)
+        sweeps = max(int(i.iterations) for i in infos)
+        print(f"{layout:>11} {1e3 * t:>9.1f} ms {t / t_ideal:>8.1f}x ideal {sweeps:>3} sweeps "
+              f"err vs f64 {_rel_err(out, ref):.1e}", flush=True)
 
 
 def layer_path(w, rs, repeats, rng, B=1024, batches=(1, 10, 100)):

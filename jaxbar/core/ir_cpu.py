@@ -15,33 +15,33 @@ Consecutive passes run in opposite directions over the rows, so the bit-line eli
 alternates between the open end (admittance form, as the XLA solver) and the integrator end
 (impedance form: ``Z_k`` is the impedance below node k and the back-substitution uses ``Z_k /
 Z_(k-1) <= 1``, so nothing is divided by a resistance). The passes start from the bit lines solved
-with ideal row lines, read the driver currents after each pass (interleaved pairs as the XLA
-solver: ideal minus IR loss while the loss is small, else the row solve's own currents; single
-arrays from the row elimination, kept accurate by its weighted form) and stop on the same
-error estimate of the output currents: a cheap bound on their change (``min(|x|_2 |dM|_2,
-|x|_inf |dM|_1)`` relative to each vector's largest current) gives the contraction rate, and near
+with ideal row lines, read the driver currents after each pass and stop on the XLA solver's error
+estimate of the output currents: a cheap bound on their change (``min(|x|_2 |dM|_2, |x|_inf
+|dM|_1)`` relative to each vector's largest current) gives the contraction rate, and near
 convergence the exact change replaces it.
 
-Single arrays (P = 1) run a compact kernel over their conducting cells only: a cell with g = 0
-joins its row segments and its bit-line segments in series, so the line factors are those of
-the merged segments and the field holds one value per conducting cell and lane (half of a
-one-sided differential pair's cells with an infinite on/off ratio). Its row lines are solved one
-at a time as weighted sums (factors near 1 are kept as their distance from 1, see
-``_ir_common.prepare_compact``), and a pass that is predicted to converge (from the measured
-contraction, or before pass 3 from an a-priori bound) skips the bit-line elimination that only a
-further pass would read: about 40% of a pass. If it does not converge it is run again in full.
+The kernel works on the bit-line nodes that have a conducting cell (``_ir_common.
+prepare_compact``): a cell with g = 0 joins its row segments (and, alone at its node, its bit-line
+segments) in series, so the line factors are those of the merged segments and the field holds 16
+values per node. Half of each array of a one-sided differential pair is off with an infinite
+on/off ratio; with a finite ratio every cell conducts. Rows are solved one at a time, their line
+eliminations written as weighted sums and factors near 1 kept as their distance from 1 (float32
+factors multiplied over a thousand rows lost the IR drop's last digits). Each lane's drive only
+enters the nodes in the block's own columns, so each row is swept in three runs. A pass that is
+predicted to converge (from the measured contraction, or before pass 3 from an a-priori bound)
+skips the bit-line elimination that only a further pass would read; if it does not converge it
+is run again in full.
 
 Gauss-Seidel passes are fast where the row-line coupling is weak (at r = 1e-4 on 1152 x 256 the
 change shrinks 15-20 times per pass). When it shrinks by less than half per pass, stalls at float32
 rounding above ``tol``, or the passes reach ``max_iters``, the kernel gives up and the caller falls
 back to the over-relaxed XLA solver. Memory: per worker thread one field of 16 float32 values per
-bit-line node (interleaved pairs: (K + 2) x N x 16, 18 MB for 1152 x 256) or per conducting cell
-(single arrays), and the line factors, kept between solves for the largest array seen
-(``release_scratch`` frees them): faulting in fresh fields on every call cost about a pass. While
-a pass computes a row it prefetches the field of the row two steps ahead. The kernel is used
-on the CPU backend for float32 input-source transfer solves when numba is installed
-(``cpu_kernel=False`` turns it off). The setup (line factors, scale, scaled inputs) runs its
-independent halves on two threads.
+node (at most K x N x 16, 18 MB for 1152 x 256), and the line factors, kept between solves for the
+largest array seen (``release_scratch`` frees them): faulting in fresh fields on every call cost
+about a pass. While a pass reads a row it prefetches the field of the row two steps ahead. The
+setup (line factors, scale, scaled inputs) runs independent halves on two threads. The kernel is
+used on the CPU backend for float32 input-source transfer solves when numba is installed
+(``cpu_kernel=False`` turns it off).
 """
 
 from __future__ import annotations
@@ -147,7 +147,8 @@ def _scratch_views(slot, shapes):
 
     The buffers are kept between solves (under _LOCK) and grown to the largest problem seen:
     fresh arrays, faulted in on every call, cost about as much as a pass. Slot 0 holds the
-    line factors (11 float32 values per cell at most), slot 1 + i worker i's work arrays.
+    compact pattern and the line factors (at most 26 float32 values per node), slot 1 + i
+    worker i's work arrays.
     """
     total = sum(_padded(int(np.prod(s))) for s in shapes)
     while len(_SCRATCH) <= slot:
