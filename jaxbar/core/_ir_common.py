@@ -282,24 +282,25 @@ def _prepare_rows(g, rp, col, r_a, r_a_end, gq, rho, rrp, jr):
                 on = g[p, k, n] != 0
                 seg[p, i - i0] = on * ((n - n_prev - 1) * r_a + (r_a_end if n_prev < 0 else r_a))
                 n_prev = n if on else n_prev
-        # The eliminations from the open end (P = 1: the second one repeats the first).
+        # The eliminations from the open end.
         y0 = y1 = 0.0
         q0 = q1 = 1.0  # products of the factors beyond the node
         for i in range(i1 - 1, i0 - 1, -1):
             n = col[i]
             g0 = np.float64(g[0, k, n])
-            g1 = np.float64(g[P - 1, k, n])
             x0 = g0 + y0
-            x1 = g1 + y1
             r0 = 1.0 / (1.0 + seg[0, i - i0] * x0)
-            r1 = 1.0 / (1.0 + seg[P - 1, i - i0] * x1)
             rho[0, i], gq[0, i], rrp[0, i] = r0, g0 / q0, r0 * seg[0, i - i0] * q0
-            rho[P - 1, i], gq[P - 1, i] = r1, g1 / q1
-            rrp[P - 1, i] = r1 * seg[P - 1, i - i0] * q1
-            y0, y1 = r0 * x0, r1 * x1
+            y0 = r0 * x0
             q0 *= r0
-            q1 *= r1
-        jr[0, k], jr[P - 1, k] = q0, q1  # rho P at the first cell
+            if P == 2:
+                g1 = np.float64(g[1, k, n])
+                x1 = g1 + y1
+                r1 = 1.0 / (1.0 + seg[1, i - i0] * x1)
+                rho[1, i], gq[1, i], rrp[1, i] = r1, g1 / q1, r1 * seg[1, i - i0] * q1
+                y1 = r1 * x1
+                q1 *= r1
+        jr[0, k], jr[P - 1, k] = q0, (q1 if P == 2 else q0)  # rho P at the first cell
         for p in range(P):
             if jr[p, k] < 1e-30:
                 return np.inf
