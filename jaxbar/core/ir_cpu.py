@@ -26,8 +26,8 @@ segments) in series, so the line factors are those of the merged segments and th
 values per node. Half of each array of a one-sided differential pair is off with an infinite
 on/off ratio; with a finite ratio every cell conducts. Rows are solved one at a time, their line
 eliminations written as weighted sums and factors near 1 kept as their distance from 1 (float32
-factors multiplied over a thousand rows lost the IR drop's last digits). Each lane's drive only
-enters the nodes in the block's own columns, so each row is swept in three runs. A pass that is
+factors multiplied over a thousand rows would lose the IR drop's last digits). Each lane's drive
+only enters the nodes in the block's own columns, so each row is swept in three runs. A pass that is
 predicted to converge (from the measured contraction, or before pass 3 from an a-priori bound)
 skips the bit-line elimination that only a further pass would read; if it does not converge it
 is run again in full.
@@ -37,11 +37,11 @@ change shrinks 15-20 times per pass). When it shrinks by less than half per pass
 rounding above ``tol``, or the passes reach ``max_iters``, the kernel gives up and the caller falls
 back to the over-relaxed XLA solver. Memory: per worker thread one field of 16 float32 values per
 node (at most K x N x 16, 18 MB for 1152 x 256), and the line factors, kept between solves for the
-largest array seen (``release_scratch`` frees them): faulting in fresh fields on every call cost
-about a pass. While a pass reads a row it prefetches the field of the row two steps ahead. The
+largest array seen (``release_scratch`` frees them): faulting in fresh fields on every call
+costs about a pass. While a pass reads a row it prefetches the field of the row two steps ahead. The
 setup (line factors, scale, scaled inputs) runs independent halves on two threads. The kernel is
 used on the CPU backend for float32 input-source transfer solves when numba is installed
-(``cpu_kernel=False`` turns it off).
+(``cpu_kernel=False`` turns it off). docs/ir_solver.md describes the design.
 """
 
 from __future__ import annotations
