@@ -22,6 +22,8 @@ from jaxbar.core import (
     program,
     program_at_time,
 )
+from jaxbar.nn.analogize import analogize, calibrate_model, map_batches, program_model
+from jaxbar.study.montecarlo import monte_carlo
 
 __version__ = "0.1.0"
 
@@ -39,9 +41,14 @@ __all__ = [
     "Programmed",
     "WeightsConfig",
     "analog_matmul",
+    "analogize",
+    "calibrate_model",
     "drift",
+    "map_batches",
     "matmul",
+    "monte_carlo",
     "partition_sizes",
     "program",
     "program_at_time",
+    "program_model",
 ]

@@ -291,7 +291,8 @@ def dense_op(lay: mapping.Layout) -> ArrayOp:
 
 
 def conv_op(lay: mapping.Layout, kernel_shape: tuple[int, int, int, int],
-            strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]) -> ArrayOp:
+            strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]],
+            dilation: tuple[int, int] = (1, 1)) -> ArrayOp:
     """The array op of a convolution with im2col semantics (PHYSICS §5).
 
     Each output pixel is one MVM of its receptive-field patch (rows in (kh, kw, c_in)
@@ -304,8 +305,10 @@ def conv_op(lay: mapping.Layout, kernel_shape: tuple[int, int, int, int],
       kernel_shape: (kh, kw, c_in, c_out).
       strides: window strides.
       padding: explicit ((top, bottom), (left, right)) padding.
+      dilation: kernel dilation (the receptive field skips `dilation - 1` pixels).
     """
     kh, kw, cin, _ = kernel_shape
+    dilation = tuple(int(d) for d in dilation)
     K = kh * kw * cin
     dims = ("NHWC", "HWIO", "NHWC")
     hp = jax.lax.Precision.HIGHEST
@@ -319,7 +322,8 @@ def conv_op(lay: mapping.Layout, kernel_shape: tuple[int, int, int, int],
     def conv(u, kernel):
         lead = u.shape[:-3]
         y = jax.lax.conv_general_dilated(u.reshape(-1, *u.shape[-3:]), kernel, strides, padding,
-                                         dimension_numbers=dims, precision=hp)
+                                         rhs_dilation=dilation, dimension_numbers=dims,
+                                         precision=hp)
         return y.reshape(*lead, *y.shape[1:])
 
     def contract(u, g):
@@ -340,7 +344,7 @@ def conv_op(lay: mapping.Layout, kernel_shape: tuple[int, int, int, int],
         lead = x.shape[:-3]
         pt = jax.lax.conv_general_dilated_patches(
             x.reshape(-1, *x.shape[-3:]), (kh, kw), strides, padding,
-            dimension_numbers=dims, precision=hp)
+            rhs_dilation=dilation, dimension_numbers=dims, precision=hp)
         # Patch features come out in (c_in, kh, kw) order; rows are (kh, kw, c_in).
         pt = pt.reshape(*pt.shape[:-1], cin, kh, kw)
         pt = jnp.moveaxis(pt, -3, -1).reshape(*pt.shape[:-3], K)
@@ -522,7 +526,7 @@ def matmul(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
 def conv(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
          kernel_shape: tuple[int, int, int, int], strides: tuple[int, int] = (1, 1),
          padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)),
-         key: jax.Array | None = None) -> jax.Array:
+         key: jax.Array | None = None, dilation: tuple[int, int] = (1, 1)) -> jax.Array:
     """An analog 2-D convolution (NHWC, HWIO) with im2col semantics (PHYSICS §5).
 
     Args:
@@ -533,6 +537,7 @@ def conv(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
       strides: window strides.
       padding: explicit ((top, bottom), (left, right)).
       key: PRNG key for read noise.
+      dilation: kernel dilation.
 
     Returns:
       NHWC outputs, each pixel the analog MVM of its receptive field.
@@ -543,7 +548,7 @@ def conv(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
                          f"{kernel_shape} (expected {(kh * kw * cin, cout)})")
     x = _check_inputs(x, programmed)
     op = conv_op(mapping.layout(*programmed.shape, config), kernel_shape, tuple(strides),
-                 tuple(tuple(p) for p in padding))
+                 tuple(tuple(p) for p in padding), tuple(dilation))
     x_q = converters.dac(x / config.inputs.x_max, config.inputs)
     return _digital(_converted_outputs(x_q, programmed, config, key, op), x_q, programmed,
                     config, op)
