@@ -41,11 +41,13 @@ from jaxbar.nn.calibrate import Calibration, LayerCalibration
 from jaxbar.nn.network_config import CalibrationSettings, NetworkConfig
 
 __all__ = [
+    "ANALOG_STATE",
     "AnalogOp",
     "Conductances",
     "analog_layers",
     "analogize",
     "calibrate_model",
+    "clear_programming",
     "is_programmed",
     "map_batches",
     "network_config",
@@ -74,6 +76,10 @@ class AnalogKey(nnx.Variable):
 
 class ReadCount(nnx.Variable):
     """How many forward calls have drawn from a layer's read-noise stream."""
+
+
+#: The variable types of a trial's programming (not parameters; `fit` does not carry them).
+ANALOG_STATE = (Conductances, AnalogKey, ReadCount)
 
 
 class Samples:
@@ -510,6 +516,15 @@ def program_model(analog: nnx.Module, key: jax.Array | None, *, live: bool = Fal
         op.conductances.set_value(None if live else op.program(kernel, k_prog))
 
 
+def clear_programming(analog: nnx.Module) -> None:
+    """Forgets the current trial, in place: conductances, read-noise streams, live keys."""
+    for _, op in analog_layers(analog).values():
+        op.conductances.set_value(None)
+        op.live_key.set_value(None)
+        op.read_key.set_value(None)
+        op.read_count.set_value(jnp.zeros((), jnp.uint32))
+
+
 def is_programmed(analog: nnx.Module) -> bool:
     """Whether every analog layer holds conductances (or programs itself live)."""
     return all(op.conductances.get_value() is not None or op.live_key.get_value() is not None
@@ -566,8 +581,7 @@ def calibrate_model(analog: nnx.Module, data: Any, *, batch_size: int = 100,
                 op.mode = "analog"
                 del op.samples
 
-    for _, op in layers.values():  # profiling runs the digital product
-        op.conductances.set_value(None)
+    clear_programming(analog)  # profiling runs the digital product
     inputs = {p: cal.input_range(np.concatenate(v), layers[p][1].settings.input_percentile)
               for p, v in run("inputs").items()}
     for p, (_, op) in layers.items():

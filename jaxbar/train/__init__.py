@@ -1,5 +1,7 @@
 """Hardware-aware fine-tuning: optax training under simulated crossbar noise, checkpoints.
 
+`fit` trains any (analogized) Flax NNX model with a user loss.
+
 `Trainer` runs the analog network (fresh programming error and read noise every step, from the
 same per-layer configs evaluation uses) in a jitted optax step; `jaxbar finetune`
 (:mod:`jaxbar.train.cli`) wraps it for the CIFAR ResNets.
@@ -12,6 +14,7 @@ from jaxbar.train.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
+from jaxbar.train.fit import FitResult, fit
 from jaxbar.train.loop import Trainer, TrainOptions, TrainState, clip_kernel, read_log
 from jaxbar.train.optim import make_optimizer, make_schedule
 from jaxbar.train.ranges import (
@@ -24,6 +27,7 @@ from jaxbar.train.ranges import (
 
 __all__ = [
     "CheckpointError",
+    "FitResult",
     "LearnedRangesAnalog",
     "TrainOptions",
     "TrainState",
@@ -31,6 +35,7 @@ __all__ = [
     "batch_indices",
     "clip_kernel",
     "epoch_permutation",
+    "fit",
     "init_ranges",
     "latest_checkpoint",
     "make_optimizer",
