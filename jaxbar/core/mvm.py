@@ -32,6 +32,7 @@ __all__ = [
     "conv",
     "conv_op",
     "dense_op",
+    "digital_readout",
     "drift",
     "matmul",
     "program",
@@ -479,8 +480,20 @@ def _converted_outputs(x_q, programmed, config, key, op) -> jax.Array:
     return acc if config.adc.per_input_slice else _adc(acc, config, lay.rows)
 
 
-def _digital(y, x_q, programmed, config, op) -> jax.Array:
-    """The digital steps after the ADC: (*batch, pr, S, P, M) → (*batch, N)."""
+def digital_readout(y: jax.Array, x_q: jax.Array, programmed: Programmed,
+                    config: CrossbarConfig, op: ArrayOp) -> jax.Array:
+    """The digital steps after the ADC: (*batch, pr, S, P, M) → (*batch, N).
+
+    Drift-compensation gains, differential subtraction, the offset unit column or row-sum
+    subtraction, partition sums, slice recombination and the rescale to `x @ W` units.
+
+    Args:
+      y: ADC outputs (or pre-ADC array outputs, to read out without an ADC).
+      x_q: the DAC outputs the arrays saw (for the digital offset subtraction).
+      programmed: the layer's crossbar.
+      config: its crossbar config.
+      op: its array op (`dense_op` or `conv_op`).
+    """
     K, N = programmed.shape
     lay = mapping.layout(K, N, config)
     if programmed.gain is not None:  # drift compensation, applied digitally after the ADC
@@ -519,7 +532,7 @@ def matmul(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
         raise ValueError(f"x has {x.shape[-1]} features but the crossbar has K = {K} rows")
     op = dense_op(mapping.layout(K, N, config))
     x_q = converters.dac(x / config.inputs.x_max, config.inputs)
-    return _digital(_converted_outputs(x_q, programmed, config, key, op), x_q, programmed,
+    return digital_readout(_converted_outputs(x_q, programmed, config, key, op), x_q, programmed,
                     config, op)
 
 
@@ -550,7 +563,7 @@ def conv(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
     op = conv_op(mapping.layout(*programmed.shape, config), kernel_shape, tuple(strides),
                  tuple(tuple(p) for p in padding), tuple(dilation))
     x_q = converters.dac(x / config.inputs.x_max, config.inputs)
-    return _digital(_converted_outputs(x_q, programmed, config, key, op), x_q, programmed,
+    return digital_readout(_converted_outputs(x_q, programmed, config, key, op), x_q, programmed,
                     config, op)
 
 

@@ -208,9 +208,8 @@ class LearnedRangesAnalog:
             y = jnp.tensordot(w, y, axes=(0, 0))
         else:
             y = y[0]
-        # The core's offset subtraction, slice recombination, partition sums and rescaling
-        # (no public entry point yet; the equivalence test in tests/test_train.py guards it).
-        return mvm._digital(y, x_q, prog, _adc_off(cfg), op)
+        # The core's offset subtraction, slice recombination, partition sums and rescaling.
+        return mvm.digital_readout(y, x_q, prog, _adc_off(cfg), op)
 
     def conv(self, name, x, kernel, *, strides, padding):
         cfg = self._config(name)
