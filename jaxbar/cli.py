@@ -3,9 +3,101 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import sys
 import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["float_in", "int_at_least", "main", "output_file"]
+
+
+def int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [lo, hi] (hi None: no upper bound).
+
+    Args:
+      lo: the smallest value allowed.
+      hi: the largest value allowed.
+
+    Returns:
+      A function text -> int raising `argparse.ArgumentTypeError` with the allowed range.
+    """
+    allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {v}")
+        return v
+
+    return parse
+
+
+def float_in(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+             hi_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in an interval.
+
+    Args:
+      lo: the lower end (None: unbounded).
+      hi: the upper end (None: unbounded).
+      lo_open: exclude `lo` itself.
+      hi_open: exclude `hi` itself.
+
+    Returns:
+      A function text -> float raising `argparse.ArgumentTypeError` with the allowed range.
+    """
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+    allowed = "a finite number" + (" " + " and ".join(parts) if parts else "")
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or \
+                (hi is not None and (v >= hi if hi_open else v > hi)):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text}")
+        return v
+
+    return parse
+
+
+def output_file(*suffixes: str) -> Callable[[str], str]:
+    """An argparse type: a file to write, whose folder exists (and suffix is one of these).
+
+    Args:
+      suffixes: the allowed suffixes, e.g. ".png", ".svg" (none: any).
+
+    Returns:
+      A function text -> text raising `argparse.ArgumentTypeError` naming the file.
+    """
+
+    def parse(text: str) -> str:
+        p = Path(text)
+        if suffixes and p.suffix.lower() not in suffixes:
+            raise argparse.ArgumentTypeError(f"{text}: expected a {' or '.join(suffixes)} file")
+        if p.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a folder; expected a file name")
+        if not p.resolve().parent.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: the folder {p.parent} does not exist")
+        return text
+
+    return parse
+
+
+POSITIVE = int_at_least(1)
+NON_NEGATIVE = int_at_least(0)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -33,32 +125,40 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, choices=MODELS)
     p.add_argument("--weights", help="Keras .h5 weights")
     p.add_argument("--params", help="a jaxbar parameter file (.npz), instead of --weights")
-    p.add_argument("--mean", help="CIFAR x_train_mean.npy (default: beside the weights)")
+    p.add_argument("--mean", help="CIFAR training-set mean .npy file, used whatever its name "
+                                  "(default: x_train_mean.npy beside the weights)")
     p.add_argument("--data", required=True, help="image folder root: DATA/<split>/<class>/*")
     p.add_argument("--config", default="paper_baseline",
                    help="preset (digital, ideal, paper_baseline) or a JSON/YAML network config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a crossbar field, e.g. --set adc.bits=6 (YAML value)")
+                   help="override a crossbar field or calibration setting, e.g. --set "
+                        "adc.bits=6 (YAML value; all overrides are applied, then validated)")
+    add_skip_unreadable(p)
     p.add_argument("--cache-dir", help="decoded-image cache (default: $JAXBAR_CACHE)")
 
 
-def _net_config(args):
-    import yaml
+def add_skip_unreadable(p: argparse.ArgumentParser) -> None:
+    """Adds `--skip-unreadable` (leave out image files that cannot be decoded)."""
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out image files that cannot be decoded (their count is "
+                        "printed) instead of stopping at the first")
 
+
+def _net_config(args):
+    from jaxbar.config import parse_override
     from jaxbar.nn.network_config import NetworkConfig
 
     net = NetworkConfig.load(args.config)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        net = net.replace(**{key: yaml.safe_load(value)})
-    return net
+    changes = dict(parse_override(item, "--set") for item in args.set)
+    return net.replace(**changes) if changes else net
 
 
 def _calibrate(args: argparse.Namespace) -> int:
     from jaxbar.study.pipeline import load_task, prepare_configs
 
-    task = load_task(args.model, args.weights, args.data, args.params, args.mean)
     net = _net_config(args)
+    task = load_task(args.model, args.weights, args.data, args.params, args.mean,
+                     args.skip_unreadable)
     t0 = time.perf_counter()
     _, _, cal = prepare_configs(task, net, None, args.cache_dir)
     if cal is None:
@@ -84,8 +184,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     elif (args.coordinator, args.num_processes, args.process_id) != (None, None, None):
         raise ValueError("--coordinator, --num-processes and --process-id need --distributed")
     t0 = time.perf_counter()
-    task = load_task(args.model, args.weights, args.data, args.params, args.mean)
     net = _net_config(args)
+    task = load_task(args.model, args.weights, args.data, args.params, args.mean,
+                     args.skip_unreadable)
     model, configs, cal = prepare_configs(task, net, args.calibration, args.cache_dir)
     images, labels = task.images(args.split, args.limit, args.cache_dir)
     keys = None
@@ -104,7 +205,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         out = {
             "model": args.model, "weights": task.weights, "split": args.split,
             "accuracy_mean": st["mean"], "accuracy_std": st["std"],
-            "accuracy_ci95": [lo, hi], "accuracies": res.accuracies.tolist(),
+            "accuracy_ci95": [lo, hi], "accuracy_ci95_method": st["ci95_method"],
+            "accuracies": res.accuracies.tolist(),
             "n_images": res.n_images, "trials": len(res.accuracies), "seed": args.seed,
             "config": net.to_dict(),
             "layers": None if configs is None else {
@@ -116,31 +218,83 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jaxbar.config import ConfigError
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
+
+def input_error(e: BaseException) -> str | None:
+    """The one-line message of an error caused by the user's input, or None for other errors.
+
+    Input errors are `ValueError`s (`ConfigError`, bad files), `OSError`s (missing or
+    unreadable files; the message names the file) and IR-drop `ConvergenceError`s, also when
+    a jitted computation carries one.
+
+    Args:
+      e: the exception.
+
+    Returns:
+      The message, or None when `e` is a bug whose traceback should be shown.
+    """
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in str(e):
+        return _one_line(f"{e.filename}: {e.strerror or e}")
+    if isinstance(e, ValueError | OSError):
+        return _one_line(str(e) or type(e).__name__)
+    if isinstance(e, RuntimeError):
+        from jaxbar.core.parasitics import convergence_error
+
+        carried = convergence_error(e)
+        if carried is not None:
+            return _one_line(str(carried))
+    return None
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("JAXBAR_DEBUG", "") not in (
+        "", "0")
+
+
+@contextlib.contextmanager
+def _reporting(command: str, debug: bool):
+    """Warnings as `jaxbar <command>: warning: ...` lines; no callback tracebacks unless
+    debugging."""
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        def show(message, category, filename, lineno, file=None, line=None):
+            where = f" ({category.__name__} at {filename}:{lineno})" if debug else ""
+            print(f"jaxbar {command}: warning: {_one_line(message)}{where}", file=sys.stderr)
+
+        warnings.showwarning = show
+        if not debug:
+            from jaxbar.core.parasitics import quiet_callback_logs
+
+            stack.enter_context(quiet_callback_logs())
+        yield
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `jaxbar` argument parser with every command (each sets `func`)."""
     parser = argparse.ArgumentParser(prog="jaxbar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="a short Monte Carlo study: a small CNN on 8x8 digits "
                           "(scikit-learn's), programming error, differential vs offset")
-    demo.add_argument("--trials", type=int, default=8)
-    demo.add_argument("--out", default="jaxbar-demo.png", help="plot file (PNG or SVG)")
+    demo.add_argument("--trials", type=POSITIVE, default=8)
+    demo.add_argument("--out", type=output_file(".png", ".svg"), default="jaxbar-demo.png",
+                      help="plot file (PNG or SVG)")
     demo.add_argument("--mvm", action="store_true",
                       help="instead: the analog-MVM error study on random 1152x256 matrices")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--json", help="also write the rows to this JSON file")
+    demo.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    demo.add_argument("--json", type=output_file(), help="also write the rows to this JSON file")
     demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("evaluate", help="accuracy of a network on simulated crossbars")
     _add_model_args(ev)
     ev.add_argument("--split", default="test")
-    ev.add_argument("--limit", type=int, help="class-balanced subset of N images")
+    ev.add_argument("--limit", type=POSITIVE, help="class-balanced subset of N images")
     ev.add_argument("--calibration", help="calibration file (default: calibrate on the fly)")
-    ev.add_argument("--trials", type=int, default=1)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--batch-size", type=int, default=250)
+    ev.add_argument("--trials", type=POSITIVE, default=1, help="Monte Carlo trials (>= 1)")
+    ev.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    ev.add_argument("--batch-size", type=POSITIVE, default=250, help="images per forward pass")
     ev.add_argument("--strategy", default="auto", choices=("auto", "map", "vmap"))
-    ev.add_argument("--json", help="write results to this JSON file")
+    ev.add_argument("--json", type=output_file(), help="write results to this JSON file")
     ev.add_argument("--distributed", action="store_true",
                     help="multi-host run: call jax.distributed.initialize() first; start one "
                          "process per host, all with the same arguments; trials (and images, "
@@ -148,13 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--coordinator", metavar="HOST:PORT",
                     help="with --distributed: process 0's address (default: auto-detected on "
                          "SLURM, Open MPI, Kubernetes and Cloud TPU, or $JAX_COORDINATOR_ADDRESS)")
-    ev.add_argument("--num-processes", type=int, help="with --distributed: processes in all")
-    ev.add_argument("--process-id", type=int, help="with --distributed: this process's rank")
+    ev.add_argument("--num-processes", type=POSITIVE,
+                    help="with --distributed: processes in all")
+    ev.add_argument("--process-id", type=NON_NEGATIVE,
+                    help="with --distributed: this process's rank")
     ev.set_defaults(func=_evaluate)
 
     ca = sub.add_parser("calibrate", help="calibrate input and ADC ranges of every layer")
     _add_model_args(ca)
-    ca.add_argument("--out", required=True, help="calibration JSON file to write")
+    ca.add_argument("--out", required=True, type=output_file(),
+                    help="calibration JSON file to write")
     ca.set_defaults(func=_calibrate)
 
     from jaxbar.study.cli_sweep import add_parsers
@@ -164,13 +321,37 @@ def main(argv: list[str] | None = None) -> int:
     from jaxbar.train.cli import add_finetune_parser
 
     add_finetune_parser(sub)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true",
+                       help="show the Python traceback of an error (also: JAXBAR_DEBUG=1)")
+    return parser
 
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"jaxbar {args.command}: error: {e}", file=sys.stderr)
-        return 2
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs a `jaxbar` command.
+
+    Errors in the input (options, files, configs) print one line `jaxbar <command>: error:
+    <message>` naming the input and return 2; `--debug` or `JAXBAR_DEBUG=1` shows the
+    traceback instead.
+
+    Args:
+      argv: the arguments (default: `sys.argv[1:]`).
+
+    Returns:
+      The exit status: 0 on success, 2 on an input error (argparse's too), 130 when a sweep
+      is interrupted.
+    """
+    args = build_parser().parse_args(argv)
+    debug = _debug(args)
+    with _reporting(args.command, debug):
+        try:
+            return args.func(args)
+        except Exception as e:
+            message = None if debug else input_error(e)
+            if message is None:
+                raise
+            print(f"jaxbar {args.command}: error: {message}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,11 +32,66 @@ __all__ = [
     "ParasiticsConfig",
     "WeightsConfig",
     "PRESETS",
+    "load_yaml",
+    "parse_override",
 ]
 
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the field path."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML's safe loader that also reads `1e-5`, `2E3` and `.5e-2` as floats (YAML 1.1 needs
+    a dot and a signed exponent, so it reads `1e-5` as a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parses YAML text (a config file or a `--set` value) with numbers as people write them.
+
+    Args:
+      text: the YAML text.
+
+    Returns:
+      The parsed value; `1e-5` is the float 1e-05, as in JSON.
+
+    Raises:
+      yaml.YAMLError: the text is not valid YAML.
+    """
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
+def parse_override(item: str, option: str = "--set") -> tuple[str, Any]:
+    """Splits a `KEY=VALUE` command-line override and parses its value as YAML.
+
+    Args:
+      item: the text given, e.g. `adc.bits=6` or `device.programming_error={sigma: 0.02}`.
+      option: the option's name, for the error message.
+
+    Returns:
+      (dotted key, value).
+
+    Raises:
+      ConfigError: no `=`, an empty key, or a value that is not valid YAML.
+    """
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{option} needs KEY=VALUE (e.g. {option} adc.bits=6), got {item!r}")
+    try:
+        return key.strip(), load_yaml(value)
+    except yaml.YAMLError as e:
+        detail = " ".join(str(e).split())
+        raise ConfigError(f"{option} {item!r}: the value is not valid YAML: {detail}") from e
 
 
 def _fail(path: str, value: Any, allowed: str) -> None:
@@ -740,7 +796,7 @@ class CrossbarConfig:
     @classmethod
     def from_yaml(cls, text: str) -> CrossbarConfig:
         try:
-            return cls.from_dict(yaml.safe_load(text) or {})
+            return cls.from_dict(load_yaml(text) or {})
         except yaml.YAMLError as e:
             raise ConfigError(f"invalid YAML config: {e}") from e
 

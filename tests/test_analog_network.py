@@ -200,9 +200,10 @@ def test_cli_evaluate_and_calibrate(tmp_path, cifar_data_dir):
     # Parameter files are accepted in place of Keras weights.
     params = tmp_path / "p.npz"
     save_params(params, load_keras_resnet_cifar(weights))
+    mean = cifar_weights_path(14).with_name("x_train_mean.npy")
     assert cli(["evaluate", "--model", "resnet14", "--params", str(params), "--mean",
-                str(cifar_weights_path(14)), "--data", str(cifar_data_dir), "--config",
-                "digital", "--limit", "20", "--cache-dir", str(tmp_path / "cache")]) == 0
+                str(mean), "--data", str(cifar_data_dir), "--config", "digital", "--limit", "20",
+                "--cache-dir", str(tmp_path / "cache")]) == 0
     assert cli(["evaluate", *common[:4], "--data", "/nonexistent", "--config", "digital"]) == 2
 
 

@@ -69,7 +69,8 @@ def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
 
     def one_array(gt, v, g_neg=None):
         y, info = solve(gt, v, p.r_row, p.r_col, g_neg=g_neg, **kwargs)
-        parasitics.check_convergence(info, p.on_nonconvergence)
+        parasitics.check_convergence(info, p.on_nonconvergence,
+                                     {"parasitics.r_row": p.r_row, "parasitics.r_col": p.r_col})
         return y
 
     # vmap over column partitions of one (row partition, slice, polarity).

@@ -44,9 +44,14 @@ resistances ``r = R*Gmax``, currents in array output units (the ideal result is 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import logging
+import re
 import warnings
-from typing import NamedTuple
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,11 +65,14 @@ __all__ = [
     "NodeVoltages",
     "SolveInfo",
     "check_convergence",
+    "convergence_error",
     "default_tol",
     "gated_source_nodes",
     "input_source_nodes",
+    "quiet_callback_logs",
     "solve_gated_source",
     "solve_input_source",
+    "solving",
 ]
 
 Array = jax.Array
@@ -1144,10 +1152,14 @@ def _message(iterations, error, tol):
     )
 
 
-def _host_check(mode, where, iterations, error, converged, tol):
+def _host_check(mode, where, iterations, error, converged, tol, *values, names=()):
     if bool(np.all(converged)):
         return
-    msg = _message(iterations, error, tol) + (f" [{where}]" if where else "")
+    settings = ", ".join(f"{n} = {float(np.max(v)):g}" for n, v in zip(names, values,
+                                                                       strict=True))
+    msg = (f"{where}: " if where else "") + _message(iterations, error, tol)
+    if settings:
+        msg = msg.replace(" did not converge:", f" did not converge ({settings}):", 1)
     if mode == "error":
         raise ConvergenceError(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -1155,27 +1167,101 @@ def _host_check(mode, where, iterations, error, converged, tol):
 
 def _warn_if_unconverged(info, where):
     jax.debug.callback(
-        functools.partial(_host_check, "warn", where),
+        functools.partial(_host_check, "warn", _label(where)),
         info.iterations, info.error, info.converged, info.tol,
     )
 
 
-def check_convergence(info: SolveInfo, mode: str = "error") -> None:
+_WHERE: contextvars.ContextVar[str] = contextvars.ContextVar("jaxbar_ir_where", default="")
+
+
+def _label(where: str = "") -> str:
+    return "; ".join(w for w in (_WHERE.get(), where) if w)
+
+
+@contextlib.contextmanager
+def solving(where: str) -> Iterator[None]:
+    """Names what the IR-drop solves traced inside this context belong to (e.g. a layer).
+
+    The name is read when a solve is traced and starts its non-convergence message.
+
+    Args:
+      where: the name, e.g. ``"layer 'stage1.block0.conv1'"``.
+    """
+    token = _WHERE.set(_label(where))
+    try:
+        yield
+    finally:
+        _WHERE.reset(token)
+
+
+def check_convergence(info: SolveInfo, mode: str = "error",
+                      values: Mapping[str, Any] | None = None) -> None:
     """Raise or warn if an IR-drop solve did not converge; usable inside ``jit``.
 
     Args:
       info: the :class:`SolveInfo` returned by a solve (any batch shape, e.g. under vmap).
       mode: "error" raises :class:`ConvergenceError` (under ``jit`` it surfaces as a
-        ``JaxRuntimeError`` carrying the same message, when the computation runs), "warn"
-        issues a ``RuntimeWarning``, "ignore" does nothing.
+        ``JaxRuntimeError`` carrying the same message, when the computation runs;
+        :func:`convergence_error` recovers it), "warn" issues a ``RuntimeWarning``,
+        "ignore" does nothing.
+      values: settings named in the message (e.g. ``{"parasitics.r_row": r}``; may be traced).
     """
     if mode not in ("error", "warn", "ignore"):
         raise ValueError(f"mode must be 'error', 'warn' or 'ignore', got {mode!r}")
     if mode == "ignore":
         return
-    leaves = (info.iterations, info.error, info.converged, info.tol)
+    values = dict(values or {})
+    leaves = (info.iterations, info.error, info.converged, info.tol, *values.values())
+    check = functools.partial(_host_check, mode, _label(), names=tuple(values))
     if not any(isinstance(x, jax.core.Tracer) for x in leaves):
-        _host_check(mode, "", *(np.asarray(x) for x in leaves))
+        check(*(np.asarray(x) for x in leaves))
         return
-    jax.debug.callback(functools.partial(_host_check, mode, ""), *leaves)
+    jax.debug.callback(check, *leaves)
+
+
+_CARRIED = re.compile(r"ConvergenceError: (.+)")
+
+
+def convergence_error(exc: BaseException) -> ConvergenceError | None:
+    """The :class:`ConvergenceError` an exception is or carries, if any.
+
+    Under ``jit`` the error raised in the host callback reaches the caller wrapped in a
+    ``JaxRuntimeError`` whose text holds the callback's traceback; this finds it there.
+
+    Args:
+      exc: the exception caught.
+
+    Returns:
+      The ConvergenceError (rebuilt from the text when wrapped), or None.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ConvergenceError):
+            return exc
+        m = _CARRIED.search(str(exc))
+        if m:
+            return ConvergenceError(m.group(1).strip())
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class _DropConvergenceLogs(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        info = record.exc_info
+        return not (info and isinstance(info[1], ConvergenceError))
+
+
+@contextlib.contextmanager
+def quiet_callback_logs() -> Iterator[None]:
+    """Within this context JAX does not log the tracebacks of callbacks that raised a
+    :class:`ConvergenceError` (the error still reaches the caller)."""
+    logger = logging.getLogger("jax._src.debugging")
+    flt = _DropConvergenceLogs()
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
 

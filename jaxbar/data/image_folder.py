@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +57,12 @@ def list_image_folder(root: str | os.PathLike, split: str = "test", limit: int |
     return per_class, classes
 
 
-def _cache_key(root: Path, split: str, limit: int | None, per_class: list[list[Path]]) -> str:
+def _cache_key(root: Path, split: str, limit: int | None, per_class: list[list[Path]],
+               skip_unreadable: bool = False) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([_CACHE_FORMAT, str(root.resolve()), split, limit]).encode())
+    if skip_unreadable:
+        h.update(b"\x00skip-unreadable")
     for files in per_class:
         h.update(b"\x00class")
         for p in files:
@@ -67,18 +71,38 @@ def _cache_key(root: Path, split: str, limit: int | None, per_class: list[list[P
     return h.hexdigest()[:32]
 
 
-def _decode(per_class: list[list[Path]]) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
+class ImageError(ValueError):
+    """An image file that cannot be decoded; the message names the file."""
 
+
+def _read_image(p: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"cannot read image {p}: {' '.join(str(e).split()) or type(e).__name__}"
+                         " (pass --skip-unreadable to skip such files)") from e
+
+
+def _decode(per_class: list[list[Path]], skip_unreadable: bool = False
+            ) -> tuple[np.ndarray, np.ndarray, list[Path]]:
     n = sum(len(f) for f in per_class)
     images: np.ndarray | None = None
     first: Path | None = None
     labels = np.empty((n,), np.int32)
+    skipped: list[Path] = []
     i = 0
     for label, files in enumerate(per_class):
         for p in files:
-            with Image.open(p) as im:
-                a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            try:
+                a = _read_image(p)
+            except ImageError:
+                if not skip_unreadable:
+                    raise
+                skipped.append(p)
+                continue
             if images is None:
                 images = np.empty((n, *a.shape), np.uint8)
                 first = p
@@ -88,8 +112,16 @@ def _decode(per_class: list[list[Path]]) -> tuple[np.ndarray, np.ndarray]:
             images[i] = a
             labels[i] = label
             i += 1
-    assert images is not None
-    return images, labels
+    if images is None:
+        raise ImageError(f"none of the {n} images could be read (first: {skipped[0]})")
+    return images[:i], labels[:i], skipped
+
+
+def _warn_skipped(skipped: list[str], root: Path, split: str) -> None:
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable image"
+                      f"{'s' * (len(skipped) > 1)} in {root / split} (first: {skipped[0]})",
+                      stacklevel=3)
 
 
 def load_image_folder(
@@ -97,6 +129,7 @@ def load_image_folder(
     split: str = "test",
     limit: int | None = None,
     cache_dir: str | os.PathLike | bool | None = None,
+    skip_unreadable: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Loads ``root/<split>/<class>/*.{jpg,jpeg,png}`` as arrays.
 
@@ -112,24 +145,28 @@ def load_image_folder(
             class, plus one more for each of the first ``limit % C`` classes.
         cache_dir: where to cache; default ``$JAXBAR_CACHE`` or ``~/.cache/jaxbar``. ``False``
             disables caching.
+        skip_unreadable: leave out image files that cannot be decoded (a warning counts them
+            and names the first) instead of raising.
 
     Returns:
         ``(images uint8 (N, H, W, 3), labels int32 (N,), class names)``.
 
     Raises:
         FileNotFoundError: missing folder, no class folders or no images.
+        ImageError: an image file cannot be decoded (naming it), unless ``skip_unreadable``.
         ValueError: bad ``limit`` or images of different sizes.
     """
     root = Path(root)
     per_class, classes = list_image_folder(root, split, limit)
     if cache_dir is False:
-        images, labels = _decode(per_class)
+        images, labels, skipped = _decode(per_class, skip_unreadable)
+        _warn_skipped([str(p) for p in skipped], root, split)
         return images, labels, classes
     if cache_dir is None or cache_dir is True:
         cache = default_cache_dir()
     else:
         cache = Path(cache_dir)
-    key = _cache_key(root, split, limit, per_class)
+    key = _cache_key(root, split, limit, per_class, skip_unreadable)
     stem = cache / f"imagefolder-{split}-{key}"
     img_path = stem.with_name(stem.name + ".images.npy")
     lab_path = stem.with_name(stem.name + ".labels.npy")
@@ -140,10 +177,12 @@ def load_image_folder(
             images = np.load(img_path, allow_pickle=False)
             labels = np.load(lab_path, allow_pickle=False)
             if meta.get("classes") == classes and len(images) == len(labels):
+                _warn_skipped(meta.get("skipped", []), root, split)
                 return images, labels, classes
         except (OSError, ValueError):
             pass  # unreadable cache entry: decode again
-    images, labels = _decode(per_class)
+    images, labels, skipped = _decode(per_class, skip_unreadable)
+    _warn_skipped([str(p) for p in skipped], root, split)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         tag = f".{os.getpid()}.tmp"
@@ -152,7 +191,7 @@ def load_image_folder(
                 np.save(fh, arr)
             os.replace(str(path) + tag, path)
         meta = {"root": str(root.resolve()), "split": split, "limit": limit,
-                "classes": classes, "n": int(len(labels))}
+                "classes": classes, "n": int(len(labels)), "skipped": [str(p) for p in skipped]}
         Path(str(meta_path) + tag).write_text(json.dumps(meta))
         os.replace(str(meta_path) + tag, meta_path)
     except OSError:
@@ -160,4 +199,4 @@ def load_image_folder(
     return images, labels, classes
 
 
-__all__ = ["default_cache_dir", "list_image_folder", "load_image_folder"]
+__all__ = ["ImageError", "default_cache_dir", "list_image_folder", "load_image_folder"]

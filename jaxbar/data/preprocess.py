@@ -15,6 +15,41 @@ CIFAR_MEAN_FILE = "x_train_mean.npy"
 IMAGENET_CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
 
 
+def read_cifar_mean(path: str | os.PathLike) -> np.ndarray:
+    """Reads a CIFAR training-set mean file: exactly the file given, whatever its name.
+
+    Args:
+        path: a ``.npy`` file of float (H, W, 3) or (3,) values in 0..255 units, or a folder
+            holding ``x_train_mean.npy``.
+
+    Returns:
+        The mean as float32.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a readable ``.npy`` array, has the wrong shape or holds
+            non-finite values; the message names the file.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / CIFAR_MEAN_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"mean file not found: {p}")
+    try:
+        mean = np.load(p, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"cannot read the mean file {p} (expected a .npy array): {e}") from e
+    if not (isinstance(mean, np.ndarray) and mean.dtype.kind in "fiu"
+            and mean.ndim in (1, 3) and mean.shape[-1] == 3):
+        what = getattr(mean, "shape", type(mean).__name__)
+        raise ValueError(f"mean file {p} holds {what}, expected a numeric (H, W, 3) or (3,) "
+                         "array")
+    mean = mean.astype(np.float32)
+    if not np.all(np.isfinite(mean)):
+        raise ValueError(f"mean file {p} holds non-finite values (NaN or inf)")
+    return mean
+
+
 def load_cifar_mean(weights_path: str | os.PathLike) -> np.ndarray:
     """Reads ``x_train_mean.npy`` (float32 (32, 32, 3), 0..255 units) beside a weights file.
 
@@ -26,14 +61,16 @@ def load_cifar_mean(weights_path: str | os.PathLike) -> np.ndarray:
 
     Raises:
         FileNotFoundError: the mean file is absent.
+        ValueError: the mean file is unreadable (see :func:`read_cifar_mean`).
     """
     p = Path(weights_path)
     folder = p if p.is_dir() else p.parent
     mean_path = folder / CIFAR_MEAN_FILE
     if not mean_path.is_file():
         raise FileNotFoundError(f"{CIFAR_MEAN_FILE} not found in {folder}: the CIFAR ResNet "
-                                "models need the training-set mean that they were trained with")
-    return np.load(mean_path, allow_pickle=False).astype(np.float32)
+                                "models need the training-set mean that they were trained with "
+                                "(pass it with --mean)")
+    return read_cifar_mean(mean_path)
 
 
 def cifar_resnet_preprocess(images_uint8: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -95,4 +132,4 @@ def imagenet_preprocess(
 
 
 __all__ = ["IMAGENET_CAFFE_MEAN_BGR", "cifar_resnet_preprocess", "imagenet_preprocess",
-           "load_cifar_mean"]
+           "load_cifar_mean", "read_cifar_mean"]

@@ -10,6 +10,7 @@ and no device errors (the ADC range covers the inner P % per weight slice).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from jaxbar.nn.contraction import DIGITAL, explicit_padding
 from jaxbar.nn.models import layer_names
 from jaxbar.nn.network_config import NetworkConfig
 
-__all__ = ["Calibration", "LayerCalibration", "calibrate_network", "resolve_layers"]
+__all__ = ["Calibration", "LayerCalibration", "calibrate_network", "check_layer_patterns",
+           "resolve_layers"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +120,7 @@ def calibrate_network(model: nnx.Module, net: NetworkConfig, images: np.ndarray,
     Returns:
       The per-layer `Calibration`.
     """
+    check_layer_patterns(net, layer_names(model))
     s = net.calibration
     p1 = _Profiler(net, None)
     _run(model, images, batch_size, p1)
@@ -137,6 +140,22 @@ def calibrate_network(model: nnx.Module, net: NetworkConfig, images: np.ndarray,
     return Calibration(layers, meta)
 
 
+def check_layer_patterns(net: NetworkConfig, names: list[str]) -> None:
+    """Checks that every per-layer override pattern of a network config matches a layer.
+
+    Args:
+      net: the network config.
+      names: the model's analog layer names.
+
+    Raises:
+      ConfigError: naming the first pattern that matches no layer, and listing the names.
+    """
+    for pattern, _ in net.layers:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ConfigError(f"layers[{pattern!r}] matches no layer of the model; its layers "
+                              f"are {', '.join(names)}")
+
+
 def resolve_layers(model: nnx.Module, net: NetworkConfig,
                    calibration: Calibration | None = None) -> LayerConfigs | None:
     """Per-layer crossbar configs with calibrated ranges filled in.
@@ -150,12 +169,15 @@ def resolve_layers(model: nnx.Module, net: NetworkConfig,
       Layer name → config (None: digital), or None when the whole network is digital.
 
     Raises:
-      ConfigError: naming the layer, when a needed calibration is missing.
+      ConfigError: naming the layer, when a needed calibration is missing; naming the
+        pattern and listing the layers, when a `layers` pattern matches no layer.
     """
     if net.crossbar is None:
         return None
+    names = layer_names(model)
+    check_layer_patterns(net, names)
     out = {}
-    for name in layer_names(model):
+    for name in names:
         cfg = net.crossbar_for(name)
         if cfg is not None and calibration is not None and name in calibration.layers:
             c = calibration.layers[name]

@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxbar.nn.layers import BatchNorm, Conv, Dense
 from jaxbar.nn.models import ResNet50, ResNetV1Cifar, named_batchnorms, named_layers
+from jaxbar.nn.params_io import check_finite
 
 
 class WeightsError(ValueError):
@@ -425,6 +426,7 @@ def load_keras_resnet_cifar(path: str | os.PathLike, depth: int | None = None
 
     Raises:
         WeightsError: unreadable file, missing config/weights/layer, topology or shape mismatch.
+        ParamsError: a layer's weights are not finite (NaN or inf).
     """
     with open_h5(path) as f:
         mapping, info = cifar_layer_map(read_model_config(f))
@@ -454,6 +456,7 @@ def load_keras_resnet_cifar(path: str | os.PathLike, depth: int | None = None
         for bn in named_batchnorms(model).values():
             bn.epsilon = info["bn_epsilon"]
         _load_into(model, root, mapping)
+    check_finite(model, path)
     return model
 
 
@@ -489,6 +492,7 @@ def load_keras_resnet50(path: str | os.PathLike, v1_5: bool | None = None) -> Re
 
     Raises:
         WeightsError: unreadable file, missing weights/layer, topology or shape mismatch.
+        ParamsError: a layer's weights are not finite (NaN or inf).
     """
     names = resnet50_keras_names()
     with open_h5(path) as f:
@@ -523,6 +527,7 @@ def load_keras_resnet50(path: str | os.PathLike, v1_5: bool | None = None) -> Re
         kw = {} if eps is None else {"bn_epsilon": eps}
         model = ResNet50(bool(v1_5), num_classes=num_classes, width=width, **kw)
         _load_into(model, root, names)
+    check_finite(model, path)
     return model
 
 

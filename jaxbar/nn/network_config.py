@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from jaxbar.config import ConfigError, CrossbarConfig
+from jaxbar.config import ConfigError, CrossbarConfig, load_yaml
 
 __all__ = ["CalibrationSettings", "NetworkConfig", "NETWORK_PRESETS"]
 
@@ -151,17 +151,38 @@ class NetworkConfig:
                               "nor an existing file")
         text = p.read_text()
         try:
-            d = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+            d = json.loads(text) if p.suffix == ".json" else load_yaml(text)
         except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot parse {spec}: {e}") from e
-        return cls.from_dict(d or {})
+            raise ConfigError(f"cannot parse {spec}: {' '.join(str(e).split())}") from e
+        if d is not None and not isinstance(d, Mapping):
+            raise ConfigError(f"{spec}: a network config must be a mapping, got "
+                              f"{type(d).__name__}")
+        try:
+            return cls.from_dict(d or {})
+        except ConfigError as e:
+            raise ConfigError(f"{spec}: {e}") from e
 
     def replace(self, **changes: Any) -> NetworkConfig:
-        """Dotted keys into the crossbar config (`"adc.bits": 6`) or top-level fields."""
+        """All changes at once, validated together.
+
+        Keys are dotted crossbar fields (`"adc.bits": 6`), calibration settings
+        (`"calibration.samples": 100`) or top-level fields.
+        """
         top = {k: v for k, v in changes.items() if k in
                {"crossbar", "calibration", "fold_batchnorm", "layers"}}
-        cross = {k: v for k, v in changes.items() if k not in top}
+        cal = {k.split(".", 1)[1]: v for k, v in changes.items()
+               if k.startswith("calibration.")}
+        cross = {k: v for k, v in changes.items() if k not in top and k not in
+                 {f"calibration.{c}" for c in cal}}
         out = dataclasses.replace(self, **top)
+        if cal:
+            known = {f.name for f in dataclasses.fields(CalibrationSettings)}
+            unknown = sorted(set(cal) - known)
+            if unknown:
+                raise ConfigError(f"unknown field 'calibration.{unknown[0]}'; calibration "
+                                  f"settings are {', '.join(sorted(known))}")
+            out = dataclasses.replace(
+                out, calibration=dataclasses.replace(out.calibration, **cal))
         if cross:
             if out.crossbar is None:
                 raise ConfigError("cannot change crossbar fields of a digital network config")

@@ -73,6 +73,27 @@ def named_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
     return out
 
 
+def check_finite(model: nnx.Module, source: str | os.PathLike | None = None) -> None:
+    """Checks that every parameter and batch statistic of a model is finite.
+
+    Args:
+        model: a jaxbar model.
+        source: the file the values came from, named in the error.
+
+    Raises:
+        ParamsError: naming the first layer variable that holds NaN or inf, and the file.
+    """
+    for key, var in named_variables(model).items():
+        value = np.asarray(var[...])
+        bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+        if bad:
+            nan = int(np.count_nonzero(np.isnan(value)))
+            where = f"{source}: " if source is not None else ""
+            layer, _, what = key.rpartition("/")
+            raise ParamsError(f"{where}layer {layer!r} has non-finite {what} values ({nan} NaN, "
+                              f"{bad - nan} inf of {value.size}); weights must be finite")
+
+
 def _model_meta(model: nnx.Module) -> dict[str, Any]:
     cfg = model.config() if hasattr(model, "config") else {}
     return {
@@ -201,8 +222,9 @@ def load_params(path: str | os.PathLike, model_template: nnx.Module | None = Non
                 raise ParamsError(f"{path}: shape mismatch for {k}: file {value.shape}, model "
                                   f"{tuple(var[...].shape)}")
             var[...] = value.astype(np.float32)
+    check_finite(model, path)
     return model
 
 
-__all__ = ["ParamsError", "load_params", "named_variables", "read_params_metadata",
+__all__ = ["ParamsError", "check_finite", "load_params", "named_variables", "read_params_metadata",
            "save_params"]

@@ -29,7 +29,8 @@ def _sweep(args: argparse.Namespace) -> int:
     try:
         s = run_sweep(study, out, dry_run=args.dry_run, progress=not args.quiet,
                       cache_dir=args.cache_dir, strategy=args.strategy,
-                      only=parse_filters(args.only))
+                      only=parse_filters(args.only, "--only"),
+                      skip_unreadable=args.skip_unreadable)
     except KeyboardInterrupt:
         print(f"\njaxbar sweep: interrupted; completed points are in {out}, run the same "
               "command again to resume", file=sys.stderr)
@@ -47,6 +48,8 @@ def _plot(args: argparse.Namespace) -> int:
     rows = filter_rows(read_results(args.results), parse_filters(args.filter),
                        keep_missing=True)
     out = args.out or str(Path(args.results).with_suffix(".png"))
+    if args.ylim and not args.ylim[0] < args.ylim[1]:
+        raise ValueError(f"--ylim {args.ylim[0]:g} {args.ylim[1]:g}: LO must be below HI")
     plot_results(rows, args.x, args.hue, args.style, out, logx=args.logx, title=args.title,
                  ylim=tuple(args.ylim) if args.ylim else None)
     print(f"{len(rows)} rows → {out}")
@@ -68,6 +71,8 @@ def add_parsers(subparsers) -> None:
       subparsers: the result of `ArgumentParser.add_subparsers()`; each command sets
         `func` to a function `args -> exit status`.
     """
+    from jaxbar.cli import NON_NEGATIVE, POSITIVE, add_skip_unreadable, float_in, output_file
+
     sw = subparsers.add_parser(
         "sweep", help="run (or resume) a study: accuracy at every point of a parameter grid",
         description="Runs the points of a study YAML, appending one JSON row per point to "
@@ -78,13 +83,17 @@ def add_parsers(subparsers) -> None:
                     help="list the points and whether each is done; evaluate nothing")
     sw.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                     help="run only the points with this setting (repeatable)")
-    sw.add_argument("--trials", type=int, help="override the study's trials (new point ids)")
-    sw.add_argument("--limit", type=int, help="override the study's image count (new ids)")
-    sw.add_argument("--seed", type=int, help="override the study's seed (new point ids)")
+    sw.add_argument("--trials", type=POSITIVE,
+                    help="override the study's trials (new point ids)")
+    sw.add_argument("--limit", type=POSITIVE,
+                    help="override the study's image count (new ids)")
+    sw.add_argument("--seed", type=NON_NEGATIVE,
+                    help="override the study's seed (new point ids)")
     sw.add_argument("--strategy", choices=("auto", "map", "vmap"),
                     help="trial strategy (default: the study's, else by backend)")
     sw.add_argument("--cache-dir", help="decoded-image cache (default: $JAXBAR_CACHE)")
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_skip_unreadable(sw)
     sw.set_defaults(func=_sweep)
 
     pl = subparsers.add_parser(
@@ -96,10 +105,11 @@ def add_parsers(subparsers) -> None:
     pl.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                     help="keep only rows with this setting, and rows without the key such as a "
                          "digital reference (repeatable; YAML value)")
-    pl.add_argument("--out", help="figure file, .png or .svg (default: RESULTS with .png)")
+    pl.add_argument("--out", type=output_file(".png", ".svg"),
+                    help="figure file, .png or .svg (default: RESULTS with .png)")
     pl.add_argument("--logx", action="store_true", help="logarithmic x axis")
     pl.add_argument("--title", help="figure title (default: the study name)")
-    pl.add_argument("--ylim", type=float, nargs=2, metavar=("LO", "HI"), help="y limits, %%")
+    pl.add_argument("--ylim", type=float_in(), nargs=2, metavar=("LO", "HI"), help="y limits, %%")
     pl.set_defaults(func=_plot)
 
     tb = subparsers.add_parser("table", help="print a summary table of sweep results")

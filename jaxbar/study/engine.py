@@ -29,7 +29,9 @@ from jax.experimental import multihost_utils
 from scipy import stats
 from tqdm.auto import tqdm
 
+from jaxbar.core import parasitics
 from jaxbar.nn.analog import Analog, LayerConfigs, program_network
+from jaxbar.nn.params_io import check_finite
 
 __all__ = ["EvalResult", "accuracy_stats", "default_strategy", "evaluate"]
 
@@ -59,16 +61,30 @@ class EvalResult:
         return accuracy_stats(self.accuracies)["ci95"]
 
 
+#: How `accuracy_stats` computes its interval (stored beside it in results).
+CI95_METHOD = "95% Student t-interval of the mean over trials, clipped to [0, 1]"
+
+
 def accuracy_stats(acc) -> dict:
-    """Mean, std (ddof 1) and the 95% t-interval of the mean over trials."""
+    """Mean, std (ddof 1) and the 95% t-interval of the mean over trials.
+
+    Accuracies lie in [0, 1], so the interval is clipped to it (a few trials with a wide
+    spread would otherwise reach beyond 100%).
+
+    Returns:
+      {"mean", "std", "ci95": (lo, hi), "ci95_method": `CI95_METHOD`}.
+    """
     acc = np.asarray(acc, dtype=np.float64)
     n = len(acc)
+    if n == 0:
+        raise ValueError("accuracy_stats needs at least one trial's accuracy")
     mean = float(acc.mean())
     if n < 2:
-        return {"mean": mean, "std": 0.0, "ci95": (mean, mean)}
+        return {"mean": mean, "std": 0.0, "ci95": (mean, mean), "ci95_method": CI95_METHOD}
     std = float(acc.std(ddof=1))
     half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-    return {"mean": mean, "std": std, "ci95": (mean - half, mean + half)}
+    return {"mean": mean, "std": std,
+            "ci95": (max(mean - half, 0.0), min(mean + half, 1.0)), "ci95_method": CI95_METHOD}
 
 
 def default_strategy() -> str:
@@ -163,9 +179,11 @@ def _build_runner(graphdef, strategy: str, C: int, digital: bool, trial_shards: 
     def trial(state, xs, ys, key, configs):
         net = nnx.merge(graphdef, state)
         programmed, rk = None, None
+        named = not digital and _has_ir_drop(configs)
+        contraction = _NamedAnalog if named else Analog
         if not digital:
             tk, rk = jax.random.split(key)
-            programmed = program_network(net, configs, tk)  # once per trial
+            programmed = (_program_named if named else program_network)(net, configs, tk)
 
         def body(carry, batch):
             xb, yb, i = batch
@@ -175,7 +193,8 @@ def _build_runner(graphdef, strategy: str, C: int, digital: bool, trial_shards: 
             if digital:
                 logits = net(xb)
             else:
-                logits = net(xb, Analog(configs, programmed, None, jax.random.fold_in(rk, i)))
+                logits = net(xb, contraction(configs, programmed, None,
+                                             jax.random.fold_in(rk, i)))
             hit = (jnp.argmax(logits, -1) == yb).astype(jnp.float32)
             onehot = jax.nn.one_hot(jnp.where(yb >= 0, yb, 0) if C > 1 else 0 * yb, C)
             onehot = onehot * (yb >= 0)[:, None]
@@ -201,6 +220,34 @@ def _build_runner(graphdef, strategy: str, C: int, digital: bool, trial_shards: 
                          out_specs=P("trials"), axis_names={"trials"}, check_vma=False)
     return jax.jit(body, in_shardings=(on(), on(None, "data"), on(None, "data"),
                                        on("trials"), on()), out_shardings=on())
+
+
+def _has_ir_drop(configs: LayerConfigs) -> bool:
+    return any(c is not None and c.parasitics.topology != "none" for c in configs.values())
+
+
+def _program_named(model: nnx.Module, configs: LayerConfigs, key) -> dict:
+    """`program_network`, each layer's IR-drop solves named after the layer."""
+    out = {}
+    for name, cfg in configs.items():
+        if cfg is not None:
+            with parasitics.solving(f"layer {name!r}"):
+                out.update(program_network(model, {n: cfg if n == name else None
+                                                   for n in configs}, key))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _NamedAnalog(Analog):
+    """`Analog`, each layer's IR-drop solves named after the layer."""
+
+    def conv(self, name, x, kernel, *, strides, padding):
+        with parasitics.solving(f"layer {name!r}"):
+            return super().conv(name, x, kernel, strides=strides, padding=padding)
+
+    def dense(self, name, x, kernel):
+        with parasitics.solving(f"layer {name!r}"):
+            return super().dense(name, x, kernel)
 
 
 def _global(tree, sharding: jax.sharding.NamedSharding):
@@ -270,16 +317,30 @@ def evaluate(model: nnx.Module, configs: LayerConfigs | None, images: np.ndarray
       An `EvalResult`.
 
     Raises:
-      ValueError: bad `strategy`, or (multi-process) processes passed different inputs.
+      ValueError: bad `strategy`, `batch_size`, `trial_chunk` or keys, images and labels
+        that do not match, non-finite weights (naming the layer), or (multi-process)
+        processes passed different inputs.
+      ConvergenceError: an IR-drop solve did not converge with `on_nonconvergence: error`
+        (naming the layer).
     """
     t0 = time.perf_counter()
     strategy = default_strategy() if strategy == "auto" else strategy
     if strategy not in ("map", "vmap"):
         raise ValueError(f"strategy must be 'map', 'vmap' or 'auto', got {strategy!r}")
+    for name, v in (("batch_size", batch_size), ("trial_chunk", trial_chunk)):
+        if v is not None and not (isinstance(v, int | np.integer) and v >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     images, labels = np.asarray(images, np.float32), np.asarray(labels, np.int32)
+    if len(images) == 0 or len(images) != len(labels):
+        raise ValueError(f"evaluate needs as many labels as images (at least one), got "
+                         f"{len(images)} images and {len(labels)} labels")
+    check_finite(model)
     graphdef, state = nnx.split(model)
     if keys is None:
         keys = jax.random.split(jax.random.key(0), 1)
+    if not keys.shape or keys.shape[0] < 1:
+        raise ValueError(f"keys must be an array of T >= 1 trial keys, got shape "
+                         f"{keys.shape}")
     T = keys.shape[0]
     devices = jax.device_count() if shard else 1
     chunk, t, d = _shards(trial_chunk or min(T, 8 if strategy == "vmap" else 4), devices)
@@ -308,7 +369,13 @@ def evaluate(model: nnx.Module, configs: LayerConfigs | None, images: np.ndarray
         ks = keys[i:i + chunk]
         if ks.shape[0] < chunk:  # keep one compiled shape: pad the last chunk
             ks = jnp.concatenate([ks, jnp.repeat(ks[-1:], chunk - ks.shape[0], axis=0)])
-        res = np.asarray(run(state, xs, ys, place_keys(ks), configs))[: min(chunk, T - i)]
+        try:
+            res = np.asarray(run(state, xs, ys, place_keys(ks), configs))[: min(chunk, T - i)]
+        except Exception as e:  # a ConvergenceError of a callback arrives wrapped
+            carried = parasitics.convergence_error(e)
+            if carried is None or carried is e:
+                raise
+            raise carried from e
         out.append(res)
         bar.update(res.shape[0])
     bar.close()

@@ -11,7 +11,12 @@ from flax import nnx
 
 from jaxbar.config import ConfigError
 from jaxbar.data.image_folder import load_image_folder
-from jaxbar.data.preprocess import cifar_resnet_preprocess, imagenet_preprocess, load_cifar_mean
+from jaxbar.data.preprocess import (
+    cifar_resnet_preprocess,
+    imagenet_preprocess,
+    load_cifar_mean,
+    read_cifar_mean,
+)
 from jaxbar.nn.calibrate import Calibration, calibrate_network, resolve_layers
 from jaxbar.nn.folding import fold_batchnorm
 from jaxbar.nn.keras_import import load_keras_resnet50, load_keras_resnet_cifar
@@ -33,17 +38,19 @@ class Task:
     weights: str | None
     data: str
     mean: np.ndarray | None
+    skip_unreadable: bool = False
 
     def images(self, split: str, limit: int | None, cache_dir: str | None = None):
         """Preprocessed images and labels of a split (class-balanced `limit`)."""
-        raw, labels, _ = load_image_folder(self.data, split, limit=limit, cache_dir=cache_dir)
+        raw, labels, _ = load_image_folder(self.data, split, limit=limit, cache_dir=cache_dir,
+                                           skip_unreadable=self.skip_unreadable)
         if self.name == "resnet50":
             return imagenet_preprocess(raw), labels
         return cifar_resnet_preprocess(raw, self.mean), labels
 
 
 def load_task(model: str, weights: str | None, data: str, params: str | None = None,
-              mean: str | None = None) -> Task:
+              mean: str | None = None, skip_unreadable: bool = False) -> Task:
     """Loads a model from Keras HDF5 weights or a jaxbar parameter file.
 
     Args:
@@ -51,7 +58,10 @@ def load_task(model: str, weights: str | None, data: str, params: str | None = N
       weights: Keras .h5 file (CIFAR ResNet-v1 or keras.applications ResNet50).
       data: image-folder root (`<data>/<split>/<class>/*.jpg`).
       params: a jaxbar parameter file (`save_params`), instead of `weights`.
-      mean: the CIFAR `x_train_mean.npy` (default: beside the weights, or the params file).
+      mean: the CIFAR training-set mean file, used whatever its name (default:
+        `$JAXBAR_CIFAR_MEAN`, else `x_train_mean.npy` beside the weights or the params file).
+      skip_unreadable: `Task.images` skips unreadable image files (with a warning) instead
+        of failing on the first.
     """
     if model not in MODELS:
         raise ConfigError(f"--model {model!r} is not supported; choose from {', '.join(MODELS)}")
@@ -65,9 +75,9 @@ def load_task(model: str, weights: str | None, data: str, params: str | None = N
         net = load_keras_resnet_cifar(weights, CIFAR_MODELS[model])
     m = None
     if model != "resnet50":
-        src = mean or os.environ.get("JAXBAR_CIFAR_MEAN") or weights or params
-        m = load_cifar_mean(src)
-    return Task(model, net, weights or params, data, m)
+        given = mean or os.environ.get("JAXBAR_CIFAR_MEAN")
+        m = read_cifar_mean(given) if given else load_cifar_mean(weights or params)
+    return Task(model, net, weights or params, data, m, skip_unreadable)
 
 
 def _needs_calibration(model, net: NetworkConfig) -> bool:

@@ -106,6 +106,11 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, dict | None, bytes]]:
             yield i, row if isinstance(row, dict) else None, line
 
 
+def _warn_corrupt(path: Path, lineno: int, line: bytes, consequence: str = "") -> None:
+    warnings.warn(f"{path}:{lineno}: skipping a line that is not a JSON object: "
+                  f"{line[:60]!r}{consequence}", stacklevel=3)
+
+
 def read_results(path: str | os.PathLike, dedupe: bool = True) -> list[dict]:
     """Reads the rows of a results file.
 
@@ -128,8 +133,7 @@ def read_results(path: str | os.PathLike, dedupe: bool = True) -> list[dict]:
     rows = []
     for i, row, line in _iter_rows(p):
         if row is None:
-            warnings.warn(f"{p}:{i}: skipping a line that is not a JSON object: "
-                          f"{line[:60]!r}", stacklevel=2)
+            _warn_corrupt(p, i, line)
             continue
         rows.append(row)
     if dedupe:
@@ -179,8 +183,13 @@ class ResultStore:
             finally:
                 os.close(dfd)
         repair(self.path)
-        self._done = {r["point_id"] for _, r, _ in _iter_rows(self.path)
-                      if r is not None and "point_id" in r}
+        self._done = set()
+        for i, row, line in _iter_rows(self.path):
+            if row is None:
+                _warn_corrupt(self.path, i, line, "; a point whose row it was is computed "
+                              "again (delete the line to silence this)")
+            elif "point_id" in row:
+                self._done.add(row["point_id"])
 
     def close(self) -> None:
         """Releases the lock."""
@@ -249,17 +258,20 @@ def lookup(row: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return default
 
 
-def parse_filters(items: Iterable[str]) -> list[tuple[str, Any]]:
-    """`key=value` strings (YAML values: `0.02`, `null`, `offset`) to (key, value) pairs."""
-    import yaml
+def parse_filters(items: Iterable[str], option: str = "--filter") -> list[tuple[str, Any]]:
+    """`key=value` strings (YAML values: `0.02`, `1e-5`, `null`, `offset`) to (key, value)
+    pairs.
 
-    out = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--filter expects key=value, got {item!r}")
-        out.append((key.strip(), yaml.safe_load(value)))
-    return out
+    Args:
+      items: the strings.
+      option: the command-line option they came from, named in errors.
+
+    Raises:
+      ConfigError: an item without `=` or with a value that is not YAML.
+    """
+    from jaxbar.config import parse_override
+
+    return [parse_override(item, option) for item in items]
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -55,7 +55,7 @@ from typing import Any
 
 import yaml
 
-from jaxbar.config import ConfigError
+from jaxbar.config import ConfigError, load_yaml
 from jaxbar.nn.network_config import CalibrationSettings, NetworkConfig
 
 __all__ = [
@@ -121,7 +121,8 @@ def expand_path(value: str | None, root: Path) -> str | None:
 
 
 def _coerce(v: Any) -> Any:
-    """YAML 1.1 reads `1e-5` (no dot) as a string; numbers are what was meant."""
+    """Number-like strings of a study given as a mapping become numbers, as `load_yaml`
+    reads them from a file."""
     if isinstance(v, str) and _NUMBER.match(v.strip()):
         return float(v)
     if isinstance(v, list):
@@ -229,9 +230,9 @@ def load_study(source: str | os.PathLike | Mapping[str, Any],
         if not p.is_file():
             raise FileNotFoundError(f"study file not found: {p}")
         try:
-            d = yaml.safe_load(p.read_text()) or {}
+            d = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"cannot parse study {p}: {e}") from e
+            raise ConfigError(f"cannot parse study {p}: {' '.join(str(e).split())}") from e
         if not isinstance(d, Mapping):
             raise ConfigError(f"study {p} must be a mapping of settings")
         name, base = p.stem, p.resolve().parent
@@ -589,7 +590,8 @@ def _print_plan(study: Study, points: list[Point], done: frozenset[str], out: Pa
 def run_sweep(study: Study, out: str | os.PathLike, *, dry_run: bool = False,
               progress: bool = True, cache_dir: str | None = None,
               strategy: str | None = None, only: Sequence[tuple[str, Any]] = (),
-              log: Callable[[str], None] = print) -> SweepSummary:
+              log: Callable[[str], None] = print,
+              skip_unreadable: bool = False) -> SweepSummary:
     """Runs (or resumes) a study, appending one row per point to a JSON-lines file.
 
     Args:
@@ -601,6 +603,8 @@ def run_sweep(study: Study, out: str | os.PathLike, *, dry_run: bool = False,
       strategy: overrides the study's trial strategy.
       only: (dotted key, value) filters: run only matching points.
       log: where messages go.
+      skip_unreadable: leave out image files that cannot be decoded (with a warning)
+        instead of failing.
 
     Returns:
       A `SweepSummary`.
@@ -633,12 +637,13 @@ def run_sweep(study: Study, out: str | os.PathLike, *, dry_run: bool = False,
         log(f"study {study.name}: {len(todo)} of {len(points)} points to run "
             f"({skipped} already in {out})")
         done = _run_points(study, todo, store, out, progress,
-                           cache_dir or study.cache_dir, strategy or study.strategy)
+                           cache_dir or study.cache_dir, strategy or study.strategy,
+                           skip_unreadable)
     return SweepSummary(len(points), skipped, done, time.perf_counter() - t_start)
 
 
 def _run_points(study: Study, todo: list[Point], store, out: Path, progress: bool,
-                cache_dir: str | None, strategy: str) -> int:
+                cache_dir: str | None, strategy: str, skip_unreadable: bool = False) -> int:
     import jax
     from tqdm.auto import tqdm
 
@@ -647,7 +652,7 @@ def _run_points(study: Study, todo: list[Point], store, out: Path, progress: boo
     from jaxbar.study.pipeline import load_task, prepare_configs
 
     task = load_task(study.model, study.path("weights"), study.path("data"),
-                     study.path("params"), study.path("mean"))
+                     study.path("params"), study.path("mean"), skip_unreadable)
     images, labels = task.images(study.split, study.limit, cache_dir)
     num_classes = None
     if study.per_class:

@@ -58,11 +58,14 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
         description="Fine-tunes a CIFAR ResNet with the analog network (fresh programming error "
                     "and read noise every step, straight-through quantizers) in the forward "
                     "pass; resumes from the last checkpoint in --out.")
+    from jaxbar.cli import NON_NEGATIVE, POSITIVE, add_skip_unreadable, float_in
+
     p.add_argument("--model", required=True, choices=tuple(CIFAR_MODELS))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", help="Keras .h5 weights to start from")
     src.add_argument("--params", help="a jaxbar parameter file (.npz) to start from")
-    p.add_argument("--mean", help="CIFAR x_train_mean.npy (default: beside the weights)")
+    p.add_argument("--mean", help="CIFAR training-set mean .npy file, used whatever its name "
+                                  "(default: x_train_mean.npy beside the weights)")
     p.add_argument("--data", required=True, help="image folder root: DATA/{train,test}/<class>/*")
     p.add_argument("--config", default="paper_baseline",
                    help="network config: preset (digital, ideal, paper_baseline) or JSON/YAML; "
@@ -71,18 +74,20 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
                    help="override a crossbar field, e.g. --set adc.bits=6 (YAML value)")
     p.add_argument("--calibration", help="calibration file (default: calibrate the starting "
                                          "model on the fly)")
-    p.add_argument("--epochs", type=float, required=True,
+    p.add_argument("--epochs", type=float_in(0, lo_open=True), required=True,
                    help="passes over the training data (fractional: a random subset)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--lr", type=float_in(0, lo_open=True), default=1e-3, help="peak learning rate")
     p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, help="clip the global gradient norm")
+    p.add_argument("--momentum", type=float_in(0, 1, hi_open=True), default=0.9,
+                   help="SGD momentum (Nesterov)")
+    p.add_argument("--weight-decay", type=float_in(0), default=0.0)
+    p.add_argument("--grad-clip", type=float_in(0, lo_open=True),
+                   help="clip the global gradient norm")
     p.add_argument("--schedule", default="cosine", choices=SCHEDULES)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-steps", type=NON_NEGATIVE, default=0)
+    p.add_argument("--batch-size", type=POSITIVE, default=128)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--batch-stats", default="frozen", choices=("frozen", "update"),
                    help="batch norm: use and keep the running averages (as evaluation does), "
                         "or normalize with batch statistics and update the averages")
@@ -90,22 +95,25 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
                    help="clip analog kernels after each step to the mapped range or to ±K·std")
     p.add_argument("--learn-ranges", action="store_true",
                    help="learn the input and ADC ranges of every analog layer")
-    p.add_argument("--range-lr", type=float, default=1e-3, help="Adam rate of the ranges")
+    p.add_argument("--range-lr", type=float_in(0, lo_open=True), default=1e-3,
+                   help="Adam rate of the ranges")
     p.add_argument("--no-ir-drop", dest="ir_drop", action="store_false",
                    help="train without the config's parasitics (evaluate with them)")
     p.add_argument("--no-augment", dest="augment", action="store_false",
                    help="no random crop / horizontal flip")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--train-limit", type=int,
+    p.add_argument("--label-smoothing", type=float_in(0, 1, hi_open=True), default=0.0)
+    p.add_argument("--train-limit", type=POSITIVE,
                    help="use a class-balanced subset of N training images")
-    p.add_argument("--log-every", type=int, default=20, help="steps per log record")
-    p.add_argument("--checkpoint-every", type=int, default=200, help="steps per checkpoint")
-    p.add_argument("--stop-at", type=int, help="stop after this global step (resume later)")
+    p.add_argument("--log-every", type=POSITIVE, default=20, help="steps per log record")
+    p.add_argument("--checkpoint-every", type=POSITIVE, default=200, help="steps per checkpoint")
+    p.add_argument("--stop-at", type=NON_NEGATIVE,
+                   help="stop after this global step (resume later)")
     p.add_argument("--restart", action="store_true",
                    help="discard the checkpoints and log in --out and start afresh")
-    p.add_argument("--eval-limit", type=int, default=0,
+    p.add_argument("--eval-limit", type=NON_NEGATIVE, default=0,
                    help="after each epoch, evaluate on N test images (0: no evaluation)")
-    p.add_argument("--eval-trials", type=int, default=1, help="Monte Carlo trials of it")
+    p.add_argument("--eval-trials", type=POSITIVE, default=1, help="Monte Carlo trials of it")
+    add_skip_unreadable(p)
     p.add_argument("--cache-dir", help="decoded-image cache (default: $JAXBAR_CACHE)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=finetune)
@@ -147,11 +155,12 @@ def finetune(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    _check_run_dir(out, args, args.restart)
-    task = load_task(args.model, args.weights, args.data, args.params, args.mean)
     from jaxbar.cli import _net_config  # the same --config/--set handling as evaluate
 
     net = _net_config(args)
+    _check_run_dir(out, args, args.restart)
+    task = load_task(args.model, args.weights, args.data, args.params, args.mean,
+                     args.skip_unreadable)
     calibration = args.calibration
     if calibration is None and (out / "calibration.json").exists() and \
             (out / "checkpoints").is_dir():
@@ -161,7 +170,8 @@ def finetune(args: argparse.Namespace) -> int:
         cal.meta.update(model=args.model, config=net.to_dict())
         cal.save(out / "calibration.json")
     raw, labels, _ = load_image_folder(args.data, "train", limit=args.train_limit,
-                                       cache_dir=args.cache_dir)
+                                       cache_dir=args.cache_dir,
+                                       skip_unreadable=args.skip_unreadable)
     mean = jnp.asarray(task.mean, jnp.float32)
 
     def preprocess(x):  # cifar_resnet_preprocess, inside the step (after augmentation)
