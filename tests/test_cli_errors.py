@@ -133,6 +133,8 @@ def test_overrides_validated_together(setup, capsys):
     assert main(_args(setup, "--config", "paper_baseline", "--set", "adc.range=null",
                       "--set", "adc.bits=0", "--set", "inputs.bits=0")) == 0
     _error(capsys, _args(setup, "--set", "calibration.sample=3"), "calibration.sample")
+    with pytest.raises(ConfigError, match="calibration"):
+        NetworkConfig.from_dict({"calibration": {"sample": 3}})
 
 
 def test_layer_pattern_must_match(setup, tmp_path, capsys):

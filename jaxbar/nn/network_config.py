@@ -124,9 +124,14 @@ class NetworkConfig:
         layers = d.get("layers", {}) or {}
         if not isinstance(layers, Mapping):
             raise ConfigError("layers must map layer-name patterns to overrides")
+        cal = d.get("calibration") or {}
+        known_cal = {f.name for f in dataclasses.fields(CalibrationSettings)}
+        if not isinstance(cal, Mapping) or set(cal) - known_cal:
+            raise ConfigError(f"calibration = {cal!r} is invalid: expected a mapping of "
+                              f"{', '.join(sorted(known_cal))}")
         return cls(
             crossbar=None if cb is None else CrossbarConfig.from_dict(cb),
-            calibration=CalibrationSettings(**(d.get("calibration") or {})),
+            calibration=CalibrationSettings(**cal),
             fold_batchnorm=bool(d.get("fold_batchnorm", False)),
             layers=tuple((str(p), "digital" if v in ("digital", None) else
                           json.dumps(v, sort_keys=True)) for p, v in layers.items()),

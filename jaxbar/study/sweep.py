@@ -697,6 +697,7 @@ def _run_points(study: Study, todo: list[Point], store, out: Path, progress: boo
             "trial_keys": None if configs is None else jax.random.key_data(keys).tolist(),
             "accuracies": [float(a) for a in res.accuracies],
             "mean": st["mean"], "std": st["std"], "ci95": list(st["ci95"]),
+            "ci95_method": st["ci95_method"],
             "n_images": res.n_images,
             "calibration": None if cal is None else {
                 "source": cal_source, "key": cal_key, "seconds": cal_s,
