@@ -44,6 +44,7 @@ __all__ = [
     "ANALOG_STATE",
     "AnalogOp",
     "Conductances",
+    "LayerConfig",
     "analog_layers",
     "analogize",
     "calibrate_model",
@@ -74,12 +75,17 @@ class AnalogKey(nnx.Variable):
     """A PRNG key of an analog layer (its read-noise stream, or its live programming key)."""
 
 
+class LayerConfig(nnx.Variable):
+    """A layer's crossbar config. In the model's state, so its swept numbers (σ, on/off ratio,
+    wire resistances, ...) are traced and a sweep over them compiles once."""
+
+
 class ReadCount(nnx.Variable):
     """How many forward calls have drawn from a layer's read-noise stream."""
 
 
-#: The variable types of a trial's programming (not parameters; `fit` does not carry them).
-ANALOG_STATE = (Conductances, AnalogKey, ReadCount)
+#: The variables `analogize` adds to a model: configs and a trial's programming (not parameters).
+ANALOG_STATE = (LayerConfig, Conductances, AnalogKey, ReadCount)
 
 
 class Samples:
@@ -124,7 +130,7 @@ class AnalogOp(nnx.Module):
 
     Attributes:
       path: the layer's NNX graph path, dotted (`"blocks.0.attn.query"`).
-      config: the layer's crossbar config (static: part of the graph definition).
+      crossbar: the layer's crossbar config (a `LayerConfig` variable; `config` reads it).
       kernel: how the layer's kernel maps to weight matrices.
       settings: how `calibrate_model` calibrates this layer.
       conductances: the programmed crossbars of the current trial, or None.
@@ -137,7 +143,7 @@ class AnalogOp(nnx.Module):
     def __init__(self, path: str, config: CrossbarConfig, kernel: Kernel,
                  settings: CalibrationSettings):
         self.path = path
-        self.config = config
+        self.crossbar = LayerConfig(config)
         self.kernel = kernel
         self.settings = settings
         self.conductances = Conductances(None)
@@ -145,6 +151,11 @@ class AnalogOp(nnx.Module):
         self.read_count = ReadCount(jnp.zeros((), jnp.uint32))
         self.live_key = AnalogKey(None)
         self.mode = "analog"
+
+    @property
+    def config(self) -> CrossbarConfig:
+        """The layer's crossbar config."""
+        return self.crossbar.get_value()
 
     # ---- programming ---------------------------------------------------------------------
     def program(self, kernel: jax.Array, key: jax.Array | None) -> mvm.Programmed:
@@ -596,7 +607,7 @@ def calibrate_model(analog: nnx.Module, data: Any, *, batch_size: int = 100,
             per_slice = [np.concatenate(v) for v in zip(*adc_samples[p], strict=True)]
             adc = cal.ranges_from_samples(per_slice, s.adc_percentile, s.symmetric,
                                           s.power_of_two)
-        op.config = cal.with_ranges(op.config, inputs[p], adc)
+        op.crossbar.set_value(cal.with_ranges(op.config, inputs[p], adc))
         result[p] = LayerCalibration(inputs[p], adc)
     return Calibration(result, {})
 
