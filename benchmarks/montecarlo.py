@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 
 from jaxbar.nn import load_keras_resnet_cifar, resnet20
-from jaxbar.nn.calibrate import calibrate_network, resolve_layers
+from jaxbar.nn.analogize import analogize
+from jaxbar.nn.calibrate import calibrate_model
 from jaxbar.nn.network_config import NetworkConfig
 from jaxbar.study.engine import evaluate
 
@@ -43,17 +44,18 @@ def main() -> None:
     y = rng.integers(0, 10, args.images).astype(np.int32)
     net = NetworkConfig.load("paper_baseline").replace(
         **{"device.programming_error": {"model": "proportional", "sigma": 0.05}})
-    configs = resolve_layers(model, net, calibrate_network(model, net, x[:200]))
+    analog = analogize(model, net)
+    calibrate_model(analog, x[:200])
     keys = jax.random.split(jax.random.key(0), args.trials)
     kw = dict(batch_size=args.batch_size, progress=False, strategy=args.strategy)
 
     # The same engine runs both. Digital "trials" would be identical (XLA hoists them out of
     # the trial loop), so the digital cost is one real pass times T.
     def dig():
-        return evaluate(model, None, x, y, None, **kw)
+        return evaluate(model, x, y, None, **kw)
 
     def mc():
-        return evaluate(model, configs, x, y, keys, **kw)
+        return evaluate(analog, x, y, keys, **kw)
 
     dig(), mc()  # compile both
     t_dig, t_mc = [], []

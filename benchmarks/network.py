@@ -21,8 +21,8 @@ import numpy as np
 from flax import nnx
 
 from jaxbar.nn import load_keras_resnet_cifar, resnet20
-from jaxbar.nn.analog import Analog, program_network
-from jaxbar.nn.calibrate import calibrate_network, resolve_layers
+from jaxbar.nn.analogize import analogize, program_model
+from jaxbar.nn.calibrate import calibrate_model
 from jaxbar.nn.network_config import NetworkConfig
 
 
@@ -70,16 +70,17 @@ def main() -> None:
     calib_x = np.asarray(x[:64])
     print(f"{'variant':46s} {'ms/image':>9s} {'x digital':>9s}")
     for name, net in variants.items():
-        configs = resolve_layers(model, net, calibrate_network(model, net, calib_x))
+        analog = analogize(model, net)
+        calibrate_model(analog, calib_x)
+        a_graphdef, a_state = nnx.split(analog)
 
         @jax.jit
-        def trial(state, x, key, configs=configs):
-            m = nnx.merge(graphdef, state)
-            tk, rk = jax.random.split(key)
-            prog = program_network(m, configs, tk)  # once per trial, amortized over the batch
-            return m(x, Analog(configs, prog, None, rk))
+        def trial(state, x, key, a_graphdef=a_graphdef):
+            m = nnx.merge(a_graphdef, state, copy=True)
+            program_model(m, key)  # once per trial, amortized over the batch
+            return m(x)
 
-        t = median_time(trial, state, x, jax.random.key(0), repeats=args.repeats)
+        t = median_time(trial, a_state, x, jax.random.key(0), repeats=args.repeats)
         print(f"{name:46s} {t / args.batch * 1e3:9.3f} {t / t_dig:9.2f}")
 
 

@@ -22,7 +22,8 @@ from jaxbar.core import (
     program,
     program_at_time,
 )
-from jaxbar.nn.analogize import analogize, calibrate_model, map_batches, program_model
+from jaxbar.nn.analogize import analogize, map_batches, program_model
+from jaxbar.nn.calibrate import calibrate_model
 from jaxbar.study.montecarlo import monte_carlo
 
 __version__ = "0.1.0"

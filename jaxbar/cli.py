@@ -154,13 +154,13 @@ def _net_config(args):
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from jaxbar.study.pipeline import load_task, prepare_configs
+    from jaxbar.study.pipeline import load_task, prepare_model
 
     net = _net_config(args)
     task = load_task(args.model, args.weights, args.data, args.params, args.mean,
                      args.skip_unreadable)
     t0 = time.perf_counter()
-    _, _, cal = prepare_configs(task, net, None, args.cache_dir)
+    _, cal = prepare_model(task, net, None, args.cache_dir)
     if cal is None:
         print("nothing to calibrate: the network is digital or uses no quantized inputs/ADC")
         return 0
@@ -174,8 +174,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import jax
 
+    from jaxbar.nn.analogize import analog_layers
     from jaxbar.study.engine import accuracy_stats, evaluate
-    from jaxbar.study.pipeline import load_task, prepare_configs
+    from jaxbar.study.pipeline import load_task, prepare_model
 
     if args.distributed:  # multi-host: every process sees all hosts' devices; trials shard
         # None: auto-detected (SLURM, Open MPI, Kubernetes, Cloud TPU); must precede any JAX op.
@@ -187,12 +188,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     net = _net_config(args)
     task = load_task(args.model, args.weights, args.data, args.params, args.mean,
                      args.skip_unreadable)
-    model, configs, cal = prepare_configs(task, net, args.calibration, args.cache_dir)
+    model, cal = prepare_model(task, net, args.calibration, args.cache_dir)
     images, labels = task.images(args.split, args.limit, args.cache_dir)
-    keys = None
-    if configs is not None:
-        keys = jax.random.split(jax.random.key(args.seed), args.trials)
-    res = evaluate(model, configs, images, labels, keys, batch_size=args.batch_size,
+    layers = analog_layers(model)
+    keys = jax.random.split(jax.random.key(args.seed), args.trials) if layers else None
+    res = evaluate(model, images, labels, keys, batch_size=args.batch_size,
                    strategy=args.strategy)
     if jax.process_index() != 0:  # every process holds all results; process 0 reports them
         return 0
@@ -209,8 +209,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             "accuracies": res.accuracies.tolist(),
             "n_images": res.n_images, "trials": len(res.accuracies), "seed": args.seed,
             "config": net.to_dict(),
-            "layers": None if configs is None else {
-                n: (None if c is None else c.to_dict()) for n, c in configs.items()},
+            "layers": None if net.crossbar is None else {
+                n: op.config.to_dict() for n, (_, op) in layers.items()},
             "seconds": time.perf_counter() - t0,
         }
         with open(args.json, "w") as f:

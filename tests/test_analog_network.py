@@ -1,4 +1,4 @@
-"""Networks on simulated crossbars: analog contraction, overrides, calibration, evaluation, CLI."""
+"""Networks on simulated crossbars: analogized ResNets, overrides, calibration, evaluation, CLI."""
 
 import json
 
@@ -11,13 +11,20 @@ from flax import nnx
 from jaxbar import ConfigError, CrossbarConfig
 from jaxbar.cli import main as cli
 from jaxbar.nn import load_keras_resnet_cifar, save_params
-from jaxbar.nn.analog import Analog, forward, program_network
-from jaxbar.nn.calibrate import Calibration, calibrate_network, resolve_layers
-from jaxbar.nn.models import ResNetV1Cifar, layer_names
+from jaxbar.nn.analogize import analog_layers, analogize, program_model
+from jaxbar.nn.calibrate import Calibration, apply_calibration, calibrate_model
+from jaxbar.nn.models import ResNetV1Cifar, layer_names, named_layers
 from jaxbar.nn.network_config import NetworkConfig
 from jaxbar.study.engine import accuracy_stats, evaluate
 
 from .conftest import cifar_weights_path
+
+
+def forward(model, x, net, key=None):
+    """One analog forward pass of `model` under `net` (a trial from `key`)."""
+    analog = analogize(model, net)
+    program_model(analog, key)
+    return analog(jnp.asarray(x))
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +48,8 @@ MAPPINGS = {
 def test_effects_off_reproduces_digital_logits(tiny, name):
     model, x = tiny
     net = NetworkConfig(crossbar=CrossbarConfig.from_dict(MAPPINGS[name]))
-    configs = resolve_layers(model, net)
     digital = model(jnp.asarray(x))
-    analog = forward(model, x, configs)
+    analog = forward(model, x, net)
     if name == "sliced":  # 8-bit weights: compare with the quantized digital network
         ref = _quantized_digital(model, x, 8)
     else:
@@ -52,22 +58,14 @@ def test_effects_off_reproduces_digital_logits(tiny, name):
 
 
 def _quantized_digital(model, x, bits):
-    from jaxbar.nn.contraction import DIGITAL
-
+    """The digital network with every kernel quantized symmetrically to `bits` bits."""
     L = 2 ** (bits - 1) - 1
-
-    class Quantized:
-        def q(self, k):
-            m = jnp.max(jnp.abs(k))
-            return jnp.round(k / m * L) / L * m
-
-        def conv(self, name, x, kernel, **kw):
-            return DIGITAL.conv(name, x, self.q(kernel), **kw)
-
-        def dense(self, name, x, kernel):
-            return DIGITAL.dense(name, x, self.q(kernel))
-
-    return model(jnp.asarray(x), Quantized())
+    q = nnx.clone(model)
+    for layer in named_layers(q).values():
+        k = layer.kernel[...]
+        m = jnp.max(jnp.abs(k))
+        layer.kernel[...] = jnp.round(k / m * L) / L * m
+    return q(jnp.asarray(x))
 
 
 def test_layer_overrides_and_errors(tiny):
@@ -77,15 +75,10 @@ def test_layer_overrides_and_errors(tiny):
         "crossbar": {"device": {"programming_error": {"model": "independent", "sigma": 0.2}}},
         "layers": {"head.*": "digital", "stem.conv": {"device": {"programming_error": {
             "sigma": 0.0}}}}})
-    configs = resolve_layers(model, net)
-    assert configs["head.dense"] is None
-    assert configs["stem.conv"].device.programming_error.sigma == 0.0
-    assert configs[names[1]].device.programming_error.sigma == 0.2
-    # A digital layer and an error-free layer compute exactly; the rest carries errors.
-    prog = program_network(model, configs, jax.random.key(0))
-    assert "head.dense" not in prog and names[1] in prog
-    with pytest.raises(ConfigError, match="layer 'stem.conv' has no analog configuration"):
-        model(jnp.asarray(x), Analog({n: c for n, c in configs.items() if n != "stem.conv"}))
+    layers = analog_layers(analogize(model, net))
+    assert "head.dense" not in layers and names[1] in layers
+    assert layers["stem.conv"][1].config.device.programming_error.sigma == 0.0
+    assert layers[names[1]][1].config.device.programming_error.sigma == 0.2
     with pytest.raises(ConfigError, match=r"layers\['stem.\*'\]|layer"):
         NetworkConfig.from_dict({"layers": {"stem.*": {"adc": {"bits": -1}}}})
 
@@ -94,10 +87,9 @@ def test_trial_is_a_key(tiny):
     model, x = tiny
     net = NetworkConfig(crossbar=CrossbarConfig.from_dict(
         {"device": {"programming_error": {"model": "proportional", "sigma": 0.1}}}))
-    configs = resolve_layers(model, net)
-    a = forward(model, x, configs, jax.random.key(1))
-    b = forward(model, x, configs, jax.random.key(1))
-    c = forward(model, x, configs, jax.random.key(2))
+    a = forward(model, x, net, jax.random.key(1))
+    b = forward(model, x, net, jax.random.key(1))
+    c = forward(model, x, net, jax.random.key(2))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
 
@@ -105,7 +97,7 @@ def test_trial_is_a_key(tiny):
 def test_calibration_signs_ranges_and_file(tiny, tmp_path):
     model, x = tiny
     net = NetworkConfig.load("paper_baseline")
-    cal = calibrate_network(model, net, x, batch_size=3)
+    cal = calibrate_model(analogize(model, net), x, batch_size=3)
     names = layer_names(model)
     assert set(cal.layers) == set(names)
     stem = cal.layers["stem.conv"]
@@ -119,10 +111,12 @@ def test_calibration_signs_ranges_and_file(tiny, tmp_path):
     cal.save(tmp_path / "cal.json")
     again = Calibration.load(tmp_path / "cal.json")
     assert again.layers == cal.layers
-    configs = resolve_layers(model, net, again)
-    assert configs["stem.conv"].adc.range == tuple(stem.adc_range[0])
+    analog = analogize(model, net)
     with pytest.raises(ConfigError, match="needs a calibrated ADC range"):
-        resolve_layers(model, net)
+        program_model(analog, None)
+    apply_calibration(analog, again)
+    assert analog_layers(analog)["stem.conv"][1].config.adc.range == tuple(stem.adc_range[0])
+    program_model(analog, None)
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ConfigError, match="cannot read calibration"):
         Calibration.load(tmp_path / "bad.json")
@@ -133,24 +127,21 @@ def test_evaluate_engine_strategies_agree(tiny):
     labels = np.asarray(jnp.argmax(model(jnp.asarray(x)), -1))  # digital predictions
     net = NetworkConfig(crossbar=CrossbarConfig.from_dict(
         {"device": {"programming_error": {"model": "independent", "sigma": 0.05}}}))
-    configs = resolve_layers(model, net)
+    analog = analogize(model, net)
     keys = jax.random.split(jax.random.key(0), 3)
-    r_map = evaluate(model, configs, x, labels, keys, batch_size=4, strategy="map",
-                     progress=False)
-    r_vmap = evaluate(model, configs, x, labels, keys, batch_size=4, strategy="vmap",
-                      trial_chunk=2, progress=False)
+    r_map = evaluate(analog, x, labels, keys, batch_size=4, strategy="map", progress=False)
+    r_vmap = evaluate(analog, x, labels, keys, batch_size=4, strategy="vmap", trial_chunk=2,
+                      progress=False)
     np.testing.assert_array_equal(r_map.accuracies, r_vmap.accuracies)
-    # Each trial's accuracy equals a direct forward pass with that trial's programming.
+    # Each trial's accuracy equals direct forward passes with that trial's programming.
     for k, acc in zip(keys, r_map.accuracies, strict=True):
-        tk, rk = jax.random.split(k)
-        prog = program_network(model, configs, tk)
+        program_model(analog, k)
         hits = 0
         for i in range(2):
-            xb = jnp.asarray(x[4 * i:4 * i + 4])
-            logits = model(xb, Analog(configs, prog, None, jax.random.fold_in(rk, i)))
+            logits = analog(jnp.asarray(x[4 * i:4 * i + 4]))
             hits += int((jnp.argmax(logits, -1) == labels[4 * i:4 * i + 4]).sum())
         assert acc == pytest.approx(hits / 6)
-    assert evaluate(model, None, x, labels, progress=False).accuracies.tolist() == [1.0]
+    assert evaluate(model, x, labels, progress=False).accuracies.tolist() == [1.0]
 
 
 def test_accuracy_stats_t_interval():
@@ -165,12 +156,13 @@ def test_real_resnet14_ideal_and_baseline(cifar_test_batch):
     x, labels = cifar_test_batch
     model = load_keras_resnet_cifar(cifar_weights_path(14))
     digital = model(jnp.asarray(x))
-    ideal = forward(model, x, resolve_layers(model, NetworkConfig.load("ideal")))
+    ideal = forward(model, x, "ideal")
     np.testing.assert_allclose(ideal, digital, rtol=1e-4, atol=1e-4 * float(
         jnp.abs(digital).max()))
-    net = NetworkConfig.load("paper_baseline")
-    configs = resolve_layers(model, net, calibrate_network(model, net, x))
-    base = forward(model, x, configs)
+    analog = analogize(model, "paper_baseline")
+    calibrate_model(analog, x)
+    program_model(analog, None)
+    base = analog(jnp.asarray(x))
     # 8-bit everything: predictions mostly unchanged, logits close but not identical.
     agree = np.mean(np.argmax(base, -1) == np.argmax(digital, -1))
     assert agree >= 0.9 and not np.allclose(base, digital, atol=1e-3)
@@ -213,14 +205,14 @@ def test_sigma_sweep_compiles_once(tiny):
     model, x = tiny
     labels = np.zeros(len(x), np.int32)
     keys = jax.random.split(jax.random.key(0), 2)
-    run = engine._runner(nnx.split(model)[0], engine.default_strategy(), 1, False, 1)
+    analogs = [analogize(model, NetworkConfig(crossbar=CrossbarConfig.from_dict(
+        {"device": {"programming_error": {"model": "independent", "sigma": sigma}}})))
+        for sigma in (0.0, 0.05, 0.3)]
+    run = engine._runner(nnx.split(analogs[0])[0], engine.default_strategy(), 1, False, 1)
     before = run._cache_size()
     accs = []
-    for sigma in (0.0, 0.05, 0.3):
-        net = NetworkConfig(crossbar=CrossbarConfig.from_dict(
-            {"device": {"programming_error": {"model": "independent", "sigma": sigma}}}))
-        r = evaluate(model, resolve_layers(model, net), x, labels, keys, batch_size=6,
-                     progress=False)
+    for analog in analogs:
+        r = evaluate(analog, x, labels, keys, batch_size=6, progress=False)
         accs.append(r.accuracies)
     assert run._cache_size() == before + 1  # one compilation for the whole sigma sweep
     assert not np.array_equal(accs[0], accs[2]) or accs[0].tolist() != [1.0, 1.0]
@@ -230,7 +222,7 @@ SHARDED_SCRIPT = """
 import jax, numpy as np
 from flax import nnx
 from jaxbar import CrossbarConfig
-from jaxbar.nn.calibrate import resolve_layers
+from jaxbar.nn.analogize import analogize
 from jaxbar.nn.models import ResNetV1Cifar
 from jaxbar.nn.network_config import NetworkConfig
 from jaxbar.study.engine import evaluate
@@ -240,7 +232,7 @@ labels = np.asarray(model(x).argmax(-1))
 net = NetworkConfig(crossbar=CrossbarConfig.from_dict(
     {"device": {"programming_error": {"model": "independent", "sigma": 0.05}}}))
 keys = jax.random.split(jax.random.key(0), 6)
-r = evaluate(model, resolve_layers(model, net), x, labels, keys, batch_size=3, progress=False,
+r = evaluate(analogize(model, net), x, labels, keys, batch_size=3, progress=False,
              shard={shard})
 print(jax.device_count(), list(map(float, r.accuracies)))
 """

@@ -9,8 +9,7 @@ from flax import nnx
 import jaxbar
 from jaxbar import CrossbarConfig
 from jaxbar.config import ConfigError
-from jaxbar.nn.analog import layer_id
-from jaxbar.nn.analogize import analog_layers
+from jaxbar.nn.analogize import analog_layers, layer_id
 
 IDEAL = CrossbarConfig.ideal()
 NOISY = IDEAL.replace(**{"device.programming_error": {"model": "proportional", "sigma": 0.1}})

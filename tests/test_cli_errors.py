@@ -12,7 +12,7 @@ from PIL import Image
 
 from jaxbar.cli import main
 from jaxbar.config import ConfigError, load_yaml, parse_override
-from jaxbar.nn.calibrate import resolve_layers
+from jaxbar.nn.analogize import analogize
 from jaxbar.nn.models import ResNetV1Cifar
 from jaxbar.nn.network_config import NetworkConfig
 from jaxbar.nn.params_io import ParamsError, load_params, named_variables, save_params
@@ -100,13 +100,13 @@ def test_numeric_options_range_checked(setup, capsys, option, value):
 def test_api_checks_batch_size_and_keys():
     x, y = np.zeros((2, 32, 32, 3), np.float32), np.zeros(2, np.int32)
     with pytest.raises(ValueError, match="batch_size"):
-        evaluate(_model(), None, x, y, batch_size=0)
+        evaluate(_model(), x, y, batch_size=0)
     import jax
 
     with pytest.raises(ValueError, match="T >= 1"):
-        evaluate(_model(), None, x, y, jax.random.split(jax.random.key(0), 0))
+        evaluate(analogize(_model(), "ideal"), x, y, jax.random.split(jax.random.key(0), 0))
     with pytest.raises(ValueError, match="labels"):
-        evaluate(_model(), None, x, y[:1])
+        evaluate(_model(), x, y[:1])
 
 
 def test_set_needs_key_value(setup, capsys):
@@ -146,7 +146,7 @@ def test_layer_pattern_must_match(setup, tmp_path, capsys):
     net = NetworkConfig.from_dict({"crossbar": {}, "layers": {"stage*.block0.conv1": "digital",
                                                               "nope*": "digital"}})
     with pytest.raises(ConfigError, match="nope"):
-        resolve_layers(_model(), net)
+        analogize(_model(), net)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
@@ -165,7 +165,7 @@ def test_non_finite_weights(setup, tmp_path, capsys, value):
     with pytest.raises(ParamsError, match="stage2.block0.conv1"):
         load_params(path)
     with pytest.raises(ParamsError, match="stage2.block0.conv1"):
-        evaluate(model, None, np.zeros((1, 32, 32, 3)), np.zeros(1, np.int32))
+        evaluate(model, np.zeros((1, 32, 32, 3)), np.zeros(1, np.int32))
 
 
 def test_mean_file_is_the_file_given(setup, tmp_path, capsys):

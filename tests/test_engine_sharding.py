@@ -30,13 +30,13 @@ tiny = test_sweep.tiny  # fixture: a tiny random ResNet, its parameter file and 
 
 
 def _problem(sigma: float = 0.05):
-    """(model, configs, images, labels, keys): 50 random 8×8 images, labels the digital
+    """(analog model, images, labels, keys): 50 random 8×8 images, labels the digital
     predictions, programming error (`sigma`) and read noise on. No JAX op runs at import."""
     import jax
     from flax import nnx
 
     from jaxbar import CrossbarConfig
-    from jaxbar.nn.calibrate import resolve_layers
+    from jaxbar.nn.analogize import analogize
     from jaxbar.nn.network_config import NetworkConfig
     from jaxbar.study.demo import DigitsCNN
 
@@ -47,12 +47,12 @@ def _problem(sigma: float = 0.05):
         "programming_error": {"model": "independent", "sigma": sigma},
         "read_noise": {"model": "independent", "sigma": 0.1}}}))
     keys = jax.random.split(jax.random.key(0), TRIALS)
-    return model, resolve_layers(model, net), x, labels, keys
+    return analogize(model, net), x, labels, keys
 
 
 def _evaluate(problem, n_trials: int, **kw) -> dict:
-    model, configs, x, labels, keys = problem
-    r = engine.evaluate(model, configs, x, labels, keys[:n_trials], batch_size=BATCH,
+    model, x, labels, keys = problem
+    r = engine.evaluate(model, x, labels, keys[:n_trials], batch_size=BATCH,
                         num_classes=10, progress=False, **kw)
     return {"acc": r.accuracies.tolist(), "per_class": r.per_class.tolist()}
 
@@ -72,9 +72,9 @@ problem = _problem()
 out = {"devices": jax.device_count(), "local": jax.local_device_count(),
        "runs": {n: _evaluate(problem, n) for n in counts}}
 if pid >= 0:  # inputs differing between processes are refused, by both
-    model, configs, x, labels, keys = problem
+    model, x, labels, keys = problem
     try:
-        _evaluate((model, configs, x, (labels + pid) % 10, keys), 1)
+        _evaluate((model, x, (labels + pid) % 10, keys), 1)
         out["mismatch"] = "accepted"
     except ValueError as e:
         out["mismatch"] = str(e)
@@ -134,13 +134,13 @@ SPLIT_CHECKS = """
 from flax import nnx
 from jaxbar.study import engine
 from tests import test_sweep
-model, configs, x, labels, keys = problem
+model, x, labels, keys = problem
 graphdef, state = nnx.split(model)
 
 def flops(t, d):  # per device, of the compiled runner for one chunk of t trials
     xs, ys = engine._batches(x, labels, 16, d)
     run = engine._runner(graphdef, "map", 10, False, t, d)
-    return run.lower(state, xs, ys, keys[:t], configs).compile().cost_analysis()["flops"]
+    return run.lower(state, xs, ys, keys[:t]).compile().cost_analysis()["flops"]
 
 run = engine._runner(graphdef, engine.default_strategy(), 10, False, 1, 4)
 before = run._cache_size()

@@ -9,6 +9,7 @@ from flax import nnx
 
 import jaxbar
 from jaxbar.config import ConfigError
+from jaxbar.nn.analogize import is_programmed
 from jaxbar.train import batch_indices, clip_kernel, fit
 
 NOISY = jaxbar.CrossbarConfig.ideal().replace(
@@ -58,7 +59,7 @@ def test_steps_equal_hand_made_noise_injection_steps():
     for name in ("l1", "l2"):
         np.testing.assert_allclose(getattr(analog, name).kernel[...],
                                    getattr(ref, name).kernel[...], rtol=1e-5, atol=1e-6)
-    assert not jaxbar.nn.analogize.is_programmed(analog)
+    assert not is_programmed(analog)
 
 
 def test_training_lowers_the_analog_loss_and_resumes_exactly(tmp_path):

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxbar.nn import contraction as C
 from jaxbar.nn import models as M
-from jaxbar.nn.folding import fold_batchnorm
+from jaxbar.nn.analogize import analog_layers, analogize
+from jaxbar.nn.folding import conv_bn_pairs, fold_batchnorm
+from jaxbar.nn.graph import trace
 from jaxbar.nn.keras_import import cifar_layer_map, load_keras_resnet_cifar
-from jaxbar.nn.layers import BatchNorm, Identity
+from jaxbar.nn.models import Identity
 from jaxbar.nn.params_io import ParamsError, load_params, read_params_metadata, save_params
 
 from .conftest import cifar_weights_path, require_shared
@@ -32,63 +33,36 @@ def cifar_model(depth: int) -> M.ResNetV1Cifar:
     return _MODELS[depth]
 
 
-# ----------------------------------------------------------------------------- contraction
+# ----------------------------------------------------------------------------- layers
 
 
-@pytest.mark.parametrize(
-    "n,k,s,want",
-    [(32, 3, 1, (1, 1)), (32, 3, 2, (0, 1)), (33, 3, 2, (1, 1)), (32, 1, 2, (0, 0)),
-     (224, 7, 2, (2, 3)), (7, 4, 1, (1, 2))],
-)
-def test_same_padding_matches_tensorflow(n, k, s, want):
-    assert C.explicit_padding("same", (n, n), (k, k), (s, s)) == (want, want)
-    assert C.explicit_padding("VALID", (n, n), (k, k), (s, s)) == ((0, 0), (0, 0))
-    assert C.explicit_padding([(1, 2), (3, 4)], (n, n), (k, k), (s, s)) == ((1, 2), (3, 4))
-    with pytest.raises(ValueError):
-        C.explicit_padding("full", (n, n), (k, k), (s, s))
-
-
-@pytest.mark.parametrize("shape,k,s,pad", [((2, 8, 8, 3), 3, 2, "same"), ((1, 9, 7, 2), 3, 2,
-                                           "same"), ((1, 8, 8, 4), 1, 2, "valid")])
-def test_digital_conv_matches_numpy(shape, k, s, pad):
+@pytest.mark.parametrize("shape,k,s,pad", [((2, 8, 8, 3), 3, 2, "SAME"), ((1, 9, 7, 2), 3, 2,
+                                           "SAME"), ((1, 8, 8, 4), 1, 2, "VALID"),
+                                           ((1, 33, 33, 1), 3, 2, "SAME")])
+def test_keras_conv_matches_numpy(shape, k, s, pad):
+    """`models.conv` pads as TensorFlow does (the extra row and column at the bottom/right)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=shape)
     w = rng.normal(size=(k, k, shape[-1], 5))
-    got = C.DIGITAL.conv("t", jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32),
-                         strides=(s, s), padding=pad)
-    np.testing.assert_allclose(np.asarray(got), np_conv2d(x, w, None, (s, s), pad), atol=1e-4)
-    d = C.DIGITAL.dense("t", jnp.ones((2, 3)), jnp.arange(6.0).reshape(3, 2))
-    np.testing.assert_allclose(np.asarray(d), [[6, 9], [6, 9]])
+    layer = M.conv(shape[-1], 5, k, strides=s, padding=pad, use_bias=False, rngs=nnx.Rngs(0))
+    layer.kernel[...] = jnp.asarray(w, jnp.float32)
+    got = layer(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), np_conv2d(x, w, None, (s, s), pad.lower()),
+                               atol=1e-4)
 
 
-class _Scaled:
-    """A contraction that scales one layer's output and records every call."""
-
-    def __init__(self, target, factor):
-        self.target, self.factor, self.seen = target, factor, []
-
-    def conv(self, name, x, kernel, *, strides, padding):
-        self.seen.append(name)
-        y = C.DIGITAL.conv(name, x, kernel, strides=strides, padding=padding)
-        return y * self.factor if name == self.target else y
-
-    def dense(self, name, x, kernel):
-        self.seen.append(name)
-        y = C.DIGITAL.dense(name, x, kernel)
-        return y * self.factor if name == self.target else y
-
-
-def test_contraction_injection_reaches_every_layer():
+def test_analogize_reaches_every_layer():
     model = M.resnet14()
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    assert isinstance(C.DIGITAL, C.Contraction)
-    spy = _Scaled("head.dense", 0.0)
-    y = model(x, spy)
-    assert spy.seen == M.layer_names(model)
-    np.testing.assert_allclose(np.asarray(y), np.broadcast_to(model.head.bias[...], y.shape))
-    base = model(x)
-    assert not np.allclose(np.asarray(model(x, _Scaled("stage2.block0.shortcut", 2.0))),
-                           np.asarray(base))
+    analog = analogize(model, {"crossbar": {}, "layers": {"head.dense": {
+        "weights": {"bits": 2}}}})
+    assert list(analog_layers(analog)) == sorted(M.layer_names(model)) or set(
+        analog_layers(analog)) == set(M.layer_names(model))
+    # Only the head is coarse: the logits change, the features do not.
+    assert not np.allclose(np.asarray(analog(x)), np.asarray(model(x)), atol=1e-3)
+    np.testing.assert_allclose(analog.stage3(analog.stage2(analog.stage1(analog.stem(x)))),
+                               model.stage3(model.stage2(model.stage1(model.stem(x)))),
+                               atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- topology
@@ -143,10 +117,12 @@ def test_resnet50_structure():
     assert M.count_params(abstract) == 25_636_712  # keras.applications.ResNet50 total
     for v1_5, (s1, s2) in ((False, ((2, 2), (1, 1))), (True, ((1, 1), (2, 2)))):
         model = nnx.eval_shape(lambda v=v1_5: M.ResNet50(v, width=4, num_classes=5))
-        calls = {c.name: c for c in M.trace_layers(model, (1, 224, 224, 3)).calls}
+        example = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+        calls = {c.path: c for c in trace(model, example).calls}
         assert len(calls) == 54
-        assert calls["stage2.block0.conv1"].strides == s1
-        assert calls["stage2.block0.conv2"].strides == s2
+        layers = M.named_layers(model)
+        assert (layers["stage2.block0.conv1"].strides,) * 2 == s1
+        assert (layers["stage2.block0.conv2"].strides,) * 2 == s2
         assert calls["stem.conv"].output_shape == (1, 112, 112, 4)
         assert calls["stage4.block2.conv3"].output_shape == (1, 7, 7, 128)
         assert calls["head.dense"].kernel_shape == (128, 5)
@@ -177,18 +153,19 @@ def test_fold_batchnorm_keeps_logits(cifar_test_batch):
     model = cifar_model(20)
     folded = fold_batchnorm(model)
     assert folded.bn_folded and not model.bn_folded
-    assert not any(isinstance(m, BatchNorm) for _, m in nnx.iter_modules(folded))
-    assert isinstance(folded.blocks[0].bn1, Identity)
-    assert isinstance(model.blocks[0].bn1, BatchNorm)  # the input is untouched
+    assert len(conv_bn_pairs(model)) == 19 and not conv_bn_pairs(folded)
+    assert not any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(folded))
+    assert isinstance(folded.stage1.block0.bn1, Identity)
+    assert isinstance(model.stage1.block0.bn1, nnx.BatchNorm)  # the input is untouched
     a, b = np.asarray(model(x)), np.asarray(folded(x))
     np.testing.assert_allclose(b, a, atol=2e-4 * max(1.0, np.abs(a).max()), rtol=0)
     # the formula, on the stem
-    bn = model.stem_bn
+    bn = model.stem.bn
     s = bn.scale[...] / jnp.sqrt(bn.var[...] + bn.epsilon)
-    np.testing.assert_allclose(folded.stem_conv.kernel[...], model.stem_conv.kernel[...] * s,
+    np.testing.assert_allclose(folded.stem.conv.kernel[...], model.stem.conv.kernel[...] * s,
                                rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(folded.stem_conv.bias[...],
-                               s * (model.stem_conv.bias[...] - bn.mean[...]) + bn.bias[...],
+    np.testing.assert_allclose(folded.stem.conv.bias[...],
+                               s * (model.stem.conv.bias[...] - bn.mean[...]) + bn.bias[...],
                                rtol=1e-5, atol=1e-6)
     assert M.layer_names(folded) == M.layer_names(model)
 
@@ -211,11 +188,11 @@ def test_fold_batchnorm_resnet50_random_stats():
 
 def test_fold_batchnorm_conv_without_bias():
     model = M.resnet14(rngs=nnx.Rngs(5))
-    model.stem_conv.bias = None
-    model.stem_bn.mean[...] = jnp.linspace(-0.5, 0.5, 16)
+    model.stem.conv = M.conv(3, 16, 3, use_bias=False, rngs=nnx.Rngs(6))
+    model.stem.bn.mean[...] = jnp.linspace(-0.5, 0.5, 16)
     x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
     folded = fold_batchnorm(model)
-    assert folded.stem_conv.bias is not None and model.stem_conv.bias is None
+    assert folded.stem.conv.bias is not None and model.stem.conv.bias is None
     np.testing.assert_allclose(np.asarray(jax.jit(lambda v: folded(v))(x)),
                                np.asarray(jax.jit(lambda v: model(v))(x)), atol=1e-4)
 
@@ -223,10 +200,10 @@ def test_fold_batchnorm_conv_without_bias():
 def test_train_mode_updates_batch_stats():
     model = M.resnet14()
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3)) + 3.0
-    before = np.asarray(model.stem_bn.mean[...])
+    before = np.asarray(model.stem.bn.mean[...])
     y = nnx.jit(lambda m, v: m(v, train=True))(model, x)
     assert y.shape == (4, 10)
-    assert not np.allclose(np.asarray(model.stem_bn.mean[...]), before)
+    assert not np.allclose(np.asarray(model.stem.bn.mean[...]), before)
 
 
 # ----------------------------------------------------------------------------- params I/O
@@ -234,7 +211,7 @@ def test_train_mode_updates_batch_stats():
 
 def test_params_roundtrip(tmp_path):
     model = M.resnet14(rngs=nnx.Rngs(3))
-    model.blocks[0].bn1.mean[...] = jnp.full((16,), 0.25)
+    model.stage1.block0.bn1.mean[...] = jnp.full((16,), 0.25)
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     path = save_params(tmp_path / "p", model, extra={"step": 7, "ranges": np.arange(3.0)})
     assert path.suffix == ".npz"

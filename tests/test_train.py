@@ -14,26 +14,27 @@ from flax import nnx
 from jaxbar import CrossbarConfig
 from jaxbar.config import ConfigError
 from jaxbar.core import mapping, mvm
-from jaxbar.nn.analog import Analog
-from jaxbar.nn.contraction import DIGITAL
-from jaxbar.nn.layers import BatchNorm, Conv, Dense
-from jaxbar.nn.models import layer_shapes
+from jaxbar.nn.analogize import (
+    analog_layers,
+    analogize,
+    attach_learned_ranges,
+    commit_learned_ranges,
+    learned_ranges,
+    program_model,
+)
+from jaxbar.nn.models import batch_norm, conv, dense
+from jaxbar.nn.ranges import init_ranges, range_spec, range_values
 from jaxbar.train import (
     CheckpointError,
-    LearnedRangesAnalog,
     Trainer,
     TrainOptions,
     batch_indices,
     clip_kernel,
-    init_ranges,
     random_crop_flip,
-    range_values,
     read_log,
     restore_checkpoint,
     save_checkpoint,
-    with_learned_ranges,
 )
-from jaxbar.train.ranges import range_spec
 
 from .conftest import require_shared
 
@@ -43,13 +44,13 @@ class TinyNet(nnx.Module):
 
     def __init__(self, rngs: nnx.Rngs):
         self.input_shape = (8, 8, 3)
-        self.conv = Conv(3, 6, 3, strides=2, name="conv", rngs=rngs)
-        self.bn = BatchNorm(6, name="bn")
-        self.dense = Dense(6, 4, name="dense", rngs=rngs)
+        self.conv = conv(3, 6, 3, strides=2, rngs=rngs)
+        self.bn = batch_norm(6)
+        self.dense = dense(6, 4, rngs=rngs)
 
-    def __call__(self, x, contraction=DIGITAL, *, train=False):
-        h = jax.nn.relu(self.bn(self.conv(x, contraction), train))
-        return self.dense(h.mean(axis=(1, 2)), contraction)
+    def __call__(self, x, *, train=False):
+        h = jax.nn.relu(self.bn(self.conv(x), use_running_average=not train))
+        return self.dense(h.mean(axis=(1, 2)))
 
 
 BASE = {"weights": {"bits": 8}, "inputs": {"bits": 8}, "adc": {"bits": 8, "range": [-1.0, 1.0]},
@@ -59,22 +60,21 @@ BASE = {"weights": {"bits": 8}, "inputs": {"bits": 8}, "adc": {"bits": 8, "range
 
 @pytest.fixture(scope="module")
 def tiny():
-    """A tiny model, 16 images of 4 classes, and per-layer configs with fitting ranges (a
+    """A tiny model, 16 images of 4 classes, and the model on crossbars with fitting ranges (a
     sign-magnitude ADC on the convolution, an asymmetric one on the dense layer)."""
     model = TinyNet(nnx.Rngs(0))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
     y = rng.integers(0, 4, size=16).astype(np.int32)
-    base = CrossbarConfig.from_dict(BASE)
-    configs = {"conv": base.replace(**{"inputs.range": (-3.5, 3.5), "adc.range": (-4.0, 4.0)}),
-               "dense": base.replace(**{"inputs.range": (0.0, 2.0), "adc.range": (-2.0, 3.0)})}
-    return model, x, y, configs
+    analog = analogize(model, {"crossbar": BASE, "layers": {
+        "conv": {"inputs": {"range": [-3.5, 3.5]}, "adc": {"range": [-4.0, 4.0]}},
+        "dense": {"inputs": {"range": [0.0, 2.0]}, "adc": {"range": [-2.0, 3.0]}}}})
+    return model, x, y, analog
 
 
 @pytest.fixture(scope="module")
 def trainer(tiny):
-    model, _, _, configs = tiny
-    return Trainer(model, configs, optax.adam(3e-2),
+    return Trainer(tiny[3], optax.adam(3e-2),
                    options=TrainOptions(batch_size=8, augment=False, batch_stats="update"))
 
 
@@ -101,8 +101,8 @@ def test_one_step_reduces_the_loss_and_compiles_once(tiny, trainer):
 
 
 def test_frozen_batch_stats_and_weight_clipping(tiny):
-    model, x, y, configs = tiny
-    tr = Trainer(model, configs, optax.sgd(0.1),
+    model, x, y, analog = tiny
+    tr = Trainer(analog, optax.sgd(0.1),
                  options=TrainOptions(batch_size=8, augment=False, batch_stats="frozen",
                                       weight_clip=1.5))
     s0 = tr.init_state()
@@ -111,10 +111,10 @@ def test_frozen_batch_stats_and_weight_clipping(tiny):
                     strict=True):
         np.testing.assert_array_equal(a, b)
     m = tr.model(s1)
-    for layer in (m.conv, m.dense):  # clipped at ±1.5·std of the updated kernel
-        W = np.abs(np.asarray(layer.kernel[...]))
+    for name in ("conv", "dense"):  # clipped at ±1.5·std of the updated kernel
+        W = np.abs(np.asarray(getattr(m, name).kernel[...]))
         assert np.sum(W == W.max()) >= 2 and W.max() < 1.5 * np.abs(
-            np.asarray(getattr(tiny[0], layer.name).kernel[...])).max()
+            np.asarray(getattr(model, name).kernel[...])).max()
     W = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 4, 5)), jnp.float32)
     np.testing.assert_array_equal(clip_kernel(W, "mapped"), W)  # percentile 100: no-op
     w95 = clip_kernel(W, "mapped", 95.0)
@@ -126,16 +126,20 @@ def test_frozen_batch_stats_and_weight_clipping(tiny):
 
 
 def test_ir_drop_option_keeps_or_strips_parasitics(tiny):
-    model, _, _, configs = tiny
-    wired = {n: c.replace(**{"parasitics.topology": "input_source", "parasitics.r_col": 1e-4})
-             for n, c in configs.items()}
-    keep = Trainer(model, wired, optax.sgd(0.1), options=TrainOptions(ir_drop=True))
-    drop = Trainer(model, wired, optax.sgd(0.1), options=TrainOptions(ir_drop=False))
-    assert keep.configs["conv"].parasitics.topology == "input_source"
-    assert drop.configs["conv"].parasitics.topology == "none"
-    assert drop.eval_configs["conv"].parasitics.topology == "input_source"  # evaluated with it
-    assert drop.configs["conv"].replace(**{"parasitics.topology": "input_source"}) == \
-        wired["conv"]
+    model, _, _, _ = tiny
+    wired = analogize(model, {"crossbar": dict(BASE, parasitics={
+        "topology": "input_source", "r_col": 1e-4})})
+    keep = Trainer(wired, optax.sgd(0.1), options=TrainOptions(ir_drop=True))
+    drop = Trainer(wired, optax.sgd(0.1), options=TrainOptions(ir_drop=False))
+
+    def topology(m):
+        return analog_layers(m)["conv"][1].config.parasitics.topology
+
+    s = drop.init_state()
+    assert topology(keep.training_model(keep.init_state())) == "input_source"
+    assert topology(drop.training_model(s)) == "none"
+    assert topology(drop.model(s)) == "input_source"  # evaluated with it
+    assert topology(wired) == "input_source"
 
 
 QUANTIZERS = {
@@ -218,8 +222,7 @@ def test_gradients_match_finite_differences_where_smooth():
 @pytest.fixture(scope="module")
 def range_trainer(tiny):
     """Learnable ranges with an aggressive plain-SGD rate on them."""
-    model, _, _, configs = tiny
-    return Trainer(model, configs, optax.sgd(0.05), range_optimizer=optax.sgd(50.0),
+    return Trainer(tiny[3], optax.sgd(0.05), range_optimizer=optax.sgd(50.0),
                    options=TrainOptions(batch_size=8, augment=False, learn_ranges=True))
 
 
@@ -255,44 +258,42 @@ EQUIVALENCE = {
 }
 
 
+class ConvDense(nnx.Module):
+    def __init__(self, kernel, dense_kernel):
+        self.c = conv(2, 4, 3, use_bias=False, rngs=nnx.Rngs(0))
+        self.c.kernel[...] = kernel
+        self.d = nnx.Linear(18, 4, use_bias=False, rngs=nnx.Rngs(0))
+        self.d.kernel[...] = dense_kernel
+
+    def __call__(self, x):
+        return self.c(x), self.d(x.reshape(-1, 50)[:, :18])
+
+
 @pytest.mark.parametrize("name", EQUIVALENCE)
 def test_learned_ranges_path_equals_the_core(name):
     """Conv and dense layers with their ranges as parameters compute what the core computes."""
-    cfg = CrossbarConfig.from_dict(EQUIVALENCE[name])
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.uniform(0, 2, size=(3, 5, 5, 2)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
-    dense = jnp.asarray(rng.normal(size=(18, 4)), jnp.float32)
-    configs = {"c": cfg, "d": cfg}
-    ranges = init_ranges(configs, {"c": kernel.shape, "d": dense.shape})
-
-    @jax.jit
-    def both(x):
-        outs = []
-        for contraction in (Analog(configs), LearnedRangesAnalog(configs, ranges)):
-            yc = contraction.conv("c", x, kernel, strides=(1, 1), padding="same")
-            yd = contraction.dense("d", x.reshape(-1, 50)[:, :18], dense)
-            outs.append((yc, yd))
-        return outs
-
-    (rc, rd), (gc, gd) = both(x)
+    model = ConvDense(jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32),
+                      jnp.asarray(rng.normal(size=(18, 4)), jnp.float32))
+    core = analogize(model, CrossbarConfig.from_dict(EQUIVALENCE[name]))
+    learned = nnx.clone(core)
+    attach_learned_ranges(learned)
+    assert analog_layers(learned)["c"][1].ranges is not None
+    (rc, rd), (gc, gd) = jax.jit(lambda x: (core(x), learned(x)))(x)
     for ref, got in ((rc, gc), (rd, gd)):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
 def test_learned_ranges_start_at_the_config_and_stay_valid(tiny, range_trainer):
-    model, x, y, configs = tiny
-    shapes = layer_shapes(model)
-    ranges = init_ranges(configs, shapes)
-    tk, rk = jax.random.split(jax.random.key(5))
-
-    @jax.jit
-    def both(x):
-        return (model(x, Analog(configs, None, tk, rk)),
-                model(x, LearnedRangesAnalog(configs, ranges, tk, rk)))
-
+    model, x, y, analog = tiny
+    learned = nnx.clone(analog)
+    attach_learned_ranges(learned)
+    key = jax.random.key(5)
+    program_model(analog, key, live=True)
+    program_model(learned, key, live=True)
     # At their initial values the learnable ranges compute what the core computes.
-    ref, got = both(jnp.asarray(x))
+    ref, got = jax.jit(lambda x: (analog(x), learned(x)))(jnp.asarray(x))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
     # Aggressive range updates keep lo < hi; the result is a valid config and calibration.
     state = range_trainer.init_state()
@@ -300,24 +301,30 @@ def test_learned_ranges_start_at_the_config_and_stay_valid(tiny, range_trainer):
         j = 8 * (i % 2)
         state, m = range_trainer.step(state, x[j:j + 8], y[j:j + 8])
         assert np.isfinite(float(m["loss"]))
+    trained = range_trainer.training_model(state)
+    ranges = learned_ranges(trained)
+    assert set(ranges) == {"conv", "dense"}
     moved = False
-    for name, p in state.ranges.items():
-        cfg = configs[name]
-        spec = range_spec(cfg, int(np.prod(shapes[name][:-1])), shapes[name][-1])
-        m_in, lo, hi = range_values(p, spec)
-        assert float(m_in) > 0 and np.all(np.asarray(lo) < np.asarray(hi))
-        moved |= not np.allclose(np.asarray(hi), cfg.adc.ranges[0][1])
+    for path, (inp, adc) in ranges.items():
+        assert inp[0] < inp[1] and all(lo < hi for lo, hi in adc)
+        moved |= not np.isclose(adc[0][1], analog_layers(analog)[path][1].config.adc.ranges[0][1])
     assert moved
+    cfg = analog_layers(analog)["dense"][1].config
+    spec = range_spec(cfg, 6, 4)
+    assert init_ranges(cfg, 6, 4)["adc_center"].shape == (1,)
     extreme = {"input_log_max": jnp.asarray(-500.0), "adc_log_width": jnp.asarray([-500.0]),
                "adc_center": jnp.asarray([1e30])}
     m_in, lo, hi = range_values(extreme, dataclasses.replace(spec, symmetric=(False,)))
     assert float(m_in) > 0 and float(lo[0]) < float(hi[0])
-    learned = with_learned_ranges(configs, state.ranges, shapes)  # constructing validates
-    assert learned["conv"].inputs.range[0] < learned["conv"].inputs.range[1]
+    commit_learned_ranges(trained)  # constructing the configs validates them
+    committed = {p: op.config for p, (_, op) in analog_layers(trained).items()}
+    assert committed["conv"].inputs.range[0] < committed["conv"].inputs.range[1]
     cal = range_trainer.calibration(state)
     assert set(cal.layers) == {"conv", "dense"}
-    assert cal.layers["conv"].input_range == learned["conv"].inputs.range
-    assert cal.layers["dense"].adc_range[0] == learned["dense"].adc.range
+    assert cal.layers["conv"].input_range == committed["conv"].inputs.range
+    assert cal.layers["dense"].adc_range[0] == committed["dense"].adc.range
+    evaluated = analog_layers(range_trainer.model(state))
+    assert evaluated["dense"][1].config.adc.range == committed["dense"].adc.range
 
 
 def test_checkpoint_resume_reproduces_an_uninterrupted_run(tiny, trainer, tmp_path):
@@ -328,7 +335,7 @@ def test_checkpoint_resume_reproduces_an_uninterrupted_run(tiny, trainer, tmp_pa
                        log_every=1, checkpoint_every=1)
     assert int(part.step) == 1
     # A fresh trainer (a new process would build one) resumes from the checkpoint.
-    again = Trainer(tiny[0], tiny[3], optax.adam(3e-2), options=trainer.options)
+    again = Trainer(tiny[3], optax.adam(3e-2), options=trainer.options)
     resumed = again.fit(x, y, epochs=2, run_dir=tmp_path / "b", progress=False, log_every=1)
     assert int(resumed.step) == 4
     for a, b in zip(_params(full), _params(resumed), strict=True):
@@ -340,7 +347,7 @@ def test_checkpoint_resume_reproduces_an_uninterrupted_run(tiny, trainer, tmp_pa
     assert [r["step"] for r in log_b] == [1, 2, 3, 4]
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
     # Checkpoints must fit: another optimizer state does not restore.
-    other = Trainer(tiny[0], tiny[3], optax.sgd(0.1), options=trainer.options)
+    other = Trainer(tiny[3], optax.sgd(0.1), options=trainer.options)
     with pytest.raises(CheckpointError):
         other.restore(tmp_path / "b")
 

@@ -1,10 +1,11 @@
-"""Flax NNX networks whose convolutions and dense layers compute through a contraction."""
+"""Flax NNX networks on crossbars: `analogize`, calibration, the ResNets, weights and folding."""
 
-from jaxbar.nn.contraction import DIGITAL, Contraction, Digital, Recorder, explicit_padding
-from jaxbar.nn.folding import fold_batchnorm
+from jaxbar.nn.analogize import analog_layers, analogize, program_model
+from jaxbar.nn.calibrate import Calibration, apply_calibration, calibrate_model
+from jaxbar.nn.folding import conv_bn_pairs, fold_batchnorm
 from jaxbar.nn.keras_import import WeightsError, load_keras_resnet50, load_keras_resnet_cifar
-from jaxbar.nn.layers import BatchNorm, Conv, Dense, Identity
 from jaxbar.nn.models import (
+    Identity,
     ResNet50,
     ResNetV1Cifar,
     build_model,
@@ -20,21 +21,19 @@ from jaxbar.nn.models import (
 from jaxbar.nn.params_io import ParamsError, load_params, read_params_metadata, save_params
 
 __all__ = [
-    "DIGITAL",
-    "BatchNorm",
-    "Contraction",
-    "Conv",
-    "Dense",
-    "Digital",
+    "Calibration",
     "Identity",
     "ParamsError",
-    "Recorder",
     "ResNet50",
     "ResNetV1Cifar",
     "WeightsError",
+    "analog_layers",
+    "analogize",
+    "apply_calibration",
     "build_model",
+    "calibrate_model",
+    "conv_bn_pairs",
     "count_params",
-    "explicit_padding",
     "fold_batchnorm",
     "layer_names",
     "layer_shapes",
@@ -42,6 +41,7 @@ __all__ = [
     "load_keras_resnet_cifar",
     "load_params",
     "named_layers",
+    "program_model",
     "read_params_metadata",
     "resnet14",
     "resnet20",

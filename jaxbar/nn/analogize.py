@@ -1,4 +1,4 @@
-"""Any Flax NNX model on simulated crossbars: `analogize`, `calibrate_model`, `program_model`.
+"""Any Flax NNX model on simulated crossbars: `analogize` and `program_model`.
 
 `analogize` clones a model and replaces the contraction hook of every covered layer by an
 analog op, the way AQT and Qwix inject quantization into stock layers:
@@ -21,10 +21,12 @@ them like parameters.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import math
-from collections.abc import Callable, Iterable, Mapping
+import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +37,10 @@ from flax import nnx
 
 from jaxbar import calibration as cal
 from jaxbar.config import ConfigError, CrossbarConfig
-from jaxbar.core import mapping, mvm
-from jaxbar.nn.analog import layer_id
-from jaxbar.nn.calibrate import Calibration, LayerCalibration
+from jaxbar.core import mapping, mvm, parasitics
+from jaxbar.nn.graph import modules
 from jaxbar.nn.network_config import CalibrationSettings, NetworkConfig
+from jaxbar.nn.ranges import LearnedRanges, host_ranges, init_ranges, learned_product, range_spec
 
 __all__ = [
     "ANALOG_STATE",
@@ -47,12 +49,17 @@ __all__ = [
     "LayerConfig",
     "analog_layers",
     "analogize",
-    "calibrate_model",
+    "attach_learned_ranges",
     "clear_programming",
+    "commit_learned_ranges",
+    "digital_model",
     "is_programmed",
+    "layer_id",
+    "learned_ranges",
     "map_batches",
     "network_config",
     "program_model",
+    "update_configs",
 ]
 
 #: Layer types `analogize` covers, and the hook attribute each computes through.
@@ -89,9 +96,16 @@ ANALOG_STATE = (LayerConfig, Conductances, AnalogKey, ReadCount)
 
 
 class Samples:
-    """Calibration samples collected by an op while `calibrate_model` runs (eager only)."""
+    """Calibration samples collected by an op while `calibrate_model` runs.
 
-    def __init__(self):
+    Attributes:
+      config: the layer's config, concrete (inside a transform the variable's is traced),
+        with the input range to profile pre-ADC outputs with.
+      items: the samples, one entry per call.
+    """
+
+    def __init__(self, config: CrossbarConfig):
+        self.config = config
         self.items: list = []
 
 
@@ -120,6 +134,11 @@ class Kernel:
         return jnp.transpose(kernel, order).reshape(size("g"), size("c"), size("n"))
 
 
+def layer_id(path: str) -> int:
+    """A stable integer per layer path, folded into the trial key."""
+    return zlib.crc32(path.encode()) & 0x7FFFFFFF
+
+
 def _needs_key(config: CrossbarConfig) -> bool:
     d = config.device
     return d.programming_error.active or d.read_noise.active or d.drift.active
@@ -132,12 +151,13 @@ class AnalogOp(nnx.Module):
       path: the layer's NNX graph path, dotted (`"blocks.0.attn.query"`).
       crossbar: the layer's crossbar config (a `LayerConfig` variable; `config` reads it).
       kernel: how the layer's kernel maps to weight matrices.
-      settings: how `calibrate_model` calibrates this layer.
+      settings: how `jaxbar.calibrate_model` calibrates this layer.
       conductances: the programmed crossbars of the current trial, or None.
       read_key, read_count: the read-noise stream and its position.
       live_key: when set, the layer programs itself from its current kernel on every call
         (training: gradients reach the weights).
       mode: "analog", or "inputs" / "adc" while `calibrate_model` profiles the layer.
+      ranges: learnable input and ADC ranges (`LearnedRanges`), or None: the config's.
     """
 
     def __init__(self, path: str, config: CrossbarConfig, kernel: Kernel,
@@ -150,6 +170,7 @@ class AnalogOp(nnx.Module):
         self.read_key = AnalogKey(None)
         self.read_count = ReadCount(jnp.zeros((), jnp.uint32))
         self.live_key = AnalogKey(None)
+        self.ranges = nnx.data(None)
         self.mode = "analog"
 
     @property
@@ -190,36 +211,73 @@ class AnalogOp(nnx.Module):
         self.read_count.set_value(n + 1)
         return jax.random.fold_in(stream, n)
 
+    def solving(self):
+        """A context naming this layer in IR-drop non-convergence errors."""
+        if self.config.parasitics.topology == "none":
+            return contextlib.nullcontext()
+        return parasitics.solving(f"layer {self.path!r}")
+
     # ---- the analog product of (G, ..., K) inputs ----------------------------------------
+    def product(self, x: jax.Array, kernel: jax.Array, make_op, core) -> jax.Array:
+        """Each group's inputs through its crossbars, stacked over the leading group axis.
+
+        Args:
+          x: (G, ...) inputs.
+          kernel: the layer's kernel (programmed from when the layer is live).
+          make_op: `layout -> mvm.ArrayOp` of one group.
+          core: `(x_g, programmed_g, key_g) -> y_g`, the product with the config's ranges.
+        """
+        with self.solving():
+            prog, key = self._programmed(kernel), self._read_key()
+            if self.ranges is None:
+                return _per_group(core, x, prog, key)
+            cfg, params = self.config, self.ranges.get_value()
+            f = lambda xg, pg, kg: learned_product(  # noqa: E731
+                xg, pg, cfg, params, kg, make_op(mapping.layout(*pg.shape, cfg)))
+            return _per_group(f, x, prog, key)
+
     def matmul(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         """`(G, ..., K) -> (G, ..., N)`: each group's inputs through its crossbars."""
         if self.mode != "analog":
             return self._profile(x, kernel, None)
-        prog, key = self._programmed(kernel), self._read_key()
-        f = lambda xg, pg, kg: mvm.matmul(xg, pg, self.config, kg)  # noqa: E731
-        return _per_group(f, x, prog, key)
+        return self.product(x, kernel, mvm.dense_op,
+                            lambda xg, pg, kg: mvm.matmul(xg, pg, self.config, kg))
 
     # ---- calibration -----------------------------------------------------------------------
     def _profile(self, x, kernel, conv_args):
-        """Records calibration samples (eagerly) and returns the digital result."""
+        """Records calibration samples and returns the digital product (`None` for a conv).
+
+        The samples reach the host through `jax.debug.callback`, so layers that run inside
+        a transform (an `nnx.RNN`'s scan, a jitted block) are profiled too.
+        """
         W = self.kernel.matrices(kernel)
-        samples = self.samples.items
+        samples, cfg = self.samples.items, self.samples.config
         if self.mode == "inputs":
-            samples.append(cal._sample(x))
-        else:
-            cfg = self.config.replace(**{"inputs.range": self.input_range})
-            per_group = []
-            for g in range(W.shape[0]):
-                if conv_args is None:
-                    op = mvm.dense_op(mapping.layout(*W.shape[1:], cfg))
-                else:
-                    op = mvm.conv_op(mapping.layout(*W.shape[1:], cfg), *conv_args)
-                per_group.append(cal.pre_adc_samples(x[g], W[g], cfg, op))
-            samples.append([np.concatenate(s) for s in zip(*per_group, strict=True)])
+            _host(lambda v: samples.append(cal._sample(v)), x)
+        elif self.mode == "adc":
+
+            def record(xv, wv):
+                per_group = []
+                for g in range(wv.shape[0]):
+                    lay = mapping.layout(*wv.shape[1:], cfg)
+                    op = (mvm.dense_op(lay) if conv_args is None
+                          else mvm.conv_op(lay, *conv_args))
+                    per_group.append(cal.pre_adc_samples(xv[g], wv[g], cfg, op))
+                samples.append([np.concatenate(s) for s in zip(*per_group, strict=True)])
+
+            _host(record, x, W)
         if conv_args is not None:
             return None
         return jnp.einsum("g...k,gkn->g...n", x, W.astype(x.dtype),
                           precision=jax.lax.Precision.HIGHEST)
+
+
+def _host(f, *args):
+    """`f(*args)` on concrete arrays: now if they are, else when the traced program runs."""
+    if any(isinstance(a, jax.core.Tracer) for a in args):
+        jax.debug.callback(f, *args)
+    else:
+        f(*args)
 
 
 def _per_group(f, x, prog, key):
@@ -370,26 +428,20 @@ class AnalogConv(AnalogOp):
                 lhs, rhs, strides, pads, rhs_dilation=dil, feature_group_count=G,
                 dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
         else:
-            prog, key = self._programmed(rhs), self._read_key()
-            f = lambda xg, pg, kg: mvm.conv(xg, pg, self.config, shape, strides, pads,  # noqa: E731
-                                            key=kg, dilation=dil)
-            y = _per_group(f, x, prog, key)  # (G, N, H', W', cout/G)
+            y = self.product(  # (G, N, H', W', cout/G)
+                x, rhs, lambda lay: mvm.conv_op(lay, *conv_args),
+                lambda xg, pg, kg: mvm.conv(xg, pg, self.config, shape, strides, pads, key=kg,
+                                            dilation=dil))
             y = jnp.moveaxis(y, 0, -2).reshape(*y.shape[1:-1], -1)
         y = y.astype(jnp.result_type(lhs.dtype, rhs.dtype))
         return y[:, 0] if nd == 1 else y
 
 
 # ---- graph traversal ---------------------------------------------------------------------------
-def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
-    """Every submodule by dotted graph path (the root is absent)."""
-    return {".".join(str(p) for p in path): node for path, node in nnx.iter_graph(model)
-            if isinstance(node, nnx.Module) and path}
-
-
 def analog_layers(model: nnx.Module) -> dict[str, tuple[nnx.Module, AnalogOp]]:
     """The analog layers of an analogized model: path → (layer, its `AnalogOp`)."""
     out = {}
-    for path, node in _modules(model).items():
+    for path, node in modules(model).items():
         hook = HOOKS.get(type(node))
         op = getattr(node, hook, None) if hook else None
         if isinstance(op, AnalogOp):
@@ -452,15 +504,15 @@ def analogize(model: nnx.Module, config: Any) -> nnx.Module:
         raise ConfigError("fold_batchnorm: analogize maps the model as given; fold batch "
                           "norm into the weights before analogizing")
     analog = nnx.clone(model)
-    modules = _modules(analog)
-    covered = {p: m for p, m in modules.items() if type(m) in HOOKS}
+    mods = modules(analog)
+    covered = {p: m for p, m in mods.items() if type(m) in HOOKS}
     for pattern, text in net.layers:
-        hits = [p for p in modules if fnmatch.fnmatchcase(p, pattern)]
+        hits = [p for p in mods if fnmatch.fnmatchcase(p, pattern)]
         if not hits:
             raise ConfigError(f"layers pattern {pattern!r} matches no layer; analog layers: "
                               f"{', '.join(covered) or '(none)'}")
         if text != "digital" and not any(p in covered for p in hits):
-            kinds = ", ".join(f"{p} ({type(modules[p]).__name__})" for p in hits[:5])
+            kinds = ", ".join(f"{p} ({type(mods[p]).__name__})" for p in hits[:5])
             raise ConfigError(f"layers pattern {pattern!r} names only layers that cannot be "
                               f"analog: {kinds}; supported types: "
                               f"{', '.join(t.__name__ for t in HOOKS)}")
@@ -470,10 +522,22 @@ def analogize(model: nnx.Module, config: Any) -> nnx.Module:
             continue
         hook = HOOKS[type(layer)]
         op = _OPS[hook](path, cfg, _kernel_of(path, layer), net.calibration)
+        op.original = (getattr(layer, hook), getattr(layer, "dot_general_cls", None))
         setattr(layer, hook, nnx.data(op))
-        if hook == "dot_general" and getattr(layer, "dot_general_cls", None) is not None:
+        if op.original[1] is not None:
             layer.dot_general_cls = None
     return analog
+
+
+def digital_model(analog: nnx.Module) -> nnx.Module:
+    """A copy of an analogized model with its layers' original contraction hooks back."""
+    out = nnx.clone(analog)
+    for layer, op in analog_layers(out).values():
+        hook, cls = op.original
+        setattr(layer, HOOKS[type(layer)], nnx.static(hook) if hook is not None else None)
+        if cls is not None:
+            layer.dot_general_cls = cls
+    return out
 
 
 # ---- programming -------------------------------------------------------------------------------
@@ -524,7 +588,8 @@ def program_model(analog: nnx.Module, key: jax.Array | None, *, live: bool = Fal
         op.read_key.set_value(None if k_read is None else
                               jax.random.fold_in(k_read, layer_id(path)))
         op.live_key.set_value(k_prog if live else None)
-        op.conductances.set_value(None if live else op.program(kernel, k_prog))
+        with op.solving():
+            op.conductances.set_value(None if live else op.program(kernel, k_prog))
 
 
 def clear_programming(analog: nnx.Module) -> None:
@@ -536,80 +601,62 @@ def clear_programming(analog: nnx.Module) -> None:
         op.read_count.set_value(jnp.zeros((), jnp.uint32))
 
 
+def update_configs(analog: nnx.Module, **changes: Any) -> None:
+    """Applies `CrossbarConfig.replace(**changes)` to every analog layer's config, in place.
+
+    Calibrated ranges stay; the current trial is forgotten. Between sweep points that change
+    only numbers (σ, the on/off ratio, ...), compiled functions are reused.
+    """
+    clear_programming(analog)
+    for _, op in analog_layers(analog).values():
+        op.crossbar.set_value(op.config.replace(**changes))
+
+
 def is_programmed(analog: nnx.Module) -> bool:
     """Whether every analog layer holds conductances (or programs itself live)."""
     return all(op.conductances.get_value() is not None or op.live_key.get_value() is not None
                for _, op in analog_layers(analog).values())
 
 
-# ---- calibration -------------------------------------------------------------------------------
-def _batches(data: Any, batch_size: int) -> Iterable[Any]:
-    if isinstance(data, np.ndarray | jax.Array):
-        return (data[i:i + batch_size] for i in range(0, len(data), batch_size))
-    return data
+# ---- learned ranges ----------------------------------------------------------------------------
+def attach_learned_ranges(analog: nnx.Module) -> None:
+    """Gives every analog layer learnable input and ADC ranges, in place (`LearnedRanges`).
 
-
-def calibrate_model(analog: nnx.Module, data: Any, *, batch_size: int = 100,
-                    forward: Callable[[nnx.Module, Any], Any] | None = None):
-    """Calibrates each analog layer's DAC and ADC ranges from data, in place (PHYSICS §7).
-
-    Two digital passes: the first sets each layer's input range from a percentile of its
-    |inputs| (signed when it sees negative inputs), the second each weight slice's ADC range
-    from the inner percentage of its pre-ADC outputs (with the ADC and device errors off).
-    Percentiles come from the config's `calibration` settings. Stored conductances are
-    cleared, since the configs change: program the model afterwards.
-
-    Args:
-      analog: from `analogize`.
-      data: an array of inputs (split into batches of `batch_size`) or an iterable of batches.
-      batch_size: inputs per forward pass when `data` is an array.
-      forward: `forward(model, batch)` runs one batch (default `model(batch)`).
-
-    Returns:
-      The calibrated ranges (`jaxbar.nn.calibrate.Calibration`, saved as JSON by `.save`).
+    They start at the configured ranges (calibrate first), are `nnx.Param`s (so `nnx.grad` and
+    optax reach them; filter `LearnedRanges` to give them an optimizer of their own), and the
+    layers compute with them until `commit_learned_ranges`.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size = {batch_size!r} is invalid: expected an integer >= 1")
-    forward = forward or (lambda m, b: m(b))
-    layers = analog_layers(analog)
-    if not layers:
-        return Calibration({}, {})
+    for path, (layer, op) in analog_layers(analog).items():
+        cfg = op.config
+        if cfg.adc.range == "calibrated" and cfg.adc.bits > 0:
+            raise ConfigError(f"layer {path!r} needs a calibrated ADC range before its ranges "
+                              "can be learned: call jaxbar.calibrate_model first")
+        K, N = op.kernel.matrices(_layer_kernel(layer)).shape[1:]
+        op.ranges = LearnedRanges(init_ranges(cfg, K, N))
 
-    def run(mode):
-        for _, op in layers.values():
-            op.mode = mode
-            op.samples = Samples()
-        try:
-            n = 0
-            for batch in _batches(data, batch_size):
-                forward(analog, batch)
-                n += 1
-            if n == 0:
-                raise ConfigError("calibrate_model: the calibration data is empty")
-            return {p: op.samples.items for p, (_, op) in layers.items()}
-        finally:
-            for _, op in layers.values():
-                op.mode = "analog"
-                del op.samples
 
-    clear_programming(analog)  # profiling runs the digital product
-    inputs = {p: cal.input_range(np.concatenate(v), layers[p][1].settings.input_percentile)
-              for p, v in run("inputs").items()}
-    for p, (_, op) in layers.items():
-        op.input_range = inputs[p]
-    adc_samples = run("adc") if any(op.config.adc.range == "calibrated"
-                                    for _, op in layers.values()) else {}
-    result = {}
-    for p, (_, op) in layers.items():
-        del op.input_range
-        s, adc = op.settings, None
-        if op.config.adc.range == "calibrated":
-            per_slice = [np.concatenate(v) for v in zip(*adc_samples[p], strict=True)]
-            adc = cal.ranges_from_samples(per_slice, s.adc_percentile, s.symmetric,
-                                          s.power_of_two)
-        op.crossbar.set_value(cal.with_ranges(op.config, inputs[p], adc))
-        result[p] = LayerCalibration(inputs[p], adc)
-    return Calibration(result, {})
+def learned_ranges(analog: nnx.Module) -> dict[str, tuple[tuple[float, float], Any]]:
+    """Each layer's learned `(input range, ADC ranges or None)` as floats."""
+    out = {}
+    for path, (layer, op) in analog_layers(analog).items():
+        if op.ranges is not None:
+            K, N = op.kernel.matrices(_layer_kernel(layer)).shape[1:]
+            params = jax.tree.map(np.asarray, op.ranges.get_value())
+            out[path] = host_ranges(params, range_spec(op.config, K, N))
+    return out
+
+
+def commit_learned_ranges(analog: nnx.Module) -> None:
+    """Writes the learned ranges into the layers' configs and drops the parameters, in place."""
+    ranges = learned_ranges(analog)
+    for path, (_, op) in analog_layers(analog).items():
+        if path in ranges:
+            inp, adc = ranges[path]
+            changes = {"inputs.range": inp}
+            if adc is not None:
+                changes["adc.range"] = adc if len(adc) > 1 else adc[0]
+            op.crossbar.set_value(op.config.replace(**changes))
+            op.ranges = nnx.data(None)
 
 
 # ---- batches under jit -------------------------------------------------------------------------

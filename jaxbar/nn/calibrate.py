@@ -1,34 +1,31 @@
-"""Per-layer calibration of a network's input and ADC ranges (PHYSICS §7).
+"""Per-layer calibration of an analog model's input and ADC ranges (PHYSICS §7).
 
-Two digital passes over calibration images: the first profiles each analog
-layer's inputs (DAC full scale at a percentile of |x|; signed when the layer sees
-negative inputs, e.g. the first layer or one fed by a residual add without ReLU),
-the second profiles its pre-ADC array outputs with that input range, the ADC off
-and no device errors (the ADC range covers the inner P % per weight slice).
+Two digital passes over calibration data: the first profiles each analog layer's inputs (DAC
+full scale at a percentile of |x|; signed when the layer sees negative inputs, e.g. the first
+layer or one fed by a residual add without ReLU), the second profiles its pre-ADC array
+outputs with that input range, the ADC off and no device errors (the ADC range covers the
+inner P % per weight slice). A `Calibration` holds the ranges by layer path and is saved as
+JSON, so a calibration can be reused (`apply_calibration`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 
 from jaxbar import calibration as cal
 from jaxbar.config import ConfigError
-from jaxbar.core import mapping, mvm
-from jaxbar.nn.analog import LayerConfigs
-from jaxbar.nn.contraction import DIGITAL, explicit_padding
-from jaxbar.nn.models import layer_names
-from jaxbar.nn.network_config import NetworkConfig
+from jaxbar.nn.analogize import Samples, analog_layers, clear_programming, learned_ranges
 
-__all__ = ["Calibration", "LayerCalibration", "calibrate_network", "check_layer_patterns",
-           "resolve_layers"]
+__all__ = ["Calibration", "LayerCalibration", "apply_calibration", "calibrate_model",
+           "learned_calibration"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,120 +67,102 @@ class Calibration:
         return cls(layers, d.get("meta", {}))
 
 
-class _Profiler:
-    """A digital contraction that samples each analog layer's inputs or pre-ADC outputs."""
-
-    def __init__(self, net: NetworkConfig, input_ranges: dict | None):
-        self.net = net
-        self.input_ranges = input_ranges
-        self.samples: dict[str, list] = {}
-
-    def _record(self, name, x, kernel, op_fn):
-        cfg = self.net.crossbar_for(name)
-        if cfg is None:
-            return
-        if self.input_ranges is None:
-            self.samples.setdefault(name, []).append(cal._sample(x))
-        elif cfg.adc.range == "calibrated":
-            cfg = cfg.replace(**{"inputs.range": self.input_ranges[name]})
-            W = kernel.reshape(-1, kernel.shape[-1])
-            op = op_fn(mapping.layout(*W.shape, cfg))
-            per_slice = cal.pre_adc_samples(x, W, cfg, op)
-            self.samples.setdefault(name, []).append(per_slice)
-
-    def conv(self, name, x, kernel, *, strides, padding):
-        pads = explicit_padding(padding, x.shape[1:3], kernel.shape[:2], strides)
-        self._record(name, x, kernel,
-                     lambda lay: mvm.conv_op(lay, tuple(kernel.shape), tuple(strides), pads))
-        return DIGITAL.conv(name, x, kernel, strides=strides, padding=padding)
-
-    def dense(self, name, x, kernel):
-        self._record(name, x, kernel, mvm.dense_op)
-        return DIGITAL.dense(name, x, kernel)
+def _batches(data: Any, batch_size: int) -> Iterable[Any]:
+    if isinstance(data, np.ndarray | jax.Array):
+        return (data[i:i + batch_size] for i in range(0, len(data), batch_size))
+    return data
 
 
-def _run(model, images, batch_size, profiler):
-    for i in range(0, len(images), batch_size):
-        model(jnp.asarray(images[i:i + batch_size]), profiler)
+def calibrate_model(analog: nnx.Module, data: Any, *, batch_size: int = 100,
+                    forward: Callable[[nnx.Module, Any], Any] | None = None):
+    """Calibrates each analog layer's DAC and ADC ranges from data, in place (PHYSICS §7).
 
-
-def calibrate_network(model: nnx.Module, net: NetworkConfig, images: np.ndarray,
-                      batch_size: int = 100) -> Calibration:
-    """Calibrates every analog layer of `model` on preprocessed `images`.
+    Two digital passes: the first sets each layer's input range from a percentile of its
+    |inputs| (signed when it sees negative inputs), the second each weight slice's ADC range
+    from the inner percentage of its pre-ADC outputs (with the ADC and device errors off).
+    Percentiles come from the config's `calibration` settings. Stored conductances are
+    cleared, since the configs change: program the model afterwards.
 
     Args:
-      model: a jaxbar model (already batch-norm folded if `net.fold_batchnorm`).
-      net: the network config (which layers are analog, percentiles, ADC modes).
-      images: preprocessed calibration images, disjoint from the evaluation set.
-      batch_size: images per forward pass.
+      analog: from `analogize`.
+      data: an array of inputs (split into batches of `batch_size`) or an iterable of batches.
+      batch_size: inputs per forward pass when `data` is an array.
+      forward: `forward(model, batch)` runs one batch (default `model(batch)`).
 
     Returns:
-      The per-layer `Calibration`.
+      The calibrated ranges (`jaxbar.nn.calibrate.Calibration`, saved as JSON by `.save`).
     """
-    check_layer_patterns(net, layer_names(model))
-    s = net.calibration
-    p1 = _Profiler(net, None)
-    _run(model, images, batch_size, p1)
-    inputs = {n: cal.input_range(np.concatenate(v), s.input_percentile)
-              for n, v in p1.samples.items()}
-    p2 = _Profiler(net, inputs)
-    _run(model, images, batch_size, p2)
-    layers = {}
-    for name, rng in inputs.items():
-        adc = None
-        if name in p2.samples:
-            per_slice = [np.concatenate(v) for v in zip(*p2.samples[name], strict=True)]
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size = {batch_size!r} is invalid: expected an integer >= 1")
+    forward = forward or (lambda m, b: m(b))
+    layers = analog_layers(analog)
+    if not layers:
+        return Calibration({}, {})
+
+    count = []
+
+    def run(modes, configs):
+        for p, (_, op) in layers.items():
+            op.mode = modes[p]
+            op.samples = Samples(configs[p])
+        try:
+            count.clear()
+            for batch in _batches(data, batch_size):
+                forward(analog, batch)
+                count.append(len(jax.tree.leaves(batch)[0]))
+            if not count:
+                raise ConfigError("calibrate_model: the calibration data is empty")
+            return {p: op.samples.items for p, (_, op) in layers.items()}
+        finally:
+            for _, op in layers.values():
+                op.mode = "analog"
+                del op.samples
+
+    clear_programming(analog)  # profiling runs the digital product
+    configs = {p: op.config for p, (_, op) in layers.items()}
+    inputs = {p: cal.input_range(np.concatenate(v), layers[p][1].settings.input_percentile)
+              for p, v in run(dict.fromkeys(layers, "inputs"), configs).items()}
+    modes = {p: "adc" if op.config.adc.range == "calibrated" else "digital"
+             for p, (_, op) in layers.items()}
+    profiled = {p: configs[p].replace(**{"inputs.range": inputs[p]}) for p in layers}
+    adc_samples = run(modes, profiled) if "adc" in modes.values() else {}
+    result = {}
+    for p, (_, op) in layers.items():
+        s, adc = op.settings, None
+        if op.config.adc.range == "calibrated":
+            per_slice = [np.concatenate(v) for v in zip(*adc_samples[p], strict=True)]
             adc = cal.ranges_from_samples(per_slice, s.adc_percentile, s.symmetric,
                                           s.power_of_two)
-        layers[name] = LayerCalibration(rng, adc)
-    meta = {"images": int(len(images)), "settings": dataclasses.asdict(s)}
-    return Calibration(layers, meta)
+        op.crossbar.set_value(cal.with_ranges(op.config, inputs[p], adc))
+        result[p] = LayerCalibration(inputs[p], adc)
+    settings = next(iter(layers.values()))[1].settings
+    return Calibration(result, {"images": int(sum(count)),
+                                "settings": dataclasses.asdict(settings)})
 
 
-def check_layer_patterns(net: NetworkConfig, names: list[str]) -> None:
-    """Checks that every per-layer override pattern of a network config matches a layer.
-
-    Args:
-      net: the network config.
-      names: the model's analog layer names.
-
-    Raises:
-      ConfigError: naming the first pattern that matches no layer, and listing the names.
-    """
-    for pattern, _ in net.layers:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            raise ConfigError(f"layers[{pattern!r}] matches no layer of the model; its layers "
-                              f"are {', '.join(names)}")
 
 
-def resolve_layers(model: nnx.Module, net: NetworkConfig,
-                   calibration: Calibration | None = None) -> LayerConfigs | None:
-    """Per-layer crossbar configs with calibrated ranges filled in.
+def apply_calibration(analog: nnx.Module, calibration: Calibration) -> None:
+    """Writes a calibration's ranges into the analog layers' configs, in place.
 
-    Args:
-      model: the jaxbar model.
-      net: the network config.
-      calibration: calibrated ranges; required when a layer's ADC range is "calibrated".
-
-    Returns:
-      Layer name → config (None: digital), or None when the whole network is digital.
+    Every layer's input range is set, and its ADC ranges where its configured ADC range is
+    "calibrated". Layers the calibration does not name keep their configs.
 
     Raises:
-      ConfigError: naming the layer, when a needed calibration is missing; naming the
-        pattern and listing the layers, when a `layers` pattern matches no layer.
+      ConfigError: the calibration names a layer the model does not have as analog.
     """
-    if net.crossbar is None:
-        return None
-    names = layer_names(model)
-    check_layer_patterns(net, names)
-    out = {}
-    for name in names:
-        cfg = net.crossbar_for(name)
-        if cfg is not None and calibration is not None and name in calibration.layers:
-            c = calibration.layers[name]
-            cfg = cal.with_ranges(cfg, c.input_range, c.adc_range)
-        if cfg is not None and cfg.adc.range == "calibrated" and cfg.adc.bits > 0:
-            raise ConfigError(f"layer {name!r} needs a calibrated ADC range: pass a "
-                              "calibration (jaxbar calibrate) or calibrate on the fly")
-        out[name] = cfg
-    return out
+    layers = analog_layers(analog)
+    unknown = [p for p in calibration.layers if p not in layers]
+    if unknown:
+        raise ConfigError(f"the calibration names layers that are not analog in this model: "
+                          f"{', '.join(unknown[:5])}; analog layers: {', '.join(layers)}")
+    clear_programming(analog)
+    for path, c in calibration.layers.items():
+        op = layers[path][1]
+        op.crossbar.set_value(cal.with_ranges(op.config, c.input_range, c.adc_range))
+
+
+def learned_calibration(analog: nnx.Module, meta: dict | None = None) -> Calibration:
+    """The learned ranges of an analog model (`attach_learned_ranges`) as a `Calibration`."""
+    layers = {p: LayerCalibration(inp, adc) for p, (inp, adc) in learned_ranges(analog).items()}
+    return Calibration(layers, dict(meta or {}, source="learned ranges"))

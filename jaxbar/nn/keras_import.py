@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from jaxbar.nn.layers import BatchNorm, Conv, Dense
 from jaxbar.nn.models import ResNet50, ResNetV1Cifar, named_batchnorms, named_layers
 from jaxbar.nn.params_io import check_finite
 
@@ -387,7 +386,7 @@ def _load_into(model: nnx.Module, root, mapping: LayerMap) -> None:
         w = read_layer_weights(root, keras, context=ours)
         what = f"layer {keras!r} ({ours})"
         if ours in layers:
-            layer: Conv | Dense = layers[ours]
+            layer = layers[ours]
             if "kernel" not in w:
                 raise WeightsError(f"{what}: no kernel in the file (has {sorted(w)})")
             _assign(layer.kernel, w["kernel"], f"{what} kernel")
@@ -398,7 +397,7 @@ def _load_into(model: nnx.Module, root, mapping: LayerMap) -> None:
             elif "bias" in w:
                 raise WeightsError(f"{what}: the file has a bias the model lacks")
         elif ours in bns:
-            bn: BatchNorm = bns[ours]
+            bn = bns[ours]
             for key, var in (("gamma", bn.scale), ("beta", bn.bias),
                              ("moving_mean", bn.mean), ("moving_variance", bn.var)):
                 if key in w:
@@ -439,11 +438,13 @@ def load_keras_resnet_cifar(path: str | os.PathLike, depth: int | None = None
         layers = named_layers(model)
         for name, strides in info["strides"].items():
             conv = layers[name]
-            if tuple(strides) != tuple(conv.strides):
+            model_strides = (conv.strides,) * 2 if isinstance(conv.strides, int) else tuple(
+                conv.strides)
+            if tuple(strides) != model_strides:
                 raise WeightsError(f"layer {mapping[name]!r} ({name}) has strides {strides}, "
-                                   f"the model {conv.strides}")
+                                   f"the model {model_strides}")
             pad = info["padding"][name]
-            if pad != conv.padding and conv.kernel[...].shape[0] > 1:
+            if str(pad).lower() != str(conv.padding).lower() and conv.kernel[...].shape[0] > 1:
                 raise WeightsError(f"layer {mapping[name]!r} ({name}) has padding {pad!r}, "
                                    f"the model {conv.padding!r}")
             if bool(info["use_bias"][name]) != (conv.bias is not None):

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxbar.nn.layers import BatchNorm, Conv, Dense
+from jaxbar.nn.graph import modules
 
 FORMAT = "jaxbar.params"
 FORMAT_VERSION = 1
@@ -45,31 +45,21 @@ def _version() -> str:
 
 
 def named_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
-    """Every parameter / batch statistic of a model keyed ``"<layer name>/<variable>"``.
+    """Every parameter and batch statistic of a model keyed `"<layer path>/<variable>"`.
 
     Raises:
-        ParamsError: a variable lives outside a named layer, or two layers share a name.
+        ParamsError: a variable is reachable twice (shared between layers).
     """
     out: dict[str, nnx.Variable] = {}
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, Conv | Dense):
-            attrs = ("kernel", "bias")
-        elif isinstance(m, BatchNorm):
-            attrs = ("scale", "bias", "mean", "var")
-        else:
-            continue
-        for a in attrs:
-            v = getattr(m, a)
-            if v is None:
+    seen: set[int] = set()
+    for path, m in [("", model), *modules(model).items()]:
+        for attr, v in sorted(vars(m).items()):
+            if not isinstance(v, nnx.Param | nnx.BatchStat):
                 continue
-            key = f"{m.name}/{a}"
-            if key in out:
-                raise ParamsError(f"duplicate layer name {m.name!r}")
-            out[key] = v
-    total = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model,
-                                                                nnx.Any(nnx.Param, nnx.BatchStat))))
-    if total != sum(v[...].size for v in out.values()):
-        raise ParamsError("the model has variables outside named Conv/Dense/BatchNorm layers")
+            if id(v) in seen:
+                raise ParamsError(f"variable {path}/{attr} is shared with another layer")
+            seen.add(id(v))
+            out[f"{path}/{attr}" if path else attr] = v
     return out
 
 

@@ -18,9 +18,9 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxbar.nn.calibrate import calibrate_network, resolve_layers
-from jaxbar.nn.contraction import DIGITAL, Contraction
-from jaxbar.nn.layers import Conv, Dense, avg_pool
+from jaxbar.nn.analogize import analogize, update_configs
+from jaxbar.nn.calibrate import calibrate_model
+from jaxbar.nn.models import avg_pool, conv, dense
 from jaxbar.nn.network_config import NetworkConfig
 from jaxbar.study.engine import accuracy_stats, evaluate
 
@@ -33,15 +33,15 @@ class DigitsCNN(nnx.Module):
     input_shape = (8, 8, 1)
 
     def __init__(self, rngs: nnx.Rngs):
-        self.conv1 = Conv(1, 16, 3, name="conv1", rngs=rngs)
-        self.conv2 = Conv(16, 32, 3, strides=2, name="conv2", rngs=rngs)
-        self.dense = Dense(32, 10, name="dense", rngs=rngs)
+        self.conv1 = conv(1, 16, 3, rngs=rngs)
+        self.conv2 = conv(16, 32, 3, strides=2, rngs=rngs)
+        self.dense = dense(32, 10, rngs=rngs)
 
-    def __call__(self, x, contraction: Contraction = DIGITAL, *, train: bool = False):
-        x = jax.nn.relu(self.conv1(x, contraction))
-        x = jax.nn.relu(self.conv2(x, contraction))
+    def __call__(self, x, *, train: bool = False):
+        x = jax.nn.relu(self.conv1(x))
+        x = jax.nn.relu(self.conv2(x))
         x = avg_pool(x, 4).reshape(x.shape[0], -1)
-        return self.dense(x, contraction)
+        return self.dense(x)
 
 
 def load_digits(seed: int = 0):
@@ -90,21 +90,22 @@ def run_demo(trials: int = 8, sigmas=(0.0, 0.05, 0.1, 0.2, 0.3), seed: int = 0,
     t0 = time.perf_counter()
     x_tr, y_tr, x_te, y_te = load_digits(seed)
     model = train_digits(x_tr, y_tr, seed=seed)
-    digital = evaluate(model, None, x_te, y_te, progress=False).mean
+    digital = evaluate(model, x_te, y_te, progress=False).mean
     print(f"trained DigitsCNN in {time.perf_counter() - t0:.1f} s: digital test accuracy "
           f"{100 * digital:.1f}% on {len(x_te)} images")
     keys = jax.random.split(jax.random.key(seed), trials)
     rows = []
     grid = [(s, g) for s in ("differential", "offset") for g in sigmas]
-    cal = {}
+    analog = {}
     for scheme, sigma in tqdm(grid, desc="demo sweep", unit="point"):
-        net = NetworkConfig.load("paper_baseline").replace(**{
-            "mapping.scheme": scheme,
-            "device.programming_error": {"model": "proportional", "sigma": sigma}})
-        if scheme not in cal:  # calibration does not depend on sigma (profiled error-free)
-            cal[scheme] = calibrate_network(model, net, x_tr[:500])
-        res = evaluate(model, resolve_layers(model, net, cal[scheme]), x_te, y_te, keys,
-                       batch_size=len(x_te), progress=False)
+        if scheme not in analog:  # calibration does not depend on sigma (profiled error-free)
+            net = NetworkConfig.load("paper_baseline").replace(**{
+                "mapping.scheme": scheme,
+                "device.programming_error": {"model": "proportional", "sigma": 0.0}})
+            analog[scheme] = analogize(model, net)
+            calibrate_model(analog[scheme], x_tr[:500])
+        update_configs(analog[scheme], **{"device.programming_error.sigma": sigma})
+        res = evaluate(analog[scheme], x_te, y_te, keys, batch_size=len(x_te), progress=False)
         st = accuracy_stats(res.accuracies)
         rows.append({"mapping": scheme, "sigma": sigma, **st, "trials": trials})
     print(format_table(rows, digital))

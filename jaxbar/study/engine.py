@@ -30,7 +30,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from jaxbar.core import parasitics
-from jaxbar.nn.analog import Analog, LayerConfigs, program_network
+from jaxbar.nn.analogize import ReadCount, analog_layers, program_model
 from jaxbar.nn.params_io import check_finite
 
 __all__ = ["EvalResult", "accuracy_stats", "default_strategy", "evaluate"]
@@ -144,7 +144,7 @@ def _mesh(trial_shards: int, data_shards: int) -> jax.sharding.Mesh:
 
 def _runner(graphdef, strategy: str, C: int, digital: bool, trial_shards: int = 1,
             data_shards: int = 1):
-    """A jitted `(state, xs, ys, keys, configs) -> (T, 2, C)` hit/count tensor.
+    """A jitted `(state, xs, ys, keys) -> (T, 2, C)` hit/count tensor.
 
     Cached: the same arguments, however passed, give the same function (and its
     compilations); see `_build_runner`.
@@ -156,7 +156,7 @@ def _runner(graphdef, strategy: str, C: int, digital: bool, trial_shards: int = 
 @functools.lru_cache(maxsize=64)
 def _build_runner(graphdef, strategy: str, C: int, digital: bool, trial_shards: int,
                   data_shards: int):
-    """The jitted `(state, xs, ys, keys, configs) -> (T, 2, C)` hit/count tensor.
+    """The jitted `(state, xs, ys, keys) -> (T, 2, C)` hit/count tensor.
 
     Args:
       graphdef: the model's `nnx` graph definition.
@@ -170,44 +170,41 @@ def _build_runner(graphdef, strategy: str, C: int, digital: bool, trial_shards: 
 
     Returns:
       With one device in all, the jitted function. Otherwise one over
-      `_mesh(trial_shards, data_shards)` expecting `state` and `configs` replicated, `xs`
-      and `ys` sharded over "data" on their batch axis and `keys` over "trials" (see
-      `_global`); its result is replicated on every device, so every process can read it.
+      `_mesh(trial_shards, data_shards)` expecting `state` replicated, `xs` and `ys` sharded
+      over "data" on their batch axis and `keys` over "trials" (see `_global`); its result is
+      replicated on every device, so every process can read it.
     """
     P = jax.sharding.PartitionSpec
 
-    def trial(state, xs, ys, key, configs):
-        net = nnx.merge(graphdef, state)
-        programmed, rk = None, None
-        named = not digital and _has_ir_drop(configs)
-        contraction = _NamedAnalog if named else Analog
+    def trial(state, xs, ys, key):
+        net = nnx.merge(graphdef, state, copy=True)
         if not digital:
-            tk, rk = jax.random.split(key)
-            programmed = (_program_named if named else program_network)(net, configs, tk)
+            program_model(net, key)  # once per trial
+        # Only the read-noise positions change from batch to batch: they are the scan's carry.
+        gd, counts, rest = nnx.split(net, ReadCount, ...)
 
         def body(carry, batch):
-            xb, yb, i = batch
+            tot, counts = carry
+            xb, yb = batch
             if data_shards > 1:  # keep the batch split through the scan
                 xb = jax.lax.with_sharding_constraint(xb, P("data"))
                 yb = jax.lax.with_sharding_constraint(yb, P("data"))
-            if digital:
-                logits = net(xb)
-            else:
-                logits = net(xb, contraction(configs, programmed, None,
-                                             jax.random.fold_in(rk, i)))
+            m = nnx.merge(gd, counts, rest, copy=True)
+            logits = m(xb)
             hit = (jnp.argmax(logits, -1) == yb).astype(jnp.float32)
             onehot = jax.nn.one_hot(jnp.where(yb >= 0, yb, 0) if C > 1 else 0 * yb, C)
             onehot = onehot * (yb >= 0)[:, None]
             # Counted per batch position, summed once at the end: a data-sharded carry
             # needs no cross-device sum per batch (integer counts: exact in any order).
-            return carry + jnp.stack([hit[:, None] * onehot, onehot]), None
+            tot = tot + jnp.stack([hit[:, None] * onehot, onehot])
+            return (tot, nnx.state(m, ReadCount)), None
 
         B = xs.shape[1]
-        tot, _ = jax.lax.scan(body, jnp.zeros((2, B, C)), (xs, ys, jnp.arange(xs.shape[0])))
+        (tot, _), _ = jax.lax.scan(body, (jnp.zeros((2, B, C)), counts), (xs, ys))
         return tot.sum(1)
 
-    def trials(state, xs, ys, ks, configs):
-        f = lambda k: trial(state, xs, ys, k, configs)  # noqa: E731
+    def trials(state, xs, ys, ks):
+        f = lambda k: trial(state, xs, ys, k)  # noqa: E731
         return jax.vmap(f)(ks) if strategy == "vmap" else jax.lax.map(f, ks)
 
     if trial_shards * data_shards == 1:
@@ -216,38 +213,10 @@ def _build_runner(graphdef, strategy: str, C: int, digital: bool, trial_shards: 
     # "data" stays automatic inside, see above.
     mesh = _mesh(trial_shards, data_shards)
     on = lambda *spec: jax.sharding.NamedSharding(mesh, P(*spec))  # noqa: E731
-    body = jax.shard_map(trials, mesh=mesh, in_specs=(P(), P(), P(), P("trials"), P()),
+    body = jax.shard_map(trials, mesh=mesh, in_specs=(P(), P(), P(), P("trials")),
                          out_specs=P("trials"), axis_names={"trials"}, check_vma=False)
     return jax.jit(body, in_shardings=(on(), on(None, "data"), on(None, "data"),
-                                       on("trials"), on()), out_shardings=on())
-
-
-def _has_ir_drop(configs: LayerConfigs) -> bool:
-    return any(c is not None and c.parasitics.topology != "none" for c in configs.values())
-
-
-def _program_named(model: nnx.Module, configs: LayerConfigs, key) -> dict:
-    """`program_network`, each layer's IR-drop solves named after the layer."""
-    out = {}
-    for name, cfg in configs.items():
-        if cfg is not None:
-            with parasitics.solving(f"layer {name!r}"):
-                out.update(program_network(model, {n: cfg if n == name else None
-                                                   for n in configs}, key))
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class _NamedAnalog(Analog):
-    """`Analog`, each layer's IR-drop solves named after the layer."""
-
-    def conv(self, name, x, kernel, *, strides, padding):
-        with parasitics.solving(f"layer {name!r}"):
-            return super().conv(name, x, kernel, strides=strides, padding=padding)
-
-    def dense(self, name, x, kernel):
-        with parasitics.solving(f"layer {name!r}"):
-            return super().dense(name, x, kernel)
+                                       on("trials")), out_shardings=on())
 
 
 def _global(tree, sharding: jax.sharding.NamedSharding):
@@ -286,8 +255,8 @@ def _fingerprint(*trees, max_rows: int = 1024) -> int:
     return crc
 
 
-def evaluate(model: nnx.Module, configs: LayerConfigs | None, images: np.ndarray,
-             labels: np.ndarray, keys: jax.Array | None = None, *, batch_size: int = 256,
+def evaluate(model: nnx.Module, images: np.ndarray, labels: np.ndarray,
+             keys: jax.Array | None = None, *, batch_size: int = 256,
              strategy: str = "auto", trial_chunk: int | None = None,
              num_classes: int | None = None, progress: bool = True,
              shard: bool = True) -> EvalResult:
@@ -299,11 +268,11 @@ def evaluate(model: nnx.Module, configs: LayerConfigs | None, images: np.ndarray
     process must call this with the same arguments; each gets all results.
 
     Args:
-      model: a jaxbar model.
-      configs: resolved per-layer crossbar configs; None evaluates digitally (one "trial").
+      model: an analog model (`jaxbar.analogize`, calibrated) or a digital one (evaluated
+        once, keys ignored).
       images: preprocessed images (N, H, W, C).
       labels: int labels (N,).
-      keys: (T,) trial keys; None = one error-free trial.
+      keys: (T,) trial keys; None = one trial with `key(0)`.
       batch_size: images per forward pass.
       strategy: "map", "vmap" or "auto" (by backend).
       trial_chunk: trials per compiled call (bounds memory; default 8 for vmap, 4 for map;
@@ -335,8 +304,12 @@ def evaluate(model: nnx.Module, configs: LayerConfigs | None, images: np.ndarray
         raise ValueError(f"evaluate needs as many labels as images (at least one), got "
                          f"{len(images)} images and {len(labels)} labels")
     check_finite(model)
+    digital = not analog_layers(model)
     graphdef, state = nnx.split(model)
-    if keys is None:
+    # Traced config numbers as floats: an integer sigma (`0` in YAML) would otherwise be
+    # traced as int32 and compile a second copy of the same structure.
+    state = jax.tree.map(lambda v: float(v) if type(v) is int else v, state)
+    if keys is None or digital:
         keys = jax.random.split(jax.random.key(0), 1)
     if not keys.shape or keys.shape[0] < 1:
         raise ValueError(f"keys must be an array of T >= 1 trial keys, got shape "
@@ -345,20 +318,20 @@ def evaluate(model: nnx.Module, configs: LayerConfigs | None, images: np.ndarray
     devices = jax.device_count() if shard else 1
     chunk, t, d = _shards(trial_chunk or min(T, 8 if strategy == "vmap" else 4), devices)
     xs, ys = _batches(images, labels, batch_size, d)
-    # Configs go in as pytrees: swept numbers (sigma, ...) are traced and the compiled
+    # Layer configs are state: swept numbers (sigma, ...) are traced and the compiled
     # function is reused for every configuration of the same structure.
-    run = _runner(graphdef, strategy, num_classes or 1, configs is None, t, d)
+    run = _runner(graphdef, strategy, num_classes or 1, digital, t, d)
     if devices == 1:
         xs, ys = jnp.asarray(xs), jnp.asarray(ys)  # once, not per chunk
         place_keys = lambda ks: ks  # noqa: E731
     else:
         if jax.process_count() > 1:  # each process fills its devices from its own copy
-            fp = _fingerprint(images, labels, keys, state, configs, batch_size, chunk)
+            fp = _fingerprint(images, labels, keys, state, batch_size, chunk)
             if len(set(multihost_utils.process_allgather(np.uint32(fp)).tolist())) > 1:
                 raise ValueError("evaluate: processes passed different models, configs, "
                                  "images, labels or keys")
         P, mesh = jax.sharding.PartitionSpec, _mesh(t, d)
-        state, configs = _global((state, configs), jax.sharding.NamedSharding(mesh, P()))
+        state = _global(state, jax.sharding.NamedSharding(mesh, P()))
         xs, ys = _global((xs, ys), jax.sharding.NamedSharding(mesh, P(None, "data")))
         by_trial = jax.sharding.NamedSharding(mesh, P("trials"))
         place_keys = lambda ks: _global(ks, by_trial)  # noqa: E731
@@ -370,7 +343,7 @@ def evaluate(model: nnx.Module, configs: LayerConfigs | None, images: np.ndarray
         if ks.shape[0] < chunk:  # keep one compiled shape: pad the last chunk
             ks = jnp.concatenate([ks, jnp.repeat(ks[-1:], chunk - ks.shape[0], axis=0)])
         try:
-            res = np.asarray(run(state, xs, ys, place_keys(ks), configs))[: min(chunk, T - i)]
+            res = np.asarray(run(state, xs, ys, place_keys(ks)))[: min(chunk, T - i)]
         except Exception as e:  # a ConvergenceError of a callback arrives wrapped
             carried = parasitics.convergence_error(e)
             if carried is None or carried is e:

@@ -17,13 +17,14 @@ from jaxbar.data.preprocess import (
     load_cifar_mean,
     read_cifar_mean,
 )
-from jaxbar.nn.calibrate import Calibration, calibrate_network, resolve_layers
+from jaxbar.nn.analogize import analog_layers, analogize
+from jaxbar.nn.calibrate import Calibration, apply_calibration, calibrate_model
 from jaxbar.nn.folding import fold_batchnorm
 from jaxbar.nn.keras_import import load_keras_resnet50, load_keras_resnet_cifar
 from jaxbar.nn.network_config import NetworkConfig
 from jaxbar.nn.params_io import load_params
 
-__all__ = ["MODELS", "Task", "load_task", "prepare_configs"]
+__all__ = ["MODELS", "Task", "load_task", "prepare_model"]
 
 CIFAR_MODELS = {"resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet56": 56}
 MODELS = (*CIFAR_MODELS, "resnet50")
@@ -80,33 +81,40 @@ def load_task(model: str, weights: str | None, data: str, params: str | None = N
     return Task(model, net, weights or params, data, m, skip_unreadable)
 
 
-def _needs_calibration(model, net: NetworkConfig) -> bool:
-    from jaxbar.nn.models import layer_names
-
-    cfgs = [net.crossbar_for(n) for n in layer_names(model)]
-    return any(c is not None and (c.inputs.bits > 0 or c.adc.range == "calibrated")
-               for c in cfgs)
+def _needs_calibration(analog: nnx.Module) -> bool:
+    return any(op.config.inputs.bits > 0 or op.config.adc.range == "calibrated"
+               for _, op in analog_layers(analog).values())
 
 
-def prepare_configs(task: Task, net: NetworkConfig, calibration: str | Calibration | None,
-                    cache_dir: str | None = None, model: nnx.Module | None = None):
-    """Resolves per-layer configs, calibrating on the fly when needed.
+def prepare_model(task: Task, net: NetworkConfig, calibration: str | Calibration | None,
+                  cache_dir: str | None = None, model: nnx.Module | None = None):
+    """The task's model on crossbars as `net` describes, calibrated when needed.
+
+    Args:
+      task: the model and its data.
+      net: the network config.
+      calibration: a calibration (or its file) to apply; None calibrates on the fly on
+        `net.calibration.samples` images of `net.calibration.split` when a layer has
+        quantized inputs or a calibrated ADC range.
+      cache_dir: decoded-image cache.
+      model: use this model instead of the task's.
 
     Returns:
-      (model, layer configs or None, calibration or None); the model is batch-norm folded
-      when the config asks for it.
+      (model, calibration or None): the analog model (batch-norm folded when the config asks
+      for it), or the digital one when `net.crossbar` is None.
     """
     model = model or task.model
     if net.fold_batchnorm:
         model = fold_batchnorm(model)
     if net.crossbar is None:
-        return model, None, None
+        return model, None
+    analog = analogize(model, net)
     if isinstance(calibration, str | Path):
         calibration = Calibration.load(calibration)
-    if calibration is None and not _needs_calibration(model, net):
-        return model, resolve_layers(model, net), None
-    if calibration is None:
+    if calibration is not None:
+        apply_calibration(analog, calibration)
+    elif _needs_calibration(analog):
         s = net.calibration
         xc, _ = task.images(s.split, s.samples, cache_dir)
-        calibration = calibrate_network(model, net, xc)
-    return model, resolve_layers(model, net, calibration), calibration
+        calibration = calibrate_model(analog, xc)
+    return analog, calibration

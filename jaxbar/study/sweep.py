@@ -649,7 +649,7 @@ def _run_points(study: Study, todo: list[Point], store, out: Path, progress: boo
 
     from jaxbar.nn.calibrate import Calibration
     from jaxbar.study.engine import accuracy_stats, evaluate
-    from jaxbar.study.pipeline import load_task, prepare_configs
+    from jaxbar.study.pipeline import load_task, prepare_model
 
     task = load_task(study.model, study.path("weights"), study.path("data"),
                      study.path("params"), study.path("mean"), skip_unreadable)
@@ -678,23 +678,20 @@ def _run_points(study: Study, todo: list[Point], store, out: Path, progress: boo
             cal_key = calibration_key(study, p.net)
             cal = cals.get(cal_key)
             cal_source = "cached" if cal is not None else None
-        model, configs, cal = prepare_configs(task, p.net, cal, cache_dir)
+        model, cal = prepare_model(task, p.net, cal, cache_dir)
         if cal is not None and cal_source is None:  # calibrated just now
             cal_s, cal_source = time.perf_counter() - t0, "computed"
             cals.put(cal_key, cal)
-        if configs is not None:
-            # Traced leaves as floats: an integer sigma (`0` in YAML) would otherwise be
-            # traced as int32 and compile a second copy of the same structure.
-            configs = jax.tree_util.tree_map(float, configs)
-        res = evaluate(model, configs, images, labels,
-                       None if configs is None else keys, batch_size=study.batch_size,
-                       strategy=strategy, num_classes=num_classes, progress=progress)
+        analog = p.net.crossbar is not None
+        res = evaluate(model, images, labels, keys if analog else None,
+                       batch_size=study.batch_size, strategy=strategy,
+                       num_classes=num_classes, progress=progress)
         st = accuracy_stats(res.accuracies)
         row = {
             "point_id": p.point_id, "index": p.index, "overrides": p.overrides, **base,
             "config": p.net.to_dict(),
             "trials": len(res.accuracies),
-            "trial_keys": None if configs is None else jax.random.key_data(keys).tolist(),
+            "trial_keys": jax.random.key_data(keys).tolist() if analog else None,
             "accuracies": [float(a) for a in res.accuracies],
             "mean": st["mean"], "std": st["std"], "ci95": list(st["ci95"]),
             "ci95_method": st["ci95_method"],

@@ -17,18 +17,10 @@ from jaxbar.train.checkpoint import (
 from jaxbar.train.fit import FitResult, fit
 from jaxbar.train.loop import Trainer, TrainOptions, TrainState, clip_kernel, read_log
 from jaxbar.train.optim import make_optimizer, make_schedule
-from jaxbar.train.ranges import (
-    LearnedRangesAnalog,
-    init_ranges,
-    range_values,
-    ranges_to_calibration,
-    with_learned_ranges,
-)
 
 __all__ = [
     "CheckpointError",
     "FitResult",
-    "LearnedRangesAnalog",
     "TrainOptions",
     "TrainState",
     "Trainer",
@@ -36,15 +28,11 @@ __all__ = [
     "clip_kernel",
     "epoch_permutation",
     "fit",
-    "init_ranges",
     "latest_checkpoint",
     "make_optimizer",
     "make_schedule",
     "random_crop_flip",
-    "range_values",
-    "ranges_to_calibration",
     "read_log",
     "restore_checkpoint",
     "save_checkpoint",
-    "with_learned_ranges",
 ]

@@ -148,7 +148,7 @@ def finetune(args: argparse.Namespace) -> int:
     from jaxbar.data.image_folder import load_image_folder
     from jaxbar.nn.params_io import save_params
     from jaxbar.study.engine import evaluate
-    from jaxbar.study.pipeline import load_task, prepare_configs
+    from jaxbar.study.pipeline import load_task, prepare_model
     from jaxbar.train.loop import Trainer, TrainOptions, read_log
     from jaxbar.train.optim import make_optimizer, make_schedule
     from jaxbar.train.plot import plot_curves
@@ -165,7 +165,7 @@ def finetune(args: argparse.Namespace) -> int:
     if calibration is None and (out / "calibration.json").exists() and \
             (out / "checkpoints").is_dir():
         calibration = str(out / "calibration.json")  # resuming: the ranges trained with
-    model, configs, cal = prepare_configs(task, net, calibration, args.cache_dir)
+    model, cal = prepare_model(task, net, calibration, args.cache_dir)
     if cal is not None and calibration is None:
         cal.meta.update(model=args.model, config=net.to_dict())
         cal.save(out / "calibration.json")
@@ -185,7 +185,7 @@ def finetune(args: argparse.Namespace) -> int:
     schedule = make_schedule(args.schedule, args.lr, total, args.warmup_steps)
     optimizer = make_optimizer(args.optimizer, schedule, momentum=args.momentum,
                                weight_decay=args.weight_decay, grad_clip=args.grad_clip)
-    trainer = Trainer(model, configs, optimizer, options=options, schedule=schedule,
+    trainer = Trainer(model, optimizer, options=options, schedule=schedule,
                       range_optimizer=optax.adam(args.range_lr), preprocess=preprocess)
     on_epoch_end = None
     if args.eval_limit:
@@ -193,9 +193,7 @@ def finetune(args: argparse.Namespace) -> int:
         keys = jax.random.split(jax.random.key(args.seed + 1), args.eval_trials)
 
         def on_epoch_end(state, epoch):
-            cfgs = trainer.layer_configs(state)
-            res = evaluate(trainer.model(state), cfgs, x_ev, y_ev,
-                           None if cfgs is None else keys, progress=False)
+            res = evaluate(trainer.model(state), x_ev, y_ev, keys, progress=False)
             return {"eval_accuracy": res.mean, "eval_images": int(len(y_ev)),
                     "eval_trials": len(res.accuracies)}
 
@@ -205,7 +203,7 @@ def finetune(args: argparse.Namespace) -> int:
                         progress=args.progress)
     step = int(state.step)
     records = read_log(out / "log.jsonl")
-    plot_curves({args.config if configs is not None else "digital": records},
+    plot_curves({args.config if trainer.analog else "digital": records},
                 out / "curves.png", title=f"{args.model} finetune ({args.config})")
     summary = {"step": step, "total_steps": total, "finished": step >= total,
                "seconds_this_invocation": time.perf_counter() - t0,

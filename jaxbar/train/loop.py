@@ -4,7 +4,7 @@ Every training step runs the network on freshly programmed crossbars: a new tria
 draws new programming errors (and read noise) from the *same* per-layer configs that evaluation
 uses (noise injection), while straight-through estimators carry gradients through the weight,
 DAC and ADC quantizers of the core. Optionally the kernels are clipped after each step, the
-input and ADC ranges are learned (:mod:`jaxbar.train.ranges`), and batch-norm statistics are
+input and ADC ranges are learned (:mod:`jaxbar.nn.ranges`), and batch-norm statistics are
 either frozen or updated.
 
 The step is one ``jax.jit``-compiled pure function of ``(state, images, labels, key)``; all
@@ -32,11 +32,17 @@ from flax import nnx
 
 from jaxbar.config import ConfigError
 from jaxbar.core import mapping
-from jaxbar.nn.analog import Analog, LayerConfigs
-from jaxbar.nn.contraction import DIGITAL
-from jaxbar.nn.layers import Conv, Dense
-from jaxbar.nn.models import layer_shapes
-from jaxbar.train import ranges as ranges_lib
+from jaxbar.nn import calibrate as calibrate_lib
+from jaxbar.nn.analogize import (
+    ANALOG_STATE,
+    analog_layers,
+    attach_learned_ranges,
+    commit_learned_ranges,
+    program_model,
+    update_configs,
+)
+from jaxbar.nn.graph import WEIGHT_LAYERS, modules
+from jaxbar.nn.ranges import LearnedRanges
 from jaxbar.train.augment import batch_indices, random_crop_flip
 from jaxbar.train.checkpoint import (
     CheckpointError,
@@ -144,14 +150,6 @@ def clip_kernel(W: jax.Array, clip: str | float, clip_percentile: float = 100.0)
     return jnp.clip(W, -w_max, w_max)
 
 
-def _training_configs(configs: LayerConfigs | None, ir_drop: bool) -> LayerConfigs | None:
-    if configs is None or ir_drop:
-        return configs
-    return {n: (c if c is None or c.parasitics.topology == "none"
-                else c.replace(**{"parasitics.topology": "none"}))
-            for n, c in configs.items()}
-
-
 def _strip_weak(tree):
     # Via NumPy: no weak types (a restored state has the avals of a fresh one, so the step is
     # not traced again) and no XLA compilation per leaf shape, as eager jnp copies would cost.
@@ -159,12 +157,11 @@ def _strip_weak(tree):
 
 
 class Trainer:
-    """Fine-tunes a jaxbar model with any optax optimizer under analog noise.
+    """Fine-tunes a model with any optax optimizer under analog noise.
 
     Args:
-      model: the model to start from (not modified).
-      configs: resolved per-layer crossbar configs (as evaluation uses them, ranges
-        calibrated); None trains digitally (the control).
+      model: the model to start from (not modified): an analog model (`jaxbar.analogize`,
+        ranges calibrated, as evaluation uses it) or a digital one (the control).
       optimizer: any optax transformation for the model parameters (its schedule included).
       options: what a step does besides the update.
       schedule: the learning-rate schedule inside ``optimizer``, only for logging.
@@ -175,21 +172,26 @@ class Trainer:
         ``options.augment``.
     """
 
-    def __init__(self, model: nnx.Module, configs: LayerConfigs | None,
-                 optimizer: optax.GradientTransformation, *,
+    def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation, *,
                  options: TrainOptions = TrainOptions(),
                  schedule: Callable[[int], Any] | None = None,
                  range_optimizer: optax.GradientTransformation | None = None,
                  preprocess: Callable[[jax.Array], jax.Array] | None = None,
                  augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
         self.options = options
-        self.eval_configs = configs
-        self.configs = _training_configs(configs, options.ir_drop)
-        if options.learn_ranges and configs is None:
-            raise ConfigError("learn_ranges needs analog layer configs (the network is digital)")
-        self.shapes = layer_shapes(model)
-        self.graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
-        self._initial = (params, batch_stats)
+        self._eval = nnx.clone(model)
+        self.analog = bool(analog_layers(model))
+        if options.learn_ranges and not self.analog:
+            raise ConfigError("learn_ranges needs an analog model (this one is digital)")
+        train_model = nnx.clone(model)
+        if not options.ir_drop and any(op.config.parasitics.topology != "none"
+                                       for _, op in analog_layers(train_model).values()):
+            update_configs(train_model, **{"parasitics.topology": "none"})
+        if options.learn_ranges:
+            attach_learned_ranges(train_model)
+        (self.graphdef, ranges, params, self._analog_state,
+         batch_stats) = nnx.split(train_model, LearnedRanges, nnx.Param, ANALOG_STATE, ...)
+        self._initial = (params, batch_stats, ranges)
         self.schedule = schedule
         self.preprocess = preprocess
         if augment is None and options.augment:
@@ -204,67 +206,70 @@ class Trainer:
                 {"params": optimizer, "ranges": range_optimizer or optax.adam(1e-3)},
                 {"params": "params", "ranges": "ranges"})
         self.tx = optimizer
-        self._clip_layers = {}  # layer → clip percentile of its mapping
-        if options.weight_clip is not None and self.configs is None:
+        self._clip_layers = {}  # layer path → clip percentile of its mapping
+        if options.weight_clip is not None and not self.analog:
             # A digital run clips every layer: the control of an analog run with its options.
-            self._clip_layers = dict.fromkeys(self.shapes, 100.0)
+            self._clip_layers = {p: 100.0 for p, m in modules(model).items()
+                                 if isinstance(m, WEIGHT_LAYERS)}
         elif options.weight_clip is not None:
-            self._clip_layers = {n: c.weights.clip_percentile for n, c in self.configs.items()
-                                 if c is not None}
+            self._clip_layers = {p: op.config.weights.clip_percentile
+                                 for p, (_, op) in analog_layers(model).items()}
         self.traces = 0  # how often the step was traced (compiled): 1 in a healthy run
         self._step = jax.jit(self._step_impl)
 
     # ------------------------------------------------------------------ state
     def init_state(self) -> TrainState:
         """The training state at step 0 (the initial model, a fresh optimizer)."""
-        params, batch_stats = self._initial
-        ranges = {}
-        if self.options.learn_ranges:
-            ranges = ranges_lib.init_ranges(self.configs, self.shapes)
+        params, batch_stats, ranges = self._initial
         trainable = {"params": params, "ranges": ranges}
         # One compiled init instead of an eager (per-shape compiled) op per leaf.
         opt_state = jax.jit(self.tx.init)(trainable)
         state = TrainState(np.zeros((), np.int32), params, batch_stats, ranges, opt_state)
         return _strip_weak(state)
 
-    def model(self, state: TrainState) -> nnx.Module:
-        """The model holding the state's parameters and batch statistics."""
-        return nnx.merge(self.graphdef, state.params, state.batch_stats, copy=True)
+    def training_model(self, state: TrainState) -> nnx.Module:
+        """The model as it trains: the configs of training (IR drop as `options.ir_drop`) and
+        the learned ranges as parameters."""
+        return nnx.merge(self.graphdef, state.ranges, state.params, self._analog_state,
+                         state.batch_stats, copy=True)
 
-    def layer_configs(self, state: TrainState) -> LayerConfigs | None:
-        """The per-layer configs to evaluate the trained model with (learned ranges in)."""
-        if not self.options.learn_ranges:
-            return self.eval_configs
-        return ranges_lib.with_learned_ranges(self.eval_configs, state.ranges, self.shapes)
+    def model(self, state: TrainState) -> nnx.Module:
+        """The model to evaluate: the state's parameters, batch statistics and learned ranges,
+        with the configs the trainer was given (IR drop included)."""
+        trained = self.training_model(state)
+        if self.options.learn_ranges:
+            commit_learned_ranges(trained)
+        out = nnx.clone(self._eval)
+        nnx.update(out, nnx.state(trained, nnx.Param), nnx.state(trained, nnx.BatchStat))
+        trained_ops = analog_layers(trained)
+        for path, (_, op) in analog_layers(out).items():
+            trained_cfg = trained_ops[path][1].config
+            op.crossbar.set_value(op.config.replace(**{
+                "inputs.range": trained_cfg.inputs.range, "adc.range": trained_cfg.adc.range}))
+        return out
 
     def calibration(self, state: TrainState, meta: dict | None = None):
         """The learned ranges as a calibration (None unless ranges are learned)."""
         if not self.options.learn_ranges:
             return None
-        return ranges_lib.ranges_to_calibration(state.ranges, self.configs, self.shapes, meta)
+        return calibrate_lib.learned_calibration(self.training_model(state), meta)
 
     # ------------------------------------------------------------------ step
-    def _contraction(self, ranges, trial_key, read_key):
-        if self.configs is None:
-            return DIGITAL
-        if self.options.learn_ranges:
-            return ranges_lib.LearnedRangesAnalog(self.configs, ranges, trial_key, read_key)
-        return Analog(self.configs, None, trial_key, read_key)
-
     def _clip(self, params, batch_stats):
         if not self._clip_layers:
             return params
-        model = nnx.merge(self.graphdef, params, batch_stats, copy=True)
-        for _, m in nnx.iter_modules(model):
-            if isinstance(m, Conv | Dense) and m.name in self._clip_layers:
-                m.kernel[...] = clip_kernel(m.kernel[...], self.options.weight_clip,
-                                            self._clip_layers[m.name])
+        model = nnx.merge(self.graphdef, self._initial[2], params, self._analog_state,
+                          batch_stats, copy=True)
+        mods = modules(model)
+        for path, pct in self._clip_layers.items():
+            m = mods[path]
+            m.kernel[...] = clip_kernel(m.kernel[...], self.options.weight_clip, pct)
         return nnx.state(model, nnx.Param)
 
     def _step_impl(self, state: TrainState, images, labels, key):
         self.traces += 1
         key = jax.random.fold_in(key, state.step)
-        k_aug, k_trial, k_read = jax.random.split(key, 3)
+        k_aug, k_trial = jax.random.split(key)
         x = images
         if self.augment is not None:
             x = self.augment(k_aug, x)
@@ -276,14 +281,16 @@ class Trainer:
 
         def loss_fn(trainable):
             # copy=True: fresh Variables at this trace level, so batch norm may update them.
-            model = nnx.merge(self.graphdef, trainable["params"], state.batch_stats, copy=True)
-            logits = model(x, self._contraction(trainable["ranges"], k_trial, k_read),
-                           train=train)
+            model = nnx.merge(self.graphdef, trainable["ranges"], trainable["params"],
+                              self._analog_state, state.batch_stats, copy=True)
+            if self.analog:  # a fresh trial every step, programmed from the current kernels
+                program_model(model, k_trial, live=True)
+            logits = model(x, train=train)
             targets = jax.nn.one_hot(labels, logits.shape[-1])
             if smooth:
                 targets = optax.smooth_labels(targets, smooth)
             loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
-            _, _, stats = nnx.split(model, nnx.Param, ...)
+            stats = nnx.split(model, LearnedRanges, nnx.Param, ANALOG_STATE, ...)[4]
             return loss, (logits, stats)
 
         trainable = {"params": state.params, "ranges": state.ranges}

@@ -31,9 +31,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxbar.data.image_folder import load_image_folder
-from jaxbar.nn.calibrate import calibrate_network, resolve_layers
+from jaxbar.nn.analogize import analog_layers, analogize, digital_model, update_configs
+from jaxbar.nn.calibrate import calibrate_model
 from jaxbar.nn.network_config import NetworkConfig
 from jaxbar.study.engine import accuracy_stats, evaluate
 from jaxbar.study.pipeline import load_task
@@ -102,20 +104,21 @@ def main() -> None:
     x_test, y_test = task.images("test", args.eval_limit)
     keys = jax.random.split(jax.random.key(2024), args.trials)
 
-    def analog_configs(model, sigma=args.sigma):
-        n = net.replace(**{"device.programming_error": {"model": "independent",
-                                                        "sigma": sigma}})
-        return resolve_layers(model, n, calibrate_network(model, n, x_cal))
+    def on_crossbars(model):
+        """The model on the analog config, calibrated on its own activations."""
+        analog = analogize(digital_model(model) if analog_layers(model) else model, net)
+        calibrate_model(analog, x_cal)
+        return analog
 
     # 1. Which σ costs at least 10 points (1,000 test images, 3 trials)?
     t = time.perf_counter()
     x_chk, y_chk = task.images("test", 1000)
-    base = calibrate_network(pretrained, net, x_cal)
-    check = {"digital": evaluate(pretrained, None, x_chk, y_chk, progress=False).mean}
+    base = on_crossbars(pretrained)
+    check = {"digital": evaluate(pretrained, x_chk, y_chk, progress=False).mean}
     for s in (float(v) for v in args.check_sigmas.split(",")):
-        n = net.replace(**{"device.programming_error": {"model": "independent", "sigma": s}})
-        r = evaluate(pretrained, resolve_layers(pretrained, n, base), x_chk, y_chk, keys[:3],
-                     progress=False)
+        point = nnx.clone(base)
+        update_configs(point, **{"device.programming_error.sigma": s})
+        r = evaluate(point, x_chk, y_chk, keys[:3], progress=False)
         check[f"sigma={s}"] = r.mean
         print(f"σ = {s}: {100 * r.mean:.1f}% (digital {100 * check['digital']:.1f}%)", flush=True)
     times["sigma_check"] = time.perf_counter() - t
@@ -132,15 +135,14 @@ def main() -> None:
     options = TrainOptions(batch_size=args.batch_size, seed=args.seed,
                            batch_stats=args.batch_stats, weight_clip=args.weight_clip)
     plain = dataclasses.replace(options, weight_clip=None)
-    cfg0 = resolve_layers(pretrained, net, base)
     trained = {}
     # The analog run; the control with the same schedule and options but no analog effects;
     # and the control without weight clipping (plain digital fine-tuning).
-    runs = (("analog", cfg0, options), ("digital_clip", None, options),
-            ("digital", None, plain))
-    for name, cfgs, opts in runs:
+    runs = (("analog", base, options), ("digital_clip", pretrained, options),
+            ("digital", pretrained, plain))
+    for name, start, opts in runs:
         t = time.perf_counter()
-        tr = Trainer(pretrained, cfgs, make_optimizer("adam", schedule), options=opts,
+        tr = Trainer(start, make_optimizer("adam", schedule), options=opts,
                      schedule=schedule, preprocess=preprocess)
         state = tr.fit(raw, labels, epochs=args.epochs, run_dir=work / name, log_every=10,
                        checkpoint_every=100)
@@ -156,8 +158,9 @@ def main() -> None:
               "control_digital": trained["digital"]}
     for name, model in models.items():
         t = time.perf_counter()
-        dig = evaluate(model, None, x_test, y_test, progress=False)
-        ana = evaluate(model, analog_configs(model), x_test, y_test, keys, progress=False)
+        digital = digital_model(model) if analog_layers(model) else model
+        dig = evaluate(digital, x_test, y_test, progress=False)
+        ana = evaluate(on_crossbars(model), x_test, y_test, keys, progress=False)
         results[name] = {"digital": _stats(dig.accuracies), "analog": _stats(ana.accuracies)}
         times[f"eval_{name}"] = time.perf_counter() - t
         print(f"{name}: digital {_fmt(results[name]['digital'])}%, analog "
