@@ -306,7 +306,7 @@ def test_resnet50_import_matches_numpy(resnet50_files):
         path = resnet50_files[key]
         model = load_keras_resnet50(path)
         assert model.v1_5 is v1_5 and model.width == 4 and model.num_classes == 5
-        assert model.stem_bn.epsilon == pytest.approx(1.001e-5)
+        assert model.stem.bn.epsilon == pytest.approx(1.001e-5)
         ref = np_forward(path, x)
         got = _logits(model, x)
         np.testing.assert_allclose(got, ref, atol=1e-4 * max(1.0, np.abs(ref).max()), rtol=0)

@@ -64,7 +64,7 @@ def tiny(tmp_path_factory):
                 img = rng.normal(60 + 120 * np.eye(3)[k], 40, (32, 32, 3))
                 Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{i}.png")
     save_params(root / "model.npz",
-                ResNetV1Cifar(8, width=4, num_classes=3, rngs=flax.nnx.Rngs(0)))
+                ResNetV1Cifar(8, width=4, num_classes=3, rngs=flax.nnx.Rngs(5)))
     np.save(root / "x_train_mean.npy", np.full((32, 32, 3), 120.0, np.float32))
     return root
 
