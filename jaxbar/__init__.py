@@ -22,8 +22,15 @@ from jaxbar.core import (
     program,
     program_at_time,
 )
-from jaxbar.nn.analogize import analogize, map_batches, program_model
-from jaxbar.nn.calibrate import calibrate_model
+from jaxbar.nn.analogize import (
+    analog_layers,
+    analogize,
+    digital_model,
+    map_batches,
+    program_model,
+    update_configs,
+)
+from jaxbar.nn.calibrate import apply_calibration, calibrate_model
 from jaxbar.study.montecarlo import monte_carlo
 
 __version__ = "0.1.0"
@@ -41,9 +48,12 @@ __all__ = [
     "ParasiticsConfig",
     "Programmed",
     "WeightsConfig",
+    "analog_layers",
     "analog_matmul",
     "analogize",
+    "apply_calibration",
     "calibrate_model",
+    "digital_model",
     "drift",
     "map_batches",
     "matmul",
@@ -52,4 +62,5 @@ __all__ = [
     "program",
     "program_at_time",
     "program_model",
+    "update_configs",
 ]

@@ -199,7 +199,7 @@ def test_cli_evaluate_distributed(tiny, tmp_path):
     reports (3 trials, so images split over both processes); only process 0 writes JSON."""
     cfg = tmp_path / "net.json"
     cfg.write_text(json.dumps({
-        "crossbar": {"device": {"programming_error": {"model": "independent", "sigma": 0.5}},
+        "crossbar": {"device": {"programming_error": {"model": "independent", "sigma": 0.1}},
                      "inputs": {"bits": 0}, "adc": {"bits": 0}},
         "layers": {"stage*": "digital"}}))
 

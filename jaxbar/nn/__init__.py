@@ -1,6 +1,9 @@
-"""Flax NNX networks on crossbars: `analogize`, calibration, the ResNets, weights and folding."""
+"""Flax NNX networks on crossbars: analog layers, calibration, the ResNets, weights, folding.
 
-from jaxbar.nn.analogize import analog_layers, analogize, program_model
+`jaxbar.analogize` is the entry point; `jaxbar.nn.analogize` is the module that holds it.
+"""
+
+from jaxbar.nn.analogize import analog_layers, program_model
 from jaxbar.nn.calibrate import Calibration, apply_calibration, calibrate_model
 from jaxbar.nn.folding import conv_bn_pairs, fold_batchnorm
 from jaxbar.nn.keras_import import WeightsError, load_keras_resnet50, load_keras_resnet_cifar
@@ -28,7 +31,6 @@ __all__ = [
     "ResNetV1Cifar",
     "WeightsError",
     "analog_layers",
-    "analogize",
     "apply_calibration",
     "build_model",
     "calibrate_model",
