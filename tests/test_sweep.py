@@ -187,7 +187,7 @@ def test_plan_groups_structures():
 
 
 def test_dry_run_lists_points(tiny, tmp_path, capsys):
-    from jaxbar.study.cli_sweep import main
+    from jaxbar.cli import main
 
     study = _write_study(tmp_path, _study(tiny))
     out = tmp_path / "r.jsonl"
@@ -297,7 +297,7 @@ def _fake_rows():
 def test_plot_png_and_svg(tmp_path):
     from PIL import Image
 
-    from jaxbar.study.cli_sweep import main
+    from jaxbar.cli import main
 
     p = tmp_path / "r.jsonl"
     with ResultStore(p) as store:
@@ -366,8 +366,7 @@ def test_sweep_calibrates_once_and_records(tiny, tmp_path):
 
 
 def _sweep_cmd(study: Path, out: Path) -> list[str]:
-    code = ("import sys; from jaxbar.study.cli_sweep import main; "
-            "sys.exit(main(sys.argv[1:]))")
+    code = "import sys; from jaxbar.cli import main; sys.exit(main(sys.argv[1:]))"
     return [sys.executable, "-c", code, "sweep", str(study), "--out", str(out), "--quiet"]
 
 

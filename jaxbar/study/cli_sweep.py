@@ -1,7 +1,6 @@
 """The `jaxbar sweep`, `jaxbar plot` and `jaxbar table` commands.
 
-`add_parsers(subparsers)` registers them on the `jaxbar` command's subparsers; `main`
-runs them on their own (`python -m jaxbar.study.cli_sweep sweep STUDY.yaml`). Heavy
+`add_parsers(subparsers)` registers them on the `jaxbar` command's subparsers. Heavy
 imports (JAX, matplotlib) happen inside the commands, so registering them is cheap.
 """
 
@@ -11,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["add_parsers", "main"]
+__all__ = ["add_parsers"]
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -71,7 +70,13 @@ def add_parsers(subparsers) -> None:
       subparsers: the result of `ArgumentParser.add_subparsers()`; each command sets
         `func` to a function `args -> exit status`.
     """
-    from jaxbar.cli import NON_NEGATIVE, POSITIVE, add_skip_unreadable, float_in, output_file
+    from jaxbar.cli_options import (
+        NON_NEGATIVE,
+        POSITIVE,
+        add_skip_unreadable,
+        float_in,
+        output_file,
+    )
 
     sw = subparsers.add_parser(
         "sweep", help="run (or resume) a study: accuracy at every point of a parameter grid",
@@ -121,22 +126,3 @@ def add_parsers(subparsers) -> None:
     tb.add_argument("--sort", nargs="+", default=[], metavar="KEY", help="sort by these keys")
     tb.add_argument("--format", default="plain", choices=("plain", "markdown", "csv"))
     tb.set_defaults(func=_table)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Runs `sweep`, `plot` or `table` with `jaxbar`'s error handling.
-
-    Args:
-      argv: the arguments (default: `sys.argv[1:]`), e.g. `["sweep", "study.yaml"]`.
-
-    Returns:
-      The exit status: 0 on success, 2 on a configuration or input error, 130 when
-      interrupted.
-    """
-    from jaxbar.cli import main as jaxbar_main  # one parser, one error handling
-
-    return jaxbar_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -58,7 +58,7 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
         description="Fine-tunes a CIFAR ResNet with the analog network (fresh programming error "
                     "and read noise every step, straight-through quantizers) in the forward "
                     "pass; resumes from the last checkpoint in --out.")
-    from jaxbar.cli import NON_NEGATIVE, POSITIVE, add_skip_unreadable, float_in
+    from jaxbar.cli_options import NON_NEGATIVE, POSITIVE, add_skip_unreadable, float_in
 
     p.add_argument("--model", required=True, choices=tuple(CIFAR_MODELS))
     src = p.add_mutually_exclusive_group(required=True)
@@ -155,9 +155,9 @@ def finetune(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    from jaxbar.cli import _net_config  # the same --config/--set handling as evaluate
+    from jaxbar.cli_options import net_config  # the same --config/--set as evaluate
 
-    net = _net_config(args)
+    net = net_config(args)
     _check_run_dir(out, args, args.restart)
     task = load_task(args.model, args.weights, args.data, args.params, args.mean,
                      args.skip_unreadable)
