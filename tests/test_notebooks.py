@@ -8,7 +8,6 @@ the executed copy is discarded.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -25,9 +24,6 @@ from jupyter_client.manager import KernelManager  # noqa: E402
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ("01_tour.ipynb", "02_your_own_model.ipynb", "03_hardware_aware_training.ipynb")
 KERNEL = "jaxbar-notebook-test"
-# The notebooks' small size is dominated by XLA compilation; a lower CPU optimization level
-# halves it without changing what the cells compute.
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +37,6 @@ def kernel_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_executes(name, kernel_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("JAXBAR_NOTEBOOK_SMALL", "1")
-    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA}".strip())
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     km = KernelManager(kernel_name=KERNEL,
