@@ -20,7 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxbar.core import device_presets, devices  # noqa: E402
+from jaxbar.config import DeviceConfig  # noqa: E402
+from jaxbar.core import devices  # noqa: E402
+from jaxbar.measured_devices import DEVICE_PRESETS  # noqa: E402
 
 HERE = Path(__file__).parent
 CELLS = 20_000
@@ -73,8 +75,8 @@ def _drift_panel(ax, device, name):
 def main() -> None:
     out = HERE / "figures"
     out.mkdir(exist_ok=True)
-    for name, make in device_presets.DEVICE_PRESETS.items():
-        device = make()
+    for name in DEVICE_PRESETS:
+        device = DeviceConfig.from_preset(name)
         panels = 2 if device.drift.active else 1
         fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
         _sigma_panel(axes[0, 0], device, name.upper())

@@ -32,8 +32,7 @@ from jaxbar.nn.analogize import (
 )
 from jaxbar.nn.calibrate import apply_calibration, calibrate_model
 from jaxbar.study.montecarlo import monte_carlo
-
-__version__ = "0.1.0"
+from jaxbar.version import __version__ as __version__
 
 __all__ = [
     "ADCConfig",

@@ -16,19 +16,22 @@ from jaxbar.config import CrossbarConfig
 from jaxbar.core import mapping, mvm
 
 __all__ = [
-    "adc_ranges",
+    "calibrated_adc_ranges",
     "calibrate",
     "input_range",
     "percentile_range",
     "pre_adc_samples",
     "ranges_from_samples",
+    "subsample",
     "with_ranges",
 ]
 
 _MAX_SAMPLES = 1 << 22  # percentiles from at most 4M evenly spaced values
 
 
-def _sample(values) -> np.ndarray:
+def subsample(values) -> np.ndarray:
+    """Values as a flat float64 array, evenly thinned to at most 4M (percentiles stay exact
+    enough and memory bounded)."""
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size > _MAX_SAMPLES:
         v = v[:: math.ceil(v.size / _MAX_SAMPLES)]
@@ -37,7 +40,7 @@ def _sample(values) -> np.ndarray:
 
 def percentile_range(values, percentile: float) -> tuple[float, float]:
     """The range covering the inner `percentile` % of values (never empty)."""
-    v = _sample(values)
+    v = subsample(values)
     tail = (100.0 - percentile) / 2
     lo, hi = (float(q) for q in np.percentile(v, [tail, 100.0 - tail]))
     if not hi > lo:  # constant values: a tiny range around them
@@ -57,7 +60,7 @@ def input_range(x, percentile: float = 99.99, signed: bool | None = None) -> tup
     Returns:
       (lo, hi) for `config.inputs.range`.
     """
-    v = _sample(x)
+    v = subsample(x)
     if signed is None:
         signed = bool((v < 0).any())
     m = float(np.percentile(np.abs(v), percentile))
@@ -88,7 +91,7 @@ def pre_adc_samples(x, W, config: CrossbarConfig, op: mvm.ArrayOp | None = None
     lay = mapping.layout(*prog.shape, config)
     units = np.arange(len(lay.col_index), y.shape[-1])  # offset unit columns, if any
     y = np.asarray(y)[..., np.concatenate([lay.out_index, units])]
-    return [_sample(y[..., s, :, :]) for s in range(y.shape[-3])]
+    return [subsample(y[..., s, :, :]) for s in range(y.shape[-3])]
 
 
 def ranges_from_samples(samples: list[np.ndarray], percentile: float = 99.98,
@@ -115,7 +118,7 @@ def ranges_from_samples(samples: list[np.ndarray], percentile: float = 99.98,
     return tuple(ranges)
 
 
-def adc_ranges(x, W, config: CrossbarConfig, percentile: float = 99.98,
+def calibrated_adc_ranges(x, W, config: CrossbarConfig, percentile: float = 99.98,
                op: mvm.ArrayOp | None = None, symmetric: bool = False,
                power_of_two: bool = False) -> tuple[tuple[float, float], ...]:
     """Per-weight-slice ADC ranges from the pre-ADC outputs of `x` (see `ranges_from_samples`).
@@ -158,5 +161,5 @@ def calibrate(x, W, config: CrossbarConfig, input_percentile: float = 99.99,
     cfg = config.replace(**{"inputs.range": input_range(x, input_percentile, signed)})
     rngs = None
     if cfg.adc.range == "calibrated":
-        rngs = adc_ranges(x, W, cfg, adc_percentile, op, symmetric, power_of_two)
+        rngs = calibrated_adc_ranges(x, W, cfg, adc_percentile, op, symmetric, power_of_two)
     return with_ranges(cfg, cfg.inputs.range, rngs)

@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import yaml
 
+from jaxbar.measured_devices import DEVICE_PRESETS, load_table
+
 __all__ = [
     "ADCConfig",
     "ArrayConfig",
@@ -233,7 +235,7 @@ class NoiseConfig:
         so a preset's error can be switched off and on again in a sweep).
       table: "table": (g, σ) points with strictly increasing g. In a dict or YAML config it
         may also be the path of a .csv / .npy file with two columns (see
-        `jaxbar.core.devices.load_table`).
+        `jaxbar.measured_devices.load_table`).
       distribution: of ε: "normal", "laplace" or "uniform" (each with unit variance).
         Read noise is drawn in output space and must be "normal".
       scale: multiplies s(g) of "polynomial", "saturating", "table" and "custom" (>= 0;
@@ -255,8 +257,6 @@ class NoiseConfig:
         object.__setattr__(self, "coeffs", _tuplify(self.coeffs))
         table = self.table
         if isinstance(table, str):  # a file of measured points
-            from jaxbar.core.devices import load_table  # deferred: config must not import core
-
             table = load_table(table)
         object.__setattr__(self, "table", _tuplify(table))
 
@@ -450,6 +450,11 @@ class DeviceConfig:
     @property
     def g_min(self) -> float:
         return 0.0 if self.on_off_ratio is None else 1.0 / self.on_off_ratio
+
+    @classmethod
+    def from_preset(cls, name: str) -> DeviceConfig:
+        """A device preset of `jaxbar.measured_devices` ("pcm", "sonos", "reram")."""
+        return _section_from_dict("device", cls, {"preset": name})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -883,8 +888,6 @@ def _section_from_dict(path: str, cls: type, d: Any) -> Any:
         elif k in ("bits",):
             kwargs[k] = _bits(v)
         elif k == "table" and isinstance(v, str):
-            from jaxbar.core.devices import load_table  # deferred: config must not import core
-
             try:
                 kwargs[k] = load_table(v)
             except (OSError, ValueError) as e:
@@ -895,11 +898,11 @@ def _section_from_dict(path: str, cls: type, d: Any) -> Any:
 
 
 def _device_preset(path: str, name: Any) -> dict[str, Any]:
-    from jaxbar.core.device_presets import DEVICE_PRESETS  # deferred: presets import config
-
     if name not in DEVICE_PRESETS:
         _fail(path, name, "one of " + ", ".join(repr(n) for n in DEVICE_PRESETS))
-    return _asdict(DEVICE_PRESETS[name]())
+    fit = {k: v for k, v in DEVICE_PRESETS[name]().items() if k != "preset"}
+    device = _section_from_dict(path, DeviceConfig, fit)
+    return _asdict(dataclasses.replace(device, preset=name))
 
 
 # ---- pytrees: the numbers a sweep varies are leaves, everything else is structure ----------

@@ -5,7 +5,7 @@ import pytest
 
 import jaxbar
 from jaxbar import CrossbarConfig
-from jaxbar.calibration import adc_ranges, calibrate, input_range, percentile_range
+from jaxbar.calibration import calibrate, calibrated_adc_ranges, input_range, percentile_range
 
 
 def test_percentile_range_covers_inner_fraction():
@@ -33,7 +33,7 @@ def test_adc_ranges_cover_pre_adc_values(scheme):
                                     "weights": {"bits": 8}, "device": {"on_off_ratio": 50},
                                     "inputs": {"bits": 8, "range": [0, 3]},
                                     "adc": {"bits": 8, "range": "calibrated"}})
-    ranges = adc_ranges(x, W, cfg, percentile=99.0)
+    ranges = calibrated_adc_ranges(x, W, cfg, percentile=99.0)
     assert len(ranges) == 2
     # Pre-ADC outputs computed independently: conductances × DAC outputs, per slice.
     prog = jaxbar.program(W, cfg)
@@ -67,5 +67,5 @@ def test_power_of_two_slices():
     W, x = rng.normal(size=(32, 8)), rng.normal(size=(300, 32))
     cfg = CrossbarConfig.from_dict({"weights": {"bits": 8}, "mapping": {"slices": 4},
                                     "adc": {"bits": 8, "range": "calibrated"}})
-    for lo, hi in adc_ranges(x, W, cfg, power_of_two=True):
+    for lo, hi in calibrated_adc_ranges(x, W, cfg, power_of_two=True):
         assert lo == -hi and np.log2(hi) == np.round(np.log2(hi))

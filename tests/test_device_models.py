@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 
 import jaxbar
-from jaxbar import ConfigError, CrossbarConfig, DriftConfig, NoiseConfig
-from jaxbar.core import device_presets, devices
+from jaxbar import (
+    ConfigError,
+    CrossbarConfig,
+    DeviceConfig,
+    DriftConfig,
+    NoiseConfig,
+    measured_devices,
+)
+from jaxbar.core import devices
 
 N_CELLS = 200_000
 G_POINTS = np.array([0.05, 0.2, 0.5, 0.8, 1.0])
@@ -52,7 +59,7 @@ def _sample_programming(device, g, n=N_CELLS, seed=0):
 @pytest.mark.parametrize("name,sigma", [("pcm", pcm_sigma), ("sonos", sonos_sigma),
                                         ("reram", reram_sigma)])
 def test_preset_programming_error_matches_published_fit(name, sigma):
-    device = device_presets.DEVICE_PRESETS[name]()
+    device = DeviceConfig.from_preset(name)
     for g in G_POINTS:
         s = sigma(g)
         got = _sample_programming(device, g)
@@ -62,14 +69,14 @@ def test_preset_programming_error_matches_published_fit(name, sigma):
 
 
 def test_sonos_read_noise_matches_published_fit():
-    noise = device_presets.sonos().read_noise
+    noise = DeviceConfig.from_preset("sonos").read_noise
     for g in G_POINTS:
         want = 12.58037 * (1 - math.exp(-1600.0 * g / 215.36557)) / 1600.0
         assert float(devices.noise_std(jnp.float32(g), noise)) == pytest.approx(want, rel=1e-5)
 
 
 def test_pcm_drift_exponents_follow_the_published_distribution():
-    drift = device_presets.pcm().drift
+    drift = DeviceConfig.from_preset("pcm").drift
     for g in (0.01, 0.1, 0.5, 1.0):
         nu = np.asarray(devices.drift_exponents(jnp.full((N_CELLS,), g), drift,
                                                 jax.random.key(1)), np.float64)
@@ -92,7 +99,7 @@ def test_drift_is_a_power_law_of_the_exponents():
 
 
 def test_pcm_accumulated_noise_matches_formula():
-    base = device_presets.pcm().drift
+    base = DeviceConfig.from_preset("pcm").drift
     drift = DriftConfig(**{**base.__dict__, "nu_std": (0.0,), "nu_std_range": (0.0, 0.0)})
     t = 3600.0
     for g in (0.05, 0.3, 1.0):
@@ -127,8 +134,8 @@ def test_table_files_csv_and_npy(tmp_path):
     csv_file.write_text("g,sigma\n" + "\n".join(f"{g},{s}" for g, s in reversed(TABLE)) + "\n")
     npy_file = tmp_path / "sigma.npy"
     np.save(npy_file, np.asarray(TABLE))
-    assert devices.load_table(csv_file) == TABLE  # sorted by g
-    assert devices.load_table(npy_file) == TABLE
+    assert measured_devices.load_table(csv_file) == TABLE  # sorted by g
+    assert measured_devices.load_table(npy_file) == TABLE
     cfg = CrossbarConfig.from_dict({"device": {"programming_error": {
         "model": "table", "table": str(csv_file)}}})
     assert cfg.device.programming_error.table == TABLE
@@ -233,11 +240,11 @@ def test_target_reference_uses_error_free_conductances():
 def test_presets_from_dicts_yaml_and_replace():
     cfg = CrossbarConfig.from_yaml("device: {preset: pcm, time: 3600}")
     assert cfg.device.preset == "pcm" and cfg.device.time == 3600.0
-    assert cfg.device.drift == device_presets.pcm().drift
+    assert cfg.device.drift == DeviceConfig.from_preset("pcm").drift
     assert CrossbarConfig.from_yaml(cfg.to_yaml()) == cfg
     swapped = cfg.replace(**{"device.preset": "reram"})
-    assert swapped.device == device_presets.reram()
-    assert CrossbarConfig.from_dict({"device": "sonos"}).device == device_presets.sonos()
+    assert swapped.device == DeviceConfig.from_preset("reram")
+    assert CrossbarConfig.from_dict({"device": "sonos"}).device == DeviceConfig.from_preset("sonos")
     with pytest.raises(ConfigError, match=r"device\.preset.*'pcm'"):
         CrossbarConfig.from_dict({"device": {"preset": "flash"}})
 

@@ -11,15 +11,13 @@ random, an explicit PRNG key:
 - drift compensation reads each array with a known input at t0 and at t and corrects
   its outputs digitally by the ratio.
 
-Measured devices come as presets (`jaxbar.core.device_presets`) or as look-up tables of
-(g, σ) points (`load_table`).
+Measured devices come as presets or as look-up tables of (g, σ) points
+(`jaxbar.measured_devices`).
 """
 
 from __future__ import annotations
 
-import csv
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +32,6 @@ __all__ = [
     "drift_conductances",
     "drift_exponent_stats",
     "drift_exponents",
-    "load_table",
     "noise_std",
     "program_cells",
     "unit_noise",
@@ -106,52 +103,6 @@ def program_cells(g: jax.Array, key: jax.Array | None, device: DeviceConfig) -> 
         raise ValueError("programming error is on (device.programming_error): pass a PRNG key")
     eps = unit_noise(key, g.shape, g.dtype, noise.distribution)
     return clip_conductances(g + noise_std(g, noise) * eps, device)
-
-
-def load_table(path: str | Path) -> tuple[tuple[float, float], ...]:
-    """Reads measured (g, σ) points for a "table" error model.
-
-    Args:
-      path: a .npy file holding an (n, 2) array, or a .csv / .txt file with two numeric
-        columns (g, σ) and an optional header line. Conductances are normalized (g_max = 1).
-
-    Returns:
-      The points as a tuple of (g, σ) pairs, sorted by g.
-
-    Raises:
-      ValueError: the file is missing, unreadable, or not two numeric columns with
-        distinct g values.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"no such file: {p}")
-    try:
-        if p.suffix == ".npy":
-            a = np.load(p, allow_pickle=False)
-        else:
-            with p.open(newline="") as f:
-                rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-            if rows and not _numeric(rows[0]):
-                rows = rows[1:]  # a header
-            a = np.asarray([[float(c) for c in r] for r in rows], dtype=np.float64)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read a (g, sigma) table from {p}: {e}") from e
-    a = np.asarray(a, dtype=np.float64)
-    if a.ndim != 2 or a.shape[1] != 2 or a.shape[0] < 2 or not np.all(np.isfinite(a)):
-        raise ValueError(f"{p}: expected at least two rows of two finite numbers (g, sigma), "
-                         f"got an array of shape {a.shape}")
-    a = a[np.argsort(a[:, 0], kind="stable")]
-    if np.any(np.diff(a[:, 0]) <= 0):
-        raise ValueError(f"{p}: the g column has repeated values")
-    return tuple((float(x), float(s)) for x, s in a)
-
-
-def _numeric(row: list[str]) -> bool:
-    try:
-        [float(c) for c in row]
-    except ValueError:
-        return False
-    return True
 
 
 # ---- drift -----------------------------------------------------------------------------------

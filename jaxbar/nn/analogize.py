@@ -253,7 +253,7 @@ class AnalogOp(nnx.Module):
         W = self.kernel.matrices(kernel)
         samples, cfg = self.samples.items, self.samples.config
         if self.mode == "inputs":
-            _host(lambda v: samples.append(cal._sample(v)), x)
+            _host(lambda v: samples.append(cal.subsample(v)), x)
         elif self.mode == "adc":
 
             def record(xv, wv):

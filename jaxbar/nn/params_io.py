@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxbar.nn.graph import modules
+from jaxbar.version import __version__
 
 FORMAT = "jaxbar.params"
 FORMAT_VERSION = 1
@@ -28,20 +29,6 @@ _EXTRA = "__extra__/"
 
 class ParamsError(ValueError):
     """A parameter file cannot be read or does not fit the model."""
-
-
-def _version() -> str:
-    try:
-        import jaxbar
-
-        return str(jaxbar.__version__)
-    except Exception:  # the package may be partially importable
-        try:
-            from importlib.metadata import version
-
-            return version("jaxbar")
-        except Exception:
-            return "unknown"
 
 
 def named_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
@@ -118,7 +105,7 @@ def save_params(path: str | os.PathLike, model: nnx.Module, extra: dict | None =
         else:
             json_extra[str(k)] = v
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **_model_meta(model),
-            "jaxbar_version": _version(), "extra": json_extra}
+            "jaxbar_version": __version__, "extra": json_extra}
     try:
         arrays[_META] = np.array(json.dumps(meta))
     except TypeError as e:

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-import jaxbar
-from jaxbar import CrossbarConfig
 from jaxbar.calibration import calibrate
+from jaxbar.config import CrossbarConfig
+from jaxbar.core import mvm
 
 __all__ = ["mvm_error_study"]
 
@@ -26,7 +26,7 @@ def _relative_errors(cfg: CrossbarConfig, x, W, keys) -> np.ndarray:
     ref = x @ W
 
     def trial(key):
-        y = jaxbar.analog_matmul(x, W, cfg, key)
+        y = mvm.analog_matmul(x, W, cfg, key)
         return jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)
 
     return np.asarray(jax.jit(lambda ks: jax.lax.map(trial, ks))(keys))

@@ -85,9 +85,7 @@ _VAR = re.compile(r"\$(?:\{(\w+)(?::-([^}]*))?\}|(\w+))")
 # ---- study files ---------------------------------------------------------------------------
 
 def _default_shared() -> str:
-    import jaxbar
-
-    return str(Path(jaxbar.__file__).resolve().parents[1].parent / "shared")
+    return str(Path(__file__).resolve().parents[2].parent / "shared")
 
 
 def expand_path(value: str | None, root: Path) -> str | None:
@@ -557,9 +555,9 @@ def _versions() -> dict[str, str]:
     import jaxlib
     import numpy as np
 
-    import jaxbar
+    from jaxbar.version import __version__
 
-    return {"jaxbar": jaxbar.__version__, "jax": jax.__version__,
+    return {"jaxbar": __version__, "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "flax": flax.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
 

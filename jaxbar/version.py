@@ -1,0 +1,3 @@
+"""The jaxbar version."""
+
+__version__ = "0.1.0"
