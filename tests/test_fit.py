@@ -87,3 +87,22 @@ def test_bad_options_are_named():
         fit(m, loss_fn, optax.sgd(0.1), (x, y), steps=1, weight_clip=-1)
     with pytest.raises(ConfigError, match="batch_size"):
         fit(m, loss_fn, optax.sgd(0.1), (x, y), steps=1, batch_size=1000)
+
+
+def test_learned_ranges_train_with_the_weights():
+    from jaxbar.nn.analogize import attach_learned_ranges, learned_ranges
+
+    x, y = _data()
+    cfg = jaxbar.CrossbarConfig.paper_baseline().replace(**{
+        "device.programming_error": {"model": "proportional", "sigma": 0.05}})
+    analog = jaxbar.analogize(Net(nnx.Rngs(0)), cfg)
+    jaxbar.calibrate_model(analog, x)
+    attach_learned_ranges(analog)
+    before = learned_ranges(analog)
+    fit(analog, loss_fn, optax.adam(0.05), (x, y), steps=5, batch_size=8, progress=False)
+    after = learned_ranges(analog)
+    assert set(after) == {"l1", "l2"}
+    for path in after:
+        (lo, hi), adc = after[path]
+        assert lo < hi and all(a < b for a, b in adc)
+        assert after[path] != before[path]  # the optimizer moved them

@@ -4,7 +4,8 @@ Every step programs the analog layers live from a fresh trial key (`program_mode
 live=True)`): new programming errors and read noise each step (noise injection), with
 straight-through gradients through the quantizers, reaching the weights. A model without
 analog layers trains digitally with the same loop, as a control. Optionally the analog kernels
-are clipped after each update.
+are clipped after each update. Learnable input and ADC ranges
+(`jaxbar.nn.analogize.attach_learned_ranges`) are parameters and train with the weights.
 
 All randomness of step `s` comes from `fold_in(key(seed), s)` and its batch from
 `(seed, epoch)`, so a run resumed from a checkpoint continues bit for bit like an
