@@ -31,7 +31,8 @@ _MAX_SAMPLES = 1 << 22  # percentiles from at most 4M evenly spaced values
 
 def subsample(values) -> np.ndarray:
     """Values as a flat float64 array, evenly thinned to at most 4M (percentiles stay exact
-    enough and memory bounded)."""
+    enough and memory bounded).
+    """
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size > _MAX_SAMPLES:
         v = v[:: math.ceil(v.size / _MAX_SAMPLES)]

@@ -161,7 +161,8 @@ def _debug(args: argparse.Namespace) -> bool:
 @contextlib.contextmanager
 def _reporting(command: str, debug: bool):
     """Warnings as `jaxbar <command>: warning: ...` lines; no callback tracebacks unless
-    debugging."""
+    debugging.
+    """
     with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         def show(message, category, filename, lineno, file=None, line=None):
             where = f" ({category.__name__} at {filename}:{lineno})" if debug else ""

@@ -45,7 +45,8 @@ class ConfigError(ValueError):
 
 class _YamlLoader(yaml.SafeLoader):
     """YAML's safe loader that also reads `1e-5`, `2E3` and `.5e-2` as floats (YAML 1.1 needs
-    a dot and a signed exponent, so it reads `1e-5` as a string)."""
+    a dot and a signed exponent, so it reads `1e-5` as a string).
+    """
 
 
 _YamlLoader.add_implicit_resolver(
@@ -133,7 +134,8 @@ def _tuplify(v: Any) -> Any:
 
 def _floats(obj: Any, *names: str) -> None:
     """Integer values of traced (sweepable) fields become floats: `sigma: 0` in YAML must not
-    trace as int32 and compile a second time."""
+    trace as int32 and compile a second time.
+    """
     for n in names:
         v = getattr(obj, n)
         if isinstance(v, int) and not isinstance(v, bool):
@@ -834,7 +836,8 @@ class CrossbarConfig:
     @classmethod
     def paper_baseline(cls) -> CrossbarConfig:
         """Xiao et al. 2022 baseline: differential, 8-bit weights/inputs/ADC,
-        1152×256 arrays, on/off ratio 100, ADC range calibrated per layer."""
+        1152×256 arrays, on/off ratio 100, ADC range calibrated per layer.
+        """
         return cls(
             array=ArrayConfig(rows=1152, cols=256),
             weights=WeightsConfig(bits=8),

@@ -162,7 +162,7 @@ def _estimate(d, rate, t, eps, err):
 
 @numba.njit(nogil=True, cache=True)
 def scaled_inputs(x, s, xs):
-    """xs = x / s per vector (0 where s = 0); returns the largest 2-norm and entry of xs."""
+    """Xs = x / s per vector (0 where s = 0); returns the largest 2-norm and entry of xs."""
     B, K = x.shape
     cx2 = 0.0
     cxi = 0.0
@@ -202,7 +202,8 @@ def _start_rows(g, w0, j0, n_live, m):
 @numba.njit(nogil=True, cache=True)
 def compact_pattern(g, rp, col):
     """Row pointers rp (K + 1) and columns col (nnz + 1: one spare slot) of the bit-line nodes
-    with a conducting cell of either polarity, g (P, K, N) != 0 (row-major); returns nnz."""
+    with a conducting cell of either polarity, g (P, K, N) != 0 (row-major); returns nnz.
+    """
     P, K, N = g.shape
     i = 0
     for k in range(K):

@@ -170,7 +170,8 @@ def _ste_share_jvp(share, primals, tangents):
 
 def _max_range(config: CrossbarConfig, rows: int, polarity_split: bool):
     """The largest possible array output range. Written without comparisons on g_min,
-    so the on/off ratio may be a traced (swept) value."""
+    so the on/off ratio may be a traced (swept) value.
+    """
     g_range = 1.0 - config.device.g_min
     signed = config.inputs.signed
     if config.mapping.scheme == "differential" and not polarity_split:

@@ -91,7 +91,7 @@ def _kernels():
 
 @functools.cache
 def _blas_controller():
-    """threadpoolctl's view of the BLAS libraries loaded with the kernels (None without it)."""
+    """Threadpoolctl's view of the BLAS libraries loaded with the kernels (None without it)."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
@@ -171,7 +171,8 @@ def release_scratch() -> None:
 
 def _worker(i, fn, L, K, head, tail, shapes, starts, lock, results):
     """Solves blocks of driven columns taken from ``starts`` until none is left (worker i):
-    ``fn(*head, j0, *tail, *work, state, out, err)`` with work arrays of the given shapes."""
+    ``fn(*head, j0, *tail, *work, state, out, err)`` with work arrays of the given shapes.
+    """
     work = _scratch_views(1 + i, shapes)
     while True:
         with lock:
@@ -240,7 +241,7 @@ def _scale(x, g, w0, signs, cells=False, pool=None):
 
 
 def _host_transfer(g, x, r_a, r_a_end, r_b, r_b_end, *, tol, max_iters, cells=False):
-    """numpy in, numpy out: (M (N, K), iterations, error, ok); float32."""
+    """Numpy in, numpy out: (M (N, K), iterations, error, ok); float32."""
     import numba
 
     common, lanes = _kernels()

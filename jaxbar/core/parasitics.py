@@ -367,7 +367,7 @@ def _ideal(cir, e_row, e_col):
 
 
 def _safe_div(num, den):
-    """num / den for num, den >= 0, with 0/0 = 0 and x/0 = inf (no reciprocal overflow)."""
+    """Num / den for num, den >= 0, with 0/0 = 0 and x/0 = inf (no reciprocal overflow)."""
     ok = den > 0
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), jnp.where(num > 0, jnp.inf, 0.0))
 
@@ -722,7 +722,8 @@ def _make_info(iterations, error, tol, dtype):
 def _use_transfer(topology, B, N):
     """Input-source circuits do not depend on the inputs: for many vectors it is cheaper to
     solve N adjoint circuits once (the transfer matrix) than B forward circuits. (Measured on
-    1152 x 256: the break-even is B ~ 0.7-0.9 N; a transfer solve needs about one sweep more.)"""
+    1152 x 256: the break-even is B ~ 0.7-0.9 N; a transfer solve needs about one sweep more.)
+    """
     return topology == "input_source" and B >= _TRANSFER_RATIO * N
 
 
@@ -1256,7 +1257,8 @@ class _DropConvergenceLogs(logging.Filter):
 @contextlib.contextmanager
 def quiet_callback_logs() -> Iterator[None]:
     """Within this context JAX does not log the tracebacks of callbacks that raised a
-    :class:`ConvergenceError` (the error still reaches the caller)."""
+    :class:`ConvergenceError` (the error still reaches the caller).
+    """
     logger = logging.getLogger("jax._src.debugging")
     flt = _DropConvergenceLogs()
     logger.addFilter(flt)

@@ -66,7 +66,8 @@ def _import_tfds():
 
 def _balanced(labels: np.ndarray, limit: int | None, num_classes: int) -> np.ndarray:
     """Indices of the first ``limit // C`` examples of each class (+1 for the first
-    ``limit % C`` classes), in data-set order."""
+    ``limit % C`` classes), in data-set order.
+    """
     if limit is None:
         return np.arange(len(labels))
     if not 0 < limit <= len(labels):

@@ -84,7 +84,8 @@ class AnalogKey(nnx.Variable):
 
 class LayerConfig(nnx.Variable):
     """A layer's crossbar config. In the model's state, so its swept numbers (σ, on/off ratio,
-    wire resistances, ...) are traced and a sweep over them compiles once."""
+    wire resistances, ...) are traced and a sweep over them compiles once.
+    """
 
 
 class ReadCount(nnx.Variable):

@@ -462,7 +462,7 @@ def load_keras_resnet_cifar(path: str | os.PathLike, depth: int | None = None
 
 
 def resnet50_keras_names(v1_5: bool = False) -> LayerMap:
-    """jaxbar name -> ``keras.applications.ResNet50`` layer name."""
+    """Jaxbar name -> ``keras.applications.ResNet50`` layer name."""
     del v1_5  # same names for both variants
     m = {"stem.conv": "conv1_conv", "stem.bn": "conv1_bn"}
     for s, nblocks in enumerate(ResNet50.STAGE_BLOCKS):

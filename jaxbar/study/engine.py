@@ -243,7 +243,8 @@ def _global(tree, sharding: jax.sharding.NamedSharding):
 
 def _fingerprint(*trees, max_rows: int = 1024) -> int:
     """A CRC of the leaves (arrays longer than `max_rows` by an evenly strided subset of
-    rows, so a large image set costs little) to check processes agree on their inputs."""
+    rows, so a large image set costs little) to check processes agree on their inputs.
+    """
     crc = 0
     for leaf in jax.tree.leaves(trees):
         if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):

@@ -229,13 +229,15 @@ class Trainer:
 
     def training_model(self, state: TrainState) -> nnx.Module:
         """The model as it trains: the configs of training (IR drop as `options.ir_drop`) and
-        the learned ranges as parameters."""
+        the learned ranges as parameters.
+        """
         return nnx.merge(self.graphdef, state.ranges, state.params, self._analog_state,
                          state.batch_stats, copy=True)
 
     def model(self, state: TrainState) -> nnx.Module:
         """The model to evaluate: the state's parameters, batch statistics and learned ranges,
-        with the configs the trainer was given (IR drop included)."""
+        with the configs the trainer was given (IR drop included).
+        """
         trained = self.training_model(state)
         if self.options.learn_ranges:
             commit_learned_ranges(trained)
