@@ -30,8 +30,9 @@ _MAX_SAMPLES = 1 << 22  # percentiles from at most 4M evenly spaced values
 
 
 def subsample(values) -> np.ndarray:
-    """Values as a flat float64 array, evenly thinned to at most 4M (percentiles stay exact
-    enough and memory bounded).
+    """Values as a flat float64 array, evenly thinned to at most 4M values.
+
+    Percentiles stay exact enough, and memory bounded.
     """
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size > _MAX_SAMPLES:
@@ -154,7 +155,8 @@ def calibrate(x, W, config: CrossbarConfig, input_percentile: float = 99.99,
       adc_percentile: inner percentage of pre-ADC values covered by the ADC.
       op: the array op (dense by default).
       signed: force signed/unsigned inputs (None: from the data).
-      symmetric, power_of_two: see `adc_ranges`.
+      symmetric: make each ADC range [-h, h] (see `ranges_from_samples`).
+      power_of_two: snap each slice's ADC range to a power of two.
 
     Returns:
       The config with `inputs.range` and, if `adc.range == "calibrated"`, `adc.range` set.

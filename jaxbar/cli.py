@@ -160,8 +160,9 @@ def _debug(args: argparse.Namespace) -> bool:
 
 @contextlib.contextmanager
 def _reporting(command: str, debug: bool):
-    """Warnings as `jaxbar <command>: warning: ...` lines; no callback tracebacks unless
-    debugging.
+    """Warnings as `jaxbar <command>: warning: ...` lines.
+
+    Callback tracebacks are not logged unless debugging.
     """
     with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         def show(message, category, filename, lineno, file=None, line=None):

@@ -44,8 +44,9 @@ class ConfigError(ValueError):
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """YAML's safe loader that also reads `1e-5`, `2E3` and `.5e-2` as floats (YAML 1.1 needs
-    a dot and a signed exponent, so it reads `1e-5` as a string).
+    """YAML's safe loader that also reads `1e-5`, `2E3` and `.5e-2` as floats.
+
+    YAML 1.1 needs a dot and a signed exponent, so it reads `1e-5` as a string.
     """
 
 
@@ -133,8 +134,9 @@ def _tuplify(v: Any) -> Any:
 
 
 def _floats(obj: Any, *names: str) -> None:
-    """Integer values of traced (sweepable) fields become floats: `sigma: 0` in YAML must not
-    trace as int32 and compile a second time.
+    """Integer values of traced (sweepable) fields become floats.
+
+    `sigma: 0` in YAML must not trace as int32 and compile a second time.
     """
     for n in names:
         v = getattr(obj, n)
@@ -394,6 +396,7 @@ class DriftConfig:
 
     @property
     def active(self) -> bool:
+        """Whether drift is modelled (a model other than "none")."""
         return self.model != "none"
 
 
@@ -451,6 +454,7 @@ class DeviceConfig:
 
     @property
     def g_min(self) -> float:
+        """The lowest conductance, 1/on_off_ratio (0 for an infinite ratio)."""
         return 0.0 if self.on_off_ratio is None else 1.0 / self.on_off_ratio
 
     @classmethod
@@ -507,10 +511,12 @@ class InputsConfig:
 
     @property
     def signed(self) -> bool:
+        """Whether the inputs are signed (sign-magnitude, range [-m, m])."""
         return self.range[0] < 0
 
     @property
     def x_max(self) -> float:
+        """The input full scale m."""
         return float(self.range[1])
 
     @property
@@ -576,6 +582,7 @@ class ADCConfig:
 
     @property
     def per_slice(self) -> bool:
+        """Whether `range` holds one (lo, hi) per weight slice."""
         return isinstance(self.range, tuple) and bool(self.range) and isinstance(
             self.range[0], tuple
         )
@@ -788,20 +795,24 @@ class CrossbarConfig:
         return d
 
     def to_json(self, **kwargs: Any) -> str:
+        """The config as JSON (`json.dumps` keyword arguments pass through)."""
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
     def from_json(cls, text: str) -> CrossbarConfig:
+        """A config from JSON text (see `from_dict`)."""
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise ConfigError(f"invalid JSON config: {e}") from e
 
     def to_yaml(self) -> str:
+        """The config as YAML."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str) -> CrossbarConfig:
+        """A config from YAML text (see `from_dict`)."""
         try:
             return cls.from_dict(load_yaml(text) or {})
         except yaml.YAMLError as e:
@@ -822,6 +833,7 @@ class CrossbarConfig:
         return cls.from_json(text) if p.suffix == ".json" else cls.from_yaml(text)
 
     def save(self, path: str) -> None:
+        """Writes the config to a .json or .yaml file."""
         from pathlib import Path
 
         p = Path(path)
@@ -835,8 +847,10 @@ class CrossbarConfig:
 
     @classmethod
     def paper_baseline(cls) -> CrossbarConfig:
-        """Xiao et al. 2022 baseline: differential, 8-bit weights/inputs/ADC,
-        1152×256 arrays, on/off ratio 100, ADC range calibrated per layer.
+        """The baseline of Xiao et al. 2022.
+
+        Differential, 8-bit weights, inputs and ADC, 1152×256 arrays, on/off ratio 100, ADC
+        range calibrated per layer.
         """
         return cls(
             array=ArrayConfig(rows=1152, cols=256),

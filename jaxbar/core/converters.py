@@ -46,7 +46,8 @@ def quantize_uniform(y: jax.Array, lo, hi, levels) -> jax.Array:
 
     Args:
       y: values to quantize.
-      lo, hi: range limits (scalars or arrays broadcastable against `y`).
+      lo: lower range limit (a scalar or an array broadcastable against `y`).
+      hi: upper range limit (likewise).
       levels: number of levels (>= 2), scalar or broadcastable array.
 
     Returns:
@@ -169,8 +170,9 @@ def _ste_share_jvp(share, primals, tangents):
 
 
 def _max_range(config: CrossbarConfig, rows: int, polarity_split: bool):
-    """The largest possible array output range. Written without comparisons on g_min,
-    so the on/off ratio may be a traced (swept) value.
+    """The largest possible array output range.
+
+    Written without comparisons on g_min, so the on/off ratio may be a traced (swept) value.
     """
     g_range = 1.0 - config.device.g_min
     signed = config.inputs.signed

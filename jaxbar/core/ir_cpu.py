@@ -170,8 +170,10 @@ def release_scratch() -> None:
 
 
 def _worker(i, fn, L, K, head, tail, shapes, starts, lock, results):
-    """Solves blocks of driven columns taken from ``starts`` until none is left (worker i):
-    ``fn(*head, j0, *tail, *work, state, out, err)`` with work arrays of the given shapes.
+    """Solves blocks of driven columns taken from ``starts`` until none is left (worker i).
+
+    Calls ``fn(*head, j0, *tail, *work, state, out, err)`` with work arrays of the given
+    shapes.
     """
     work = _scratch_views(1 + i, shapes)
     while True:
@@ -308,7 +310,8 @@ def transfer(g_stack, x, res, tol, max_iters, cells=False):
       x: (B, K) the input vectors the currents are converged on.
       res: (r_a, r_a_end, r_b, r_b_end) row segment, first row segment (with the driver), bit-line
         segment, last bit-line segment (with unused rows and the integrator).
-      tol, max_iters: as the solver's.
+      tol: the solver's tolerance.
+      max_iters: the solver's pass limit.
       cells: converge relative to the currents of both polarities added (``error_scale``).
 
     Returns:

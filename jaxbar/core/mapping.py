@@ -64,30 +64,37 @@ class Layout:
 
     @property
     def rows(self) -> int:
+        """Rows of each array (the largest row partition)."""
         return max(self.row_sizes)
 
     @property
     def cols(self) -> int:
+        """Columns of each array (the largest column partition)."""
         return max(self.col_sizes)
 
     @property
     def trivial_rows(self) -> bool:
+        """Whether the matrix rows fill one partition exactly (no padding)."""
         return len(self.row_sizes) == 1
 
     @property
     def trivial_cols(self) -> bool:
+        """Whether the matrix columns fill one partition exactly (no padding)."""
         return len(self.col_sizes) == 1
 
     @functools.cached_property
     def row_index(self) -> np.ndarray:
+        """(pr, rows) matrix row of each array row (K for padding)."""
         return _tile_index(self.row_sizes, self.K)
 
     @functools.cached_property
     def col_index(self) -> np.ndarray:
+        """Matrix column of each padded column (N for padding)."""
         return _tile_index(self.col_sizes, self.N).reshape(-1)
 
     @functools.cached_property
     def out_index(self) -> np.ndarray:
+        """Padded column of each matrix column."""
         return np.flatnonzero(self.col_index < self.N).astype(np.int32)
 
     @functools.cached_property

@@ -720,9 +720,11 @@ def _make_info(iterations, error, tol, dtype):
 
 
 def _use_transfer(topology, B, N):
-    """Input-source circuits do not depend on the inputs: for many vectors it is cheaper to
-    solve N adjoint circuits once (the transfer matrix) than B forward circuits. (Measured on
-    1152 x 256: the break-even is B ~ 0.7-0.9 N; a transfer solve needs about one sweep more.)
+    """Whether B vectors are solved through the transfer matrix.
+
+    Input-source circuits do not depend on the inputs: for many vectors it is cheaper to
+    solve N adjoint circuits once (the transfer matrix) than B forward circuits. On
+    1152 x 256 the break-even is B ~ 0.7-0.9 N; a transfer solve needs about one sweep more.
     """
     return topology == "input_source" and B >= _TRANSFER_RATIO * N
 
@@ -1256,8 +1258,9 @@ class _DropConvergenceLogs(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_callback_logs() -> Iterator[None]:
-    """Within this context JAX does not log the tracebacks of callbacks that raised a
-    :class:`ConvergenceError` (the error still reaches the caller).
+    """A context in which JAX does not log tracebacks of a `ConvergenceError` in callbacks.
+
+    The error still reaches the caller.
     """
     logger = logging.getLogger("jax._src.debugging")
     flt = _DropConvergenceLogs()

@@ -65,8 +65,10 @@ def _import_tfds():
 
 
 def _balanced(labels: np.ndarray, limit: int | None, num_classes: int) -> np.ndarray:
-    """Indices of the first ``limit // C`` examples of each class (+1 for the first
-    ``limit % C`` classes), in data-set order.
+    """Indices of a class-balanced subset of `limit` examples, in data-set order.
+
+    The first ``limit // C`` examples of each class, one more for the first ``limit % C``
+    classes.
     """
     if limit is None:
         return np.arange(len(labels))

@@ -83,8 +83,10 @@ class AnalogKey(nnx.Variable):
 
 
 class LayerConfig(nnx.Variable):
-    """A layer's crossbar config. In the model's state, so its swept numbers (σ, on/off ratio,
-    wire resistances, ...) are traced and a sweep over them compiles once.
+    """A layer's crossbar config.
+
+    It is in the model's state, so its swept numbers (σ, on/off ratio, wire resistances, ...)
+    are traced and a sweep over them compiles once.
     """
 
 

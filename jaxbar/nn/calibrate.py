@@ -49,6 +49,7 @@ class Calibration:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
+        """Writes the calibration as JSON."""
         d = {"meta": self.meta, "layers": {
             n: {"input_range": list(c.input_range),
                 "adc_range": None if c.adc_range is None else [list(r) for r in c.adc_range]}
@@ -57,6 +58,7 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
+        """Reads a calibration written by `save` (a `ConfigError` names a bad file)."""
         try:
             d = json.loads(Path(path).read_text())
             layers = {n: LayerCalibration(tuple(c["input_range"]), None if c.get("adc_range")

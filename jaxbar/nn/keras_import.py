@@ -93,8 +93,9 @@ def read_model_config(f) -> dict[str, Any]:
 
 
 def weights_root(f):
-    """The group holding one subgroup per layer: ``model_weights`` or the root of a
-    weights-only file.
+    """The group holding one subgroup per layer.
+
+    It is ``model_weights``, or the root of a weights-only file.
 
     Raises:
         WeightsError: neither layout is present.
@@ -108,8 +109,10 @@ def weights_root(f):
 
 
 def read_layer_weights(root, layer: str, *, context: str = "") -> dict[str, np.ndarray]:
-    """Reads the datasets of one Keras layer keyed by short name (``kernel``, ``bias``,
-    ``gamma``, ``beta``, ``moving_mean``, ``moving_variance``).
+    """Reads the datasets of one Keras layer, keyed by short name.
+
+    The names are ``kernel``, ``bias``, ``gamma``, ``beta``, ``moving_mean`` and
+    ``moving_variance``.
 
     Args:
         root: see :func:`weights_root`.
@@ -181,6 +184,7 @@ class KerasGraph:
 
     @classmethod
     def from_config(cls, model_config: dict[str, Any]) -> KerasGraph:
+        """The graph of a Keras functional model config."""
         cfg = model_config.get("config", {})
         raw = cfg.get("layers")
         if not isinstance(raw, list):
@@ -215,22 +219,27 @@ class KerasGraph:
         return cls(layers, consumers)
 
     def kind(self, name: str) -> str:
+        """The Keras class name of a layer."""
         return self.layers[name]["class_name"]
 
     def cfg(self, name: str) -> dict[str, Any]:
+        """The Keras config of a layer."""
         return self.layers[name]["config"]
 
     def single_input(self, name: str) -> str:
+        """The one layer feeding `name` (a `WeightsError` otherwise)."""
         ins = self.layers[name]["inbound"]
         if len(ins) != 1:
             raise WeightsError(f"layer {name!r} has {len(ins)} inputs, expected 1")
         return ins[0]
 
     def of_kind(self, kind: str | Iterable[str]) -> list[str]:
+        """The layers of a Keras class (or classes), in config order."""
         kinds = {kind} if isinstance(kind, str) else set(kind)
         return [n for n in self.layers if self.kind(n) in kinds]
 
     def expect(self, name: str, kind: str | tuple[str, ...], what: str) -> str:
+        """`name`, checked to be of `kind` (a `WeightsError` naming `what` otherwise)."""
         kinds = (kind,) if isinstance(kind, str) else kind
         if self.kind(name) not in kinds:
             raise WeightsError(f"unexpected topology: {what} is {name!r} of type "
@@ -238,6 +247,7 @@ class KerasGraph:
         return name
 
     def is_relu(self, name: str) -> bool:
+        """Whether a layer applies a ReLU."""
         k = self.kind(name)
         return (k == "Activation" and self.cfg(name).get("activation") == "relu") or k == "ReLU"
 

@@ -84,6 +84,7 @@ class Identity(nnx.Module):
     """A no-op that stands where a folded batch normalization was."""
 
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+        """Returns `x` (the folded batch norm's place)."""
         del use_running_average
         return x
 
@@ -164,6 +165,7 @@ class BasicBlock(nnx.Module):
                          if strides != 1 or in_features != features else None)
 
     def __call__(self, x: Array, train: bool = False) -> Array:
+        """The block's output (batch statistics in the norms when `train`)."""
         ra = not train
         y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ra))
         y = self.bn2(self.conv2(y), use_running_average=ra)
@@ -211,10 +213,12 @@ class ResNetV1Cifar(nnx.Module):
 
     @property
     def stages(self) -> tuple[Stage, ...]:
+        """The stages in forward order."""
         return (self.stage1, self.stage2, self.stage3)
 
     @property
     def model_name(self) -> str:
+        """The model's name in parameter files."""
         return f"resnet{self.depth}v1_cifar"
 
     def config(self) -> dict[str, Any]:
@@ -297,6 +301,7 @@ class Bottleneck(nnx.Module):
         self.bn3 = batch_norm(out, eps)
 
     def __call__(self, x: Array, train: bool = False) -> Array:
+        """The block's output (batch statistics in the norms when `train`)."""
         ra = not train
         s = x if self.shortcut is None else self.shortcut_bn(self.shortcut(x),
                                                               use_running_average=ra)
@@ -353,10 +358,12 @@ class ResNet50(nnx.Module):
 
     @property
     def stages(self) -> tuple[Stage, ...]:
+        """The stages in forward order."""
         return (self.stage1, self.stage2, self.stage3, self.stage4)
 
     @property
     def model_name(self) -> str:
+        """The model's name in parameter files."""
         return "resnet50v1_5" if self.v1_5 else "resnet50v1"
 
     def config(self) -> dict[str, Any]:

@@ -111,6 +111,7 @@ class NetworkConfig:
     # ---- serialization ---------------------------------------------------------
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> NetworkConfig:
+        """A network config from the documented schema (or a bare crossbar config)."""
         known = {"crossbar", "calibration", "fold_batchnorm", "layers"}
         unknown = set(d) - known
         if unknown:
@@ -138,6 +139,7 @@ class NetworkConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The config in the documented schema (JSON-serializable)."""
         return {
             "crossbar": None if self.crossbar is None else self.crossbar.to_dict(),
             "calibration": dataclasses.asdict(self.calibration),

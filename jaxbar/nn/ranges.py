@@ -94,8 +94,10 @@ def range_spec(config: CrossbarConfig, K: int, N: int) -> RangeSpec:
 
 
 class LearnedRanges(nnx.Param):
-    """A layer's learnable range parameters: `{"input_log_max": (), "adc_log_width": (S,),
-    "adc_center": (S,)}` (the ADC entries only when the layer has an ADC).
+    """A layer's learnable range parameters.
+
+    `{"input_log_max": (), "adc_log_width": (S,), "adc_center": (S,)}`, the ADC entries only
+    when the layer has an ADC.
     """
 
 

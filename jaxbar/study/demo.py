@@ -38,6 +38,7 @@ class DigitsCNN(nnx.Module):
         self.dense = dense(32, 10, rngs=rngs)
 
     def __call__(self, x, *, train: bool = False):
+        """Logits of 8x8x1 images."""
         x = jax.nn.relu(self.conv1(x))
         x = jax.nn.relu(self.conv2(x))
         x = avg_pool(x, 4).reshape(x.shape[0], -1)

@@ -54,10 +54,12 @@ class EvalResult:
 
     @property
     def mean(self) -> float:
+        """The mean accuracy over trials."""
         return float(np.mean(self.accuracies))
 
     @property
     def ci95(self) -> tuple[float, float]:
+        """The 95% interval of the mean accuracy (see `accuracy_stats`)."""
         return accuracy_stats(self.accuracies)["ci95"]
 
 
@@ -242,8 +244,10 @@ def _global(tree, sharding: jax.sharding.NamedSharding):
 
 
 def _fingerprint(*trees, max_rows: int = 1024) -> int:
-    """A CRC of the leaves (arrays longer than `max_rows` by an evenly strided subset of
-    rows, so a large image set costs little) to check processes agree on their inputs.
+    """A CRC of the leaves, to check that processes agree on their inputs.
+
+    Arrays longer than `max_rows` enter by an evenly strided subset of rows, so a large image
+    set costs little.
     """
     crc = 0
     for leaf in jax.tree.leaves(trees):

@@ -40,7 +40,9 @@ def mvm_error_study(trials: int = 8, sigmas=(0.0, 0.02, 0.05, 0.1), seed: int = 
       trials: Monte Carlo trials (programming-error samples) per point.
       sigmas: programming error magnitudes.
       seed: seed of the data and of the trial keys.
-      K, N, batch: layer shape and number of input vectors.
+      K: rows of the layer.
+      N: columns of the layer.
+      batch: input vectors per trial.
 
     Returns:
       Rows with keys mapping, slices, model, sigma, err_mean, err_std.

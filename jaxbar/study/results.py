@@ -259,8 +259,9 @@ def lookup(row: Mapping[str, Any], key: str, default: Any = None) -> Any:
 
 
 def parse_filters(items: Iterable[str], option: str = "--filter") -> list[tuple[str, Any]]:
-    """`key=value` strings (YAML values: `0.02`, `1e-5`, `null`, `offset`) to (key, value)
-    pairs.
+    """`key=value` strings to (key, value) pairs.
+
+    Values are YAML: `0.02`, `1e-5`, `null`, `offset`.
 
     Args:
       items: the strings.

@@ -119,8 +119,9 @@ def expand_path(value: str | None, root: Path) -> str | None:
 
 
 def _coerce(v: Any) -> Any:
-    """Number-like strings of a study given as a mapping become numbers, as `load_yaml`
-    reads them from a file.
+    """Number-like strings of a study given as a mapping become numbers.
+
+    This is how `load_yaml` reads them from a file.
     """
     if isinstance(v, str) and _NUMBER.match(v.strip()):
         return float(v)
@@ -476,9 +477,10 @@ def _without_defaults(d: Mapping[str, Any], default: Mapping[str, Any]) -> dict[
 
 
 def config_identity(net: NetworkConfig) -> dict[str, Any]:
-    """A network config as it enters point ids and calibration keys: what differs from the
-    defaults. A new config field, whose default keeps the old behaviour, then leaves the ids
-    of existing results (and their resumption) intact.
+    """A network config as it enters point ids and calibration keys.
+
+    Only what differs from the defaults enters, so a new config field, whose default keeps
+    the behaviour, leaves the ids of existing results (and their resumption) intact.
     """
     return _without_defaults(net.to_dict(), NetworkConfig().to_dict())
 
@@ -486,9 +488,11 @@ def config_identity(net: NetworkConfig) -> dict[str, Any]:
 # ---- calibration cache ---------------------------------------------------------------------
 
 def calibration_key(study: Study, net: NetworkConfig) -> str:
-    """Identifies a calibration: the study's model and data, and the network config
-    without what profiling ignores: device errors, drift (profiling sees the arrays at t0)
-    and ADC bits are off while profiling.
+    """Identifies a calibration.
+
+    The study's model and data, and the network config without what profiling ignores:
+    device errors, drift (profiling sees the arrays at t0) and ADC bits are off while
+    profiling.
     """
     d = config_identity(net)
     xbar = d.get("crossbar")

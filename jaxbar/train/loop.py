@@ -109,6 +109,7 @@ class TrainOptions:
                               "expected [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
+        """The options as a dict."""
         return dataclasses.asdict(self)
 
 
@@ -228,15 +229,19 @@ class Trainer:
         return _strip_weak(state)
 
     def training_model(self, state: TrainState) -> nnx.Module:
-        """The model as it trains: the configs of training (IR drop as `options.ir_drop`) and
-        the learned ranges as parameters.
+        """The model as it trains.
+
+        It has the configs of training (IR drop as `options.ir_drop`) and the learned ranges
+        as parameters.
         """
         return nnx.merge(self.graphdef, state.ranges, state.params, self._analog_state,
                          state.batch_stats, copy=True)
 
     def model(self, state: TrainState) -> nnx.Module:
-        """The model to evaluate: the state's parameters, batch statistics and learned ranges,
-        with the configs the trainer was given (IR drop included).
+        """The model to evaluate.
+
+        It has the state's parameters, batch statistics and learned ranges, with the configs
+        the trainer was given (IR drop included).
         """
         trained = self.training_model(state)
         if self.options.learn_ranges:
