@@ -159,21 +159,13 @@ def _differential(g_pos, g_neg, tol, layout, cpu_kernel=True):
     return solve
 
 
-class _KernelOutcome:
-    """Records whether the CPU kernel's runs succeeded (False: it fell back to XLA)."""
-
-    def __init__(self):
-        from jaxbar.core import ir_cpu
-
-        self.ok = []
-        real = ir_cpu._host_transfer
-
-        def wrapped(*args, **kwargs):
-            out = real(*args, **kwargs)
-            self.ok.append(bool(out[3]))
-            return out
-
-        ir_cpu._host_transfer = wrapped
+def _path_name(paths: set[int]) -> str:
+    """How the arrays' currents were computed, from their `SolveInfo.path` codes."""
+    if paths == {par.PATH_DIRECT}:
+        return "direct"
+    if paths == {par.PATH_TRANSFER}:
+        return "xla"
+    return "kernel>xla" if par.PATH_KERNEL_THEN_XLA in paths else "kernel"
 
 
 def main():
@@ -200,7 +192,6 @@ def main():
                for layout in LAYOUTS for kernel in (True, False)}
     references = {layout: _differential(jnp.asarray(g_pos64), jnp.asarray(g_neg64), 1e-12, layout)
                   for layout in LAYOUTS}
-    outcome = _KernelOutcome()
     ideal = jax.jit(lambda v: v @ g_pos - v @ g_neg)
 
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; "
@@ -223,15 +214,13 @@ def main():
         for layout, kernel, r in [(lay, k, r) for k in kernels for lay in LAYOUTS for r in rs]:
             solve32 = solvers[layout, kernel]
             r32 = jnp.float32(r)
-            outcome.ok.clear()
             with _PeakRSS() as mem:
                 t_solve = _median_time(lambda v=v, r32=r32, f=solve32: f(v, r32), repeats)
-            path = "direct" if B < N else "xla" if not kernel else (
-                "kernel" if all(outcome.ok) else "kernel>xla")
             stats = solve32.lower(v, r32).compile().memory_analysis()
             xla_mb = (stats.temp_size_in_bytes + stats.argument_size_in_bytes
                       + stats.output_size_in_bytes) / 2**20
             out, infos = solve32(v, r32)
+            path = _path_name({int(i.path) for i in infos})
             ref, ref_infos = references[layout](jnp.asarray(v64), r)
             assert all(bool(i.converged) for i in ref_infos), "reference did not converge"
             sweeps = max(int(i.iterations) for i in infos)

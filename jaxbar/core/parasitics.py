@@ -63,6 +63,10 @@ from jaxbar.core import ir_cpu
 __all__ = [
     "ConvergenceError",
     "NodeVoltages",
+    "PATH_DIRECT",
+    "PATH_KERNEL",
+    "PATH_KERNEL_THEN_XLA",
+    "PATH_TRANSFER",
     "SolveInfo",
     "check_convergence",
     "convergence_error",
@@ -115,12 +119,21 @@ class SolveInfo(NamedTuple):
         change ``d_prev``, the smaller tail with ``q = (d + noise) / d_prev`` and ``d + noise``.
       converged: ``error <= tol``.
       tol: the tolerance that was asked for (for messages).
+      path: how the currents were computed (int32): `PATH_DIRECT` (a solve per input
+        vector), `PATH_TRANSFER` (the XLA transfer-matrix solve), `PATH_KERNEL` (the CPU
+        kernel's transfer matrix) or `PATH_KERNEL_THEN_XLA` (the kernel gave up and XLA
+        computed it); under vmap, per array.
     """
 
     iterations: Array
     error: Array
     converged: Array
     tol: Array = float("nan")
+    path: Array = -1
+
+
+#: `SolveInfo.path` codes.
+PATH_DIRECT, PATH_TRANSFER, PATH_KERNEL, PATH_KERNEL_THEN_XLA = 0, 1, 2, 3
 
 
 class NodeVoltages(NamedTuple):
@@ -709,13 +722,14 @@ def _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, 
     return I, info, a, w
 
 
-def _make_info(iterations, error, tol, dtype):
+def _make_info(iterations, error, tol, dtype, path=PATH_DIRECT):
     error = error.astype(dtype)
     return SolveInfo(
         iterations=iterations.astype(jnp.int32),
         error=error,
         converged=error <= tol,
         tol=jnp.asarray(tol, dtype),
+        path=jnp.asarray(path, jnp.int32),
     )
 
 
@@ -747,7 +761,7 @@ def _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs, cells=F
 
     Ms, ts, errs = _map_chunks(one, cols)
     M = Ms.reshape(n_chunks * chunk, K)[:N]
-    return M, _make_info(jnp.max(ts), jnp.max(errs), tol, dtype)
+    return M, _make_info(jnp.max(ts), jnp.max(errs), tol, dtype, PATH_TRANSFER)
 
 
 def _uses_cpu_kernel(cpu_kernel, dtype):
@@ -772,15 +786,16 @@ def _kernel_or_xla(tol, max_iters, batch_chunk, cells):
             signs = jnp.asarray([1.0, -1.0][: g_stack.shape[0]], g_stack.dtype)
             M2, info = _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs,
                                        cells)
-            return M2, info.iterations, info.error
+            return M2, info.iterations, info.error, jnp.int32(PATH_KERNEL_THEN_XLA)
 
-        return lax.cond(ok, lambda _: (M, iterations, error), xla, None)
+        return lax.cond(ok, lambda _: (M, iterations, error, jnp.int32(PATH_KERNEL)), xla,
+                        None)
 
     @transfer.def_vmap
     def _rule(axis_size, in_batched, *args):
         args = [a if b else jnp.broadcast_to(a, (axis_size, *jnp.shape(a)))
                 for a, b in zip(args, in_batched, strict=True)]
-        return lax.map(lambda a: transfer(*a), tuple(args)), (True, True, True)
+        return lax.map(lambda a: transfer(*a), tuple(args)), (True, True, True, True)
 
     return transfer
 
@@ -791,8 +806,9 @@ def _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, 
     res = _resistances(*scalars)
     if _use_transfer(topology, x.shape[0], N):
         if _uses_cpu_kernel(cpu_kernel, g_stack.dtype):
-            M, t, err = _kernel_or_xla(tol, max_iters, batch_chunk, cells)(g_stack, x, *res)
-            info = _make_info(t, err, tol, g_stack.dtype)
+            M, t, err, path = _kernel_or_xla(tol, max_iters, batch_chunk, cells)(g_stack, x,
+                                                                                 *res)
+            info = _make_info(t, err, tol, g_stack.dtype, path)
         else:
             M, info = _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs,
                                       cells)
