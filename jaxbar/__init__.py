@@ -28,6 +28,7 @@ from jaxbar.nn.analogize import (
     digital_model,
     map_batches,
     program_model,
+    stack_batches,
     update_configs,
 )
 from jaxbar.nn.calibrate import apply_calibration, calibrate_model
@@ -61,5 +62,6 @@ __all__ = [
     "program",
     "program_at_time",
     "program_model",
+    "stack_batches",
     "update_configs",
 ]

@@ -297,3 +297,19 @@ def test_monte_carlo_equals_a_loop_and_compiles_once():
         np.testing.assert_allclose(out["y"][i], analog(x), atol=1e-5)
     vm = jaxbar.monte_carlo(analog, keys, fn, x, strategy="vmap", progress=False)
     np.testing.assert_allclose(vm["y"], out["y"], atol=1e-5)
+
+
+def test_stack_batches_feeds_map_batches_from_any_iterable():
+    model = Wrap(nnx.Linear(8, 3, rngs=nnx.Rngs(0)))
+    analog = jaxbar.analogize(model, NOISY)
+    batches = (np.full((4, 8), i, np.float32) for i in range(3))  # a generator
+    stacked = jaxbar.stack_batches(batches)
+    assert stacked.shape == (3, 4, 8)
+    out = jaxbar.monte_carlo(analog, jax.random.split(jax.random.key(0), 2),
+                             lambda m, xs: jaxbar.map_batches(m, lambda mm, b: mm(b), xs),
+                             stacked, progress=False)
+    assert out.shape == (2, 3, 4, 3)
+    jaxbar.program_model(analog, jax.random.split(jax.random.key(0), 2)[1])
+    np.testing.assert_allclose(out[1, 2], analog(stacked[2]), atol=1e-5)
+    with pytest.raises(ConfigError, match="batch 1 differs"):
+        jaxbar.stack_batches([np.zeros((4, 8)), np.zeros((3, 8))])

@@ -26,7 +26,7 @@ import dataclasses
 import fnmatch
 import math
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ __all__ = [
     "map_batches",
     "network_config",
     "program_model",
+    "stack_batches",
     "update_configs",
 ]
 
@@ -662,7 +663,36 @@ def commit_learned_ranges(analog: nnx.Module) -> None:
             op.ranges = nnx.data(None)
 
 
-# ---- batches under jit -------------------------------------------------------------------------
+# ---- batches under jit ---------------------------------------------------------------------
+def stack_batches(batches: Iterable[Any]) -> Any:
+    """A finite iterable of equally shaped batches as one pytree with a leading batch axis.
+
+    Feed the result to `map_batches` inside a jitted or `monte_carlo` function, so any data
+    source (a data loader, a generator of token batches) runs without Python loops in the
+    trace.
+
+    Args:
+      batches: batches that are pytrees of arrays of one structure and shape.
+
+    Returns:
+      The stacked pytree (NumPy arrays).
+
+    Raises:
+      ConfigError: no batch, or a batch whose structure or shapes differ from the first's.
+    """
+    items = list(batches)
+    if not items:
+        raise ConfigError("stack_batches: no batch")
+    first = jax.tree.structure(items[0])
+    shapes = [np.shape(a) for a in jax.tree.leaves(items[0])]
+    for i, b in enumerate(items[1:], 1):
+        if jax.tree.structure(b) != first or [np.shape(a) for a in jax.tree.leaves(b)] != shapes:
+            raise ConfigError(f"stack_batches: batch {i} differs from batch 0 in structure or "
+                              f"shapes ({[np.shape(a) for a in jax.tree.leaves(b)]} vs "
+                              f"{shapes}); pad or drop the last batch")
+    return jax.tree.map(lambda *a: np.stack([np.asarray(v) for v in a]), *items)
+
+
 def map_batches(model: nnx.Module, step: Callable[[nnx.Module, Any], Any], batches: Any) -> Any:
     """`step(model, batch)` over stacked batches as one `lax.scan`, carrying model state.
 
