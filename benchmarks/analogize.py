@@ -11,11 +11,10 @@ Usage: python benchmarks/analogize.py [--batch 256] [--repeats 20]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 from flax import nnx
+from timing import median_time
 
 import jaxbar
 
@@ -61,14 +60,6 @@ class CNN(nnx.Module):
         return self.head(x.reshape(x.shape[0], -1))
 
 
-def median_time(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def bench(name, model, x, configs, repeats):

@@ -11,29 +11,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from timing import median_time
 
 from jaxbar.nn import load_keras_resnet_cifar, resnet20
 from jaxbar.nn.analogize import analogize, program_model
 from jaxbar.nn.calibrate import calibrate_model
 from jaxbar.nn.network_config import NetworkConfig
-
-
-def median_time(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main() -> None:
