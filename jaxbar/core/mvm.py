@@ -507,8 +507,11 @@ def digital_readout(y: jax.Array, x_q: jax.Array, programmed: Programmed,
     if config.mapping.scheme == "offset" and not _unit_column(config):
         g_zero = jnp.asarray(mapping.zero_weight_conductances(config), dtype=y.dtype)
         y = y - g_zero[:, None] * op.row_sum(x_q)[..., None, None]
-    rec = jnp.asarray(mapping.slice_recombination(config), dtype=y.dtype)
-    y = jnp.einsum("...sm,s->...m", y, rec)
+    rec = mapping.slice_recombination(config)
+    if len(rec) == 1:  # unsliced: the identity, as a view XLA fuses (a product over S would not)
+        y = y[..., 0, :]
+    else:
+        y = jnp.einsum("...sm,s->...m", y, jnp.asarray(rec, dtype=y.dtype))
     y = y * (programmed.w_max * config.inputs.x_max * mapping.output_scale(config))
     return y if lay.trivial_cols else y[..., lay.out_index]
 
