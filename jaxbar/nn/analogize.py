@@ -12,11 +12,11 @@ groups, and the batch axes an einsum or `LinearGeneral` kernel shares with its i
 separate matrices on separate arrays. Everything else (activations, norms, pooling, biases,
 products of two activations such as attention's QKᵀ) stays digital (PHYSICS §7).
 
-A trial is a PRNG key: `program_model(analog, key)` programs every layer from
-`fold_in(key, layer_id(path))` and seeds the layer's read-noise stream, which advances by
-one draw per forward call. Programmed conductances live in the model's state
-(`Conductances` variables), so `nnx.split` / `nnx.merge`, `jit` and the trial engine carry
-them like parameters.
+A trial is a PRNG key: `program_model(analog, key)` splits it into a programming and a read
+key, programs every layer from `fold_in(programming key, layer_id(path))` and seeds the
+layer's read-noise stream, which advances by one draw per forward call. Programmed
+conductances live in the model's state (`Conductances` variables), so `nnx.split` /
+`nnx.merge`, `jit` and the trial engine carry them like parameters.
 """
 
 from __future__ import annotations
