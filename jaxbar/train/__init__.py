@@ -15,7 +15,15 @@ from jaxbar.train.checkpoint import (
     save_checkpoint,
 )
 from jaxbar.train.fit import FitResult, fit
-from jaxbar.train.loop import Trainer, TrainOptions, TrainState, clip_kernel, read_log
+from jaxbar.train.loop import (
+    Trainer,
+    TrainOptions,
+    TrainState,
+    clip_kernel,
+    clip_percentiles,
+    clip_weights,
+    read_log,
+)
 from jaxbar.train.optim import make_optimizer, make_schedule
 
 __all__ = [
@@ -26,6 +34,8 @@ __all__ = [
     "Trainer",
     "batch_indices",
     "clip_kernel",
+    "clip_percentiles",
+    "clip_weights",
     "epoch_permutation",
     "fit",
     "latest_checkpoint",

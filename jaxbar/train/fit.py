@@ -32,7 +32,7 @@ from jaxbar.config import ConfigError
 from jaxbar.nn.analogize import ANALOG_STATE, analog_layers, clear_programming, program_model
 from jaxbar.train.augment import batch_indices
 from jaxbar.train.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
-from jaxbar.train.loop import clip_kernel
+from jaxbar.train.loop import clip_percentiles, clip_weights
 
 __all__ = ["FitResult", "fit"]
 
@@ -99,8 +99,9 @@ def fit(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Array],
       steps: the global step to train to (a resumed run continues from its checkpoint).
       batch_size: examples per step (with array data).
       seed: seeds the batches and every step's programming error and read noise.
-      weight_clip: after each update clip every analog kernel: None, "mapped" (to the range
-        its mapping uses, `±w_max` at `weights.clip_percentile`) or k (to `±k·std`).
+      weight_clip: after each update clip every analog kernel (every weight layer's of a
+        digital model): None, "mapped" (to the range its mapping uses, `±w_max` at
+        `weights.clip_percentile`) or k (to `±k·std`).
       checkpoint_dir: resume from its latest checkpoint and write new ones there.
       checkpoint_every: steps between checkpoints (0: only at the end).
       progress: show a progress bar.
@@ -116,6 +117,7 @@ def fit(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Array],
         raise ConfigError(f"checkpoint_every = {checkpoint_every!r} is invalid: expected >= 0")
     batch = _batch_fn(data, batch_size, seed)
     analog = bool(analog_layers(model))
+    percentiles = clip_percentiles(model)
     clear_programming(model)
     graphdef, params, trial, rest = nnx.split(model, nnx.Param, ANALOG_STATE, ...)
     opt_state = optimizer.init(params)
@@ -140,9 +142,7 @@ def fit(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Array],
         params = optax.apply_updates(params, updates)
         if weight_clip is not None:
             m = nnx.merge(graphdef, params, trial, new_rest, copy=True)
-            for layer, op in analog_layers(m).values():
-                layer.kernel[...] = clip_kernel(layer.kernel[...], weight_clip,
-                                                op.config.weights.clip_percentile)
+            clip_weights(m, weight_clip, percentiles)
             params = nnx.state(m, nnx.Param)
         return params, new_rest, opt_state, loss
 

@@ -52,7 +52,8 @@ from jaxbar.train.checkpoint import (
     save_checkpoint,
 )
 
-__all__ = ["TrainOptions", "TrainState", "Trainer", "clip_kernel", "read_log"]
+__all__ = ["TrainOptions", "TrainState", "Trainer", "clip_kernel", "clip_percentiles",
+           "clip_weights", "read_log"]
 
 BATCH_STATS = ("update", "frozen")
 
@@ -151,6 +152,25 @@ def clip_kernel(W: jax.Array, clip: str | float, clip_percentile: float = 100.0)
     return jnp.clip(W, -w_max, w_max)
 
 
+def clip_percentiles(model: nnx.Module) -> dict[str, float]:
+    """The layers weight clipping acts on, with the percentile "mapped" clips at.
+
+    An analog model's analog layers, at their mapping's `weights.clip_percentile`; a digital
+    model's every weight layer at 100 (the control of an analog run with the same options).
+    """
+    layers = analog_layers(model)
+    if layers:
+        return {p: op.config.weights.clip_percentile for p, (_, op) in layers.items()}
+    return {p: 100.0 for p, m in modules(model).items() if isinstance(m, WEIGHT_LAYERS)}
+
+
+def clip_weights(model: nnx.Module, clip: str | float, percentiles: dict[str, float]) -> None:
+    """Clips the kernels of the layers in `percentiles`, in place (see `clip_kernel`)."""
+    mods = modules(model)
+    for path, pct in percentiles.items():
+        mods[path].kernel[...] = clip_kernel(mods[path].kernel[...], clip, pct)
+
+
 def _strip_weak(tree):
     # Via NumPy: no weak types (a restored state has the avals of a fresh one, so the step is
     # not traced again) and no XLA compilation per leaf shape, as eager jnp copies would cost.
@@ -207,14 +227,7 @@ class Trainer:
                 {"params": optimizer, "ranges": range_optimizer or optax.adam(1e-3)},
                 {"params": "params", "ranges": "ranges"})
         self.tx = optimizer
-        self._clip_layers = {}  # layer path → clip percentile of its mapping
-        if options.weight_clip is not None and not self.analog:
-            # A digital run clips every layer: the control of an analog run with its options.
-            self._clip_layers = {p: 100.0 for p, m in modules(model).items()
-                                 if isinstance(m, WEIGHT_LAYERS)}
-        elif options.weight_clip is not None:
-            self._clip_layers = {p: op.config.weights.clip_percentile
-                                 for p, (_, op) in analog_layers(model).items()}
+        self._clip_layers = {} if options.weight_clip is None else clip_percentiles(model)
         self.traces = 0  # how often the step was traced (compiled): 1 in a healthy run
         self._step = jax.jit(self._step_impl)
 
@@ -267,10 +280,7 @@ class Trainer:
             return params
         model = nnx.merge(self.graphdef, self._initial[2], params, self._analog_state,
                           batch_stats, copy=True)
-        mods = modules(model)
-        for path, pct in self._clip_layers.items():
-            m = mods[path]
-            m.kernel[...] = clip_kernel(m.kernel[...], self.options.weight_clip, pct)
+        clip_weights(model, self.options.weight_clip, self._clip_layers)
         return nnx.state(model, nnx.Param)
 
     def _step_impl(self, state: TrainState, images, labels, key):
