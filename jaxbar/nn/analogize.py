@@ -693,7 +693,8 @@ def stack_batches(batches: Iterable[Any]) -> Any:
     return jax.tree.map(lambda *a: np.stack([np.asarray(v) for v in a]), *items)
 
 
-def map_batches(model: nnx.Module, step: Callable[[nnx.Module, Any], Any], batches: Any) -> Any:
+def map_batches(model: nnx.Module, step: Callable[[nnx.Module, Any], Any], batches: Any, *,
+                carried: Any = ...) -> Any:
     """`step(model, batch)` over stacked batches as one `lax.scan`, carrying model state.
 
     Use it inside a jitted or Monte Carlo function: the read-noise streams advance from batch
@@ -703,16 +704,19 @@ def map_batches(model: nnx.Module, step: Callable[[nnx.Module, Any], Any], batch
       model: an NNX model (analog or not).
       step: `(model, batch) -> pytree`.
       batches: a pytree whose leaves have a leading batch-index axis.
+      carried: an NNX filter of the state that `step` may change (default: all of it);
+        the rest (parameters, conductances) is constant across batches. `ReadCount` suffices
+        for inference.
 
     Returns:
       The stacked outputs of `step`.
     """
-    graphdef, state = nnx.split(model)
+    graphdef, state, rest = nnx.split(model, carried, ...)
 
     def body(state, batch):
-        m = nnx.merge(graphdef, state, copy=True)
+        m = nnx.merge(graphdef, state, rest, copy=True)
         out = step(m, batch)
-        return nnx.state(m), out
+        return nnx.state(m, carried), out
 
     state, out = jax.lax.scan(body, state, batches)
     nnx.update(model, state)

@@ -30,7 +30,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from jaxbar.core import parasitics
-from jaxbar.nn.analogize import ReadCount, analog_layers, program_model
+from jaxbar.nn.analogize import ReadCount, analog_layers, map_batches, program_model
 from jaxbar.nn.params_io import check_finite
 
 __all__ = ["EvalResult", "accuracy_stats", "default_strategy", "evaluate"]
@@ -182,27 +182,21 @@ def _build_runner(graphdef, strategy: str, C: int, digital: bool, trial_shards: 
         net = nnx.merge(graphdef, state, copy=True)
         if not digital:
             program_model(net, key)  # once per trial
-        # Only the read-noise positions change from batch to batch: they are the scan's carry.
-        gd, counts, rest = nnx.split(net, ReadCount, ...)
 
-        def body(carry, batch):
-            tot, counts = carry
+        def step(m, batch):
             xb, yb = batch
             if data_shards > 1:  # keep the batch split through the scan
                 xb = jax.lax.with_sharding_constraint(xb, P("data"))
                 yb = jax.lax.with_sharding_constraint(yb, P("data"))
-            m = nnx.merge(gd, counts, rest, copy=True)
-            logits = m(xb)
-            hit = (jnp.argmax(logits, -1) == yb).astype(jnp.float32)
+            hit = (jnp.argmax(m(xb), -1) == yb).astype(jnp.float32)
             onehot = jax.nn.one_hot(jnp.where(yb >= 0, yb, 0) if C > 1 else 0 * yb, C)
             onehot = onehot * (yb >= 0)[:, None]
-            # Counted per batch position, summed once at the end: a data-sharded carry
-            # needs no cross-device sum per batch (integer counts: exact in any order).
-            tot = tot + jnp.stack([hit[:, None] * onehot, onehot])
-            return (tot, nnx.state(m, ReadCount)), None
+            # Counted per batch position, summed once at the end: a data-sharded batch needs
+            # no cross-device sum per batch (integer counts: exact in any order).
+            return jnp.stack([hit[:, None] * onehot, onehot])
 
-        B = xs.shape[1]
-        (tot, _), _ = jax.lax.scan(body, (jnp.zeros((2, B, C)), counts), (xs, ys))
+        # Only the read-noise positions change from batch to batch.
+        tot = map_batches(net, step, (xs, ys), carried=ReadCount).sum(0)
         return tot.sum(1)
 
     def trials(state, xs, ys, ks):
