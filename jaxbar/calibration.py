@@ -84,8 +84,7 @@ def pre_adc_samples(x, W, config: CrossbarConfig, op: mvm.ArrayOp | None = None
     Returns:
       One flat sample of values per weight slice (real and unit columns, not padding).
     """
-    quiet = config.replace(**{
-        "adc.bits": 0, "adc.range": None,
+    quiet = config.replace(adc=config.adc.ideal(), **{
         "device.programming_error": {"model": "none", "sigma": 0.0},
         "device.read_noise": {"model": "none", "sigma": 0.0}})
     prog = mvm.program(jnp.asarray(W), quiet)

@@ -531,6 +531,17 @@ class InputsConfig:
 
 
 ADC_MODES = ("max", "granular", "calibrated")
+#: ADC architectures (PHYSICS §4.1): an ideal quantizer or a circuit model with component errors.
+ADC_MODELS = ("quantizer", "ramp", "sar", "pipeline", "cyclic")
+#: The component-error fields of each circuit model (a nonzero one elsewhere is an error).
+_ADC_SIGMAS = {
+    "ramp": ("sigma_capacitor", "sigma_comparator"),
+    "sar": ("sigma_capacitor", "sigma_comparator"),
+    "pipeline": ("sigma_c1", "sigma_c2", "sigma_cpar", "sigma_comparator"),
+    "cyclic": ("sigma_c1", "sigma_c2", "sigma_cpar", "sigma_comparator"),
+    "quantizer": (),
+}
+_ALL_ADC_SIGMAS = ("sigma_capacitor", "sigma_comparator", "sigma_c1", "sigma_c2", "sigma_cpar")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -545,19 +556,49 @@ class ADCConfig:
         an error.
       per_input_slice: with bit-serial inputs, digitize every input slice (and
         shift-and-add digitally) instead of accumulating in analog first.
+      model: the converter circuit (PHYSICS §4.1): "quantizer" (ideal uniform
+        quantizer), "ramp", "sar", "pipeline" or "cyclic".
+      gain_db: open-loop gain of the circuit's amplifier in dB (> 0); None = infinite.
+      sigma_capacitor: ramp, SAR: capacitor mismatch of a unit capacitor (relative;
+        a capacitor of n units has an error sigma·sqrt(n) units).
+      sigma_comparator: comparator offset relative to the reference voltage (half the
+        converter's full scale).
+      symmetric_cdac: ramp: the ramp comes from a sign-magnitude capacitive DAC (true) or a
+        unipolar one (false).
+      split_cdac: SAR: a split capacitive DAC with a bridge capacitor.
+      group_size: SAR, pipeline, cyclic: columns sharing one converter (>= 1).
+      sigma_c1, sigma_c2, sigma_cpar: pipeline, cyclic: relative errors of the two stage
+        capacitors and the parasitic capacitance (relative to a unit capacitor).
+      stochastic_rounding: quantizer: round up with probability equal to the fractional
+        level (fresh per conversion) instead of to the nearest level.
     """
 
     bits: int = 0
     range: Any = None
     per_input_slice: bool = False
+    model: str = "quantizer"
+    gain_db: float | None = None
+    sigma_capacitor: float = 0.0
+    sigma_comparator: float = 0.0
+    symmetric_cdac: bool = True
+    split_cdac: bool = False
+    group_size: int = 1
+    sigma_c1: float = 0.0
+    sigma_c2: float = 0.0
+    sigma_cpar: float = 0.0
+    stochastic_rounding: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "range", _tuplify(self.range))
+        _floats(self, *_ALL_ADC_SIGMAS)
+        if self.gain_db is not None:
+            _floats(self, "gain_db")
 
     def _validate(self, path: str) -> None:
         _check_int(f"{path}.bits", self.bits, 0, 32)
         if not isinstance(self.per_input_slice, bool):
             _fail(f"{path}.per_input_slice", self.per_input_slice, "true or false")
+        self._validate_circuit(path)
         rng = self.range
         if rng is None:
             if self.bits > 0:
@@ -579,6 +620,68 @@ class ADCConfig:
                 _check_real(p, v, allowed)
             if not pair[0] < pair[1]:
                 _fail(p, list(pair), "[lo, hi] with lo < hi")
+
+    def _validate_circuit(self, path: str) -> None:
+        model = self.model
+        _check_choice(f"{path}.model", model, ADC_MODELS)
+        if model != "quantizer" and self.bits < 2:
+            _fail(f"{path}.bits", self.bits, f"an integer in [2, 24] with model {model!r} (a "
+                  "circuit model converts to bits; 0 is only the ideal quantizer)")
+        if model != "quantizer" and self.bits > 24:
+            _fail(f"{path}.bits", self.bits, f"an integer in [2, 24] with model {model!r}")
+        for name in _ALL_ADC_SIGMAS:
+            v = getattr(self, name)
+            if not _concrete(v):
+                continue
+            _check_real(f"{path}.{name}", v, "a finite number >= 0")
+            if v < 0:
+                _fail(f"{path}.{name}", v, "a finite number >= 0")
+            if v != 0 and name not in _ADC_SIGMAS[model]:
+                users = [m for m, names in _ADC_SIGMAS.items() if name in names]
+                _fail(f"{path}.{name}", v, f"0 with model {model!r} (it is a parameter of "
+                      f"{' and '.join(repr(m) for m in users)})")
+        g = self.gain_db
+        if g is not None and _concrete(g):
+            _check_real(f"{path}.gain_db", g, "a number of dB > 0, or null (infinite gain)")
+            if not g > 0:
+                _fail(f"{path}.gain_db", g, "a number of dB > 0, or null (infinite gain)")
+        if g is not None and model == "quantizer":
+            _fail(f"{path}.gain_db", g, "null with model 'quantizer' (it has no amplifier)")
+        for name, users in (("symmetric_cdac", ("ramp",)), ("split_cdac", ("sar",)),
+                            ("stochastic_rounding", ("quantizer",))):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                _fail(f"{path}.{name}", v, "true or false")
+            default = name == "symmetric_cdac"
+            if v != default and model not in users:
+                _fail(f"{path}.{name}", v, f"{default!r} with model {model!r} (it is a "
+                      f"setting of {users[0]!r})")
+        _check_int(f"{path}.group_size", self.group_size, 1)
+        if self.group_size != 1 and model not in ("sar", "pipeline", "cyclic"):
+            _fail(f"{path}.group_size", self.group_size, f"1 with model {model!r} (groups of "
+                  "columns share a 'sar', 'pipeline' or 'cyclic' converter)")
+        if self.stochastic_rounding and self.bits == 0:
+            _fail(f"{path}.stochastic_rounding", True, "false with an ideal ADC (bits = 0)")
+
+    def ideal(self) -> ADCConfig:
+        """The same conversion placement (`per_input_slice`) with an ideal ADC (bits = 0)."""
+        return ADCConfig(per_input_slice=self.per_input_slice)
+
+    @property
+    def ideal_components(self) -> bool:
+        """The converter is today's quantizer: no amplifier error and no mismatch (concretely)."""
+        if self.model == "quantizer":
+            return True
+        values = [getattr(self, n) for n in _ALL_ADC_SIGMAS]
+        return self.gain_db is None and all(_concrete(v) and v == 0 for v in values)
+
+    @property
+    def random(self) -> bool:
+        """The circuit draws component errors per trial (a sigma is nonzero or swept)."""
+        if self.model == "quantizer":
+            return False
+        return not all(_concrete(v) and v == 0 for v in (getattr(self, n)
+                                                         for n in _ALL_ADC_SIGMAS))
 
     @property
     def per_slice(self) -> bool:
@@ -930,6 +1033,7 @@ _PYTREE_LEAVES = {
     NoiseConfig: ("sigma", "scale"),
     DeviceConfig: ("on_off_ratio", "programming_error", "read_noise", "time"),
     ParasiticsConfig: ("r_row", "r_col", "r_driver", "r_integrator"),
+    ADCConfig: ("gain_db", *_ALL_ADC_SIGMAS),
     CrossbarConfig: tuple(_SECTIONS),
 }
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbar.config import ConfigError, CrossbarConfig
-from jaxbar.core import converters, devices, mapping
+from jaxbar.core import adc_circuits, converters, devices, mapping
 
 __all__ = [
     "ArrayOp",
@@ -37,6 +37,7 @@ __all__ = [
     "matmul",
     "program",
     "program_at_time",
+    "rounding_key",
 ]
 
 
@@ -62,6 +63,8 @@ class Programmed:
         "input_source" parasitics, the arrays' transfer matrices with IR drop (row k holds
         the column currents when row k alone is driven at 1); else None. Leave it None
         when building a `Programmed` by hand.
+      adc: with an ADC circuit model, the trial's converter errors per column
+        (`adc_circuits.ADCErrors`, PHYSICS §4.1); else None.
     """
 
     g: jax.Array
@@ -70,6 +73,7 @@ class Programmed:
     reference: jax.Array | None = None
     gain: jax.Array | None = None
     effective: jax.Array | None = None
+    adc: adc_circuits.ADCErrors | None = None
 
 
 def _analog_diff(config: CrossbarConfig) -> bool:
@@ -193,8 +197,24 @@ def program(W: jax.Array, config: CrossbarConfig, key: jax.Array | None = None, 
             reference = _column_reads(jnp.where(mask, target, 0.0) if masked else target, config)
         else:
             reference = _column_reads(g, config)
-    p = Programmed(g=g, w_max=w_max, shape=(K, N), reference=reference)
+    p = Programmed(g=g, w_max=w_max, shape=(K, N), reference=reference,
+                   adc=_adc_errors(g, config, lay, key))
     return _with_effective(p, config) if finalize else p
+
+
+_ADC_STREAM = 0x41444343  # folded into the programming key: converter errors draw their own
+
+
+def _adc_errors(g: jax.Array, config: CrossbarConfig, lay: mapping.Layout,
+                key: jax.Array | None) -> adc_circuits.ADCErrors | None:
+    """The converter errors of a trial, for an ADC circuit model (PHYSICS §4.1)."""
+    if config.adc.model == "quantizer":
+        return None
+    k_adc = None if key is None else jax.random.fold_in(key, _ADC_STREAM)
+    pc = len(lay.col_sizes)
+    lead = (g.shape[0], g.shape[2], 1 if _analog_diff(config) else g.shape[3])
+    return adc_circuits.draw_errors(config.adc, lead, lay.cols, pc,
+                                    pc if _unit_column(config) else 0, k_adc, g.dtype)
 
 
 def _with_effective(p: Programmed, config: CrossbarConfig) -> Programmed:
@@ -432,9 +452,12 @@ def _shift_add_inputs(y: jax.Array, config: CrossbarConfig) -> jax.Array:
     return jnp.tensordot(w, y, axes=(0, 0))[None]
 
 
-def _adc(y: jax.Array, config: CrossbarConfig, rows: int) -> jax.Array:
-    """Digitizes (..., S, P, M) array outputs with per-slice ranges."""
-    if config.adc.bits == 0:
+def _adc(y: jax.Array, config: CrossbarConfig, rows: int,
+         errors: adc_circuits.ADCErrors | None = None, key: jax.Array | None = None
+         ) -> jax.Array:
+    """Digitizes (..., S, P, M) array outputs with per-slice ranges (and circuit errors)."""
+    adc = config.adc
+    if adc.bits == 0:
         return y
     ranges = converters.adc_ranges(config, rows)
     levels = converters.adc_slice_levels(config)
@@ -442,8 +465,26 @@ def _adc(y: jax.Array, config: CrossbarConfig, rows: int) -> jax.Array:
     def per_slice(values):  # (S,) → (S, 1, 1), broadcasting over polarity and columns
         return jnp.stack([jnp.asarray(v, dtype=y.dtype) for v in values]).reshape(-1, 1, 1)
 
-    return converters.quantize_uniform(y, per_slice([r[0] for r in ranges]),
-                                       per_slice([r[1] for r in ranges]), per_slice(levels))
+    lo, hi = per_slice([r[0] for r in ranges]), per_slice([r[1] for r in ranges])
+    if adc.ideal_components and not adc.stochastic_rounding:
+        return converters.quantize_uniform(y, lo, hi, per_slice(levels))
+    return adc_circuits.convert(y, lo, hi, per_slice(levels), adc, errors, key)
+
+
+_ROUNDING_STREAM = 0x53524E44  # folded into the read key: stochastic rounding's draws
+
+
+def rounding_key(config: CrossbarConfig, key: jax.Array | None) -> jax.Array | None:
+    """The key of the ADC's stochastic rounding, folded from a read key (None when it is off).
+
+    Raises:
+      ValueError: stochastic rounding without a key.
+    """
+    if not config.adc.stochastic_rounding:
+        return None
+    if key is None:
+        raise ValueError("adc.stochastic_rounding is on: pass a PRNG key to matmul")
+    return jax.random.fold_in(key, _ROUNDING_STREAM)
 
 
 def _converted_outputs(x_q, programmed, config, key, op) -> jax.Array:
@@ -455,9 +496,10 @@ def _converted_outputs(x_q, programmed, config, key, op) -> jax.Array:
     lay = mapping.layout(*programmed.shape, config)
     inp = config.inputs
     _check_supported(config)
+    errors, k_round = programmed.adc, rounding_key(config, key)
     if not inp.bit_serial or _solves_per_mvm(programmed, config):
         y, _ = array_outputs(x_q, programmed, config, key, op, quantized=True)
-        y = _adc(y, config, lay.rows)
+        y = _adc(y, config, lay.rows, errors, k_round)
         return (_shift_add_inputs(y, config) if inp.bit_serial and config.adc.per_input_slice
                 else y)[0]
     g = programmed.g.astype(x_q.dtype)
@@ -472,12 +514,13 @@ def _converted_outputs(x_q, programmed, config, key, op) -> jax.Array:
             rk = None if key is None else jax.random.fold_in(key, k)
             y = _read_noise(y, u, g, config, rk, op.contract)
         if config.adc.per_input_slice:
-            y = _adc(y, config, lay.rows)
+            y = _adc(y, config, lay.rows, errors,
+                     None if k_round is None else jax.random.fold_in(k_round, k))
         return acc + weights[k] * y[0], None
 
     shape = jax.eval_shape(lambda: op.contract(x_q[None], g_eff)).shape[1:]
     acc, _ = jax.lax.scan(body, jnp.zeros(shape, x_q.dtype), jnp.arange(inp.num_slices))
-    return acc if config.adc.per_input_slice else _adc(acc, config, lay.rows)
+    return acc if config.adc.per_input_slice else _adc(acc, config, lay.rows, errors, k_round)
 
 
 def digital_readout(y: jax.Array, x_q: jax.Array, programmed: Programmed,
@@ -524,7 +567,8 @@ def matmul(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
       x: inputs, shape (..., K).
       programmed: from `program(W, config, key)`.
       config: the same crossbar config (static).
-      key: PRNG key for read noise (fresh per call; needed only when read noise is on).
+      key: PRNG key for read noise and the ADC's stochastic rounding (fresh per call;
+        needed only when one of them is on).
 
     Returns:
       y of shape (..., N), in the units of `x @ W`.

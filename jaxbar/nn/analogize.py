@@ -145,7 +145,8 @@ def layer_id(path: str) -> int:
 
 def _needs_key(config: CrossbarConfig) -> bool:
     d = config.device
-    return d.programming_error.active or d.read_noise.active or d.drift.active
+    return (d.programming_error.active or d.read_noise.active or d.drift.active
+            or config.adc.random or config.adc.stochastic_rounding)
 
 
 class AnalogOp(nnx.Module):
@@ -205,12 +206,13 @@ class AnalogOp(nnx.Module):
         return self.program(kernel, live)
 
     def _read_key(self) -> jax.Array | None:
-        if not self.config.device.read_noise.active:
+        if not (self.config.device.read_noise.active or self.config.adc.stochastic_rounding):
             return None
         stream = self.read_key.get_value()
         if stream is None:
-            raise ConfigError(f"layer {self.path!r} has read noise but no read-noise stream: "
-                              "call jaxbar.program_model(analog, key) first")
+            raise ConfigError(f"layer {self.path!r} has read noise or stochastic ADC rounding "
+                              "but no read-noise stream: call jaxbar.program_model(analog, "
+                              "key) first")
         n = self.read_count.get_value()
         self.read_count.set_value(n + 1)
         return jax.random.fold_in(stream, n)

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from jaxbar.config import CrossbarConfig
-from jaxbar.core import converters, mapping, mvm
+from jaxbar.core import adc_circuits, converters, mapping, mvm
 
 __all__ = [
     "LearnedRanges",
@@ -69,7 +69,7 @@ class RangeSpec:
 
 @functools.lru_cache(maxsize=1024)
 def _adc_off(config: CrossbarConfig) -> CrossbarConfig:
-    return config.replace(**{"adc.bits": 0, "adc.range": None})
+    return config.replace(adc=config.adc.ideal())
 
 
 @functools.lru_cache(maxsize=1024)
@@ -159,7 +159,12 @@ def learned_product(x: jax.Array, prog: mvm.Programmed, config: CrossbarConfig,
     if spec.adc:
         shape = (len(spec.levels), 1, 1)
         levels = jnp.asarray(np.array(spec.levels).reshape(shape), y.dtype)
-        y = converters.quantize_uniform(y, lo.reshape(shape), hi.reshape(shape), levels)
+        adc = config.adc
+        if adc.ideal_components and not adc.stochastic_rounding:
+            y = converters.quantize_uniform(y, lo.reshape(shape), hi.reshape(shape), levels)
+        else:  # the circuit's thresholds move with the learned range
+            y = adc_circuits.convert(y, lo.reshape(shape), hi.reshape(shape), levels, adc,
+                                     prog.adc, mvm.rounding_key(config, key))
     if config.inputs.bit_serial and config.adc.per_input_slice:
         w = jnp.asarray(converters.input_slice_weights(config.inputs), y.dtype)
         y = jnp.tensordot(w, y, axes=(0, 0))
