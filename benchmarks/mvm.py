@@ -37,6 +37,12 @@ def main() -> None:
     configs = {
         "ideal": CrossbarConfig.ideal(),
         "paper_baseline + prog. error": base,
+        "SAR ADC, 60 dB, σ 0.01": base.replace(**{
+            "adc.model": "sar", "adc.gain_db": 60.0, "adc.sigma_capacitor": 0.01,
+            "adc.sigma_comparator": 0.01}),
+        "pipeline ADC, 60 dB, σ 0.01": base.replace(**{
+            "adc.model": "pipeline", "adc.gain_db": 60.0, "adc.sigma_c1": 0.01,
+            "adc.sigma_c2": 0.01, "adc.sigma_comparator": 0.01}),
         "4 weight slices": base.replace(**{"mapping.slices": 4}),
         "8-bit bit-serial, ADC per input bit": base.replace(
             **{"inputs.bit_serial": True, "adc.per_input_slice": True}),

@@ -491,8 +491,8 @@ def calibration_key(study: Study, net: NetworkConfig) -> str:
     """Identifies a calibration.
 
     The study's model and data, and the network config without what profiling ignores:
-    device errors, drift (profiling sees the arrays at t0) and ADC bits are off while
-    profiling.
+    device errors, drift (profiling sees the arrays at t0) and the ADC converter (its bits and
+    circuit) are off while profiling.
     """
     d = config_identity(net)
     xbar = d.get("crossbar")
@@ -500,7 +500,9 @@ def calibration_key(study: Study, net: NetworkConfig) -> str:
         device = xbar.get("device", {})
         for k in ("programming_error", "read_noise", "drift", "time", "preset"):
             device.pop(k, None)
-        xbar.get("adc", {}).pop("bits", None)
+        adc = xbar.get("adc", {})
+        for k in [k for k in adc if k not in ("range", "per_input_slice")]:
+            del adc[k]
         for section in ("device", "adc"):
             if not xbar.get(section, True):
                 del xbar[section]
