@@ -174,6 +174,25 @@ def test_sar_capacitor_mismatch_rms_matches_numpy_monte_carlo():
     np.testing.assert_allclose(rms, rms_ref, rtol=0.08)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_sar_search_equals_a_binary_search_over_its_level_table(split):
+    # Large mismatch: non-monotone levels and missing codes. The SAR keeps a trial code when
+    # the input lies above that code's level (NumPy bisection over `cdac_levels`).
+    adc = _adc(model="sar", sigma_capacitor=0.3, sigma_comparator=0.01, gain_db=30.0,
+               split_cdac=split)
+    errors = _errors(adc, 40, seed=5)
+    eps = jax.random.normal(jax.random.key(0), (40, B + 1))
+    levels = np.asarray(adc_circuits.cdac_levels(adc, eps, 0.3))
+    errors = dataclasses.replace(errors, cdac=adc_circuits.cdac(adc, eps[None, None, None], 0.3))
+    offset = np.asarray(errors.offsets)[0, 0, 0, :, 0]
+    w = np.random.default_rng(3).uniform(0.5, L - 0.5, (300, 40))
+    got = _codes(adc, w, errors)
+    ref = np.array([[_sar_reference(v, levels[j] - offset[j]) for j, v in enumerate(row)]
+                    for row in w])
+    np.testing.assert_array_equal(got, np.clip(ref, 0, L - 1))
+    assert (np.diff(levels, axis=1) < 0).any()  # non-monotone: the search skips codes
+
+
 @pytest.mark.parametrize("model", ["ramp", "sar"])
 def test_comparator_offsets_shift_the_whole_transfer_curve(model):
     # An offset o moves every level by −o: along an integer-long ramp of inputs the mean code
@@ -231,7 +250,7 @@ def test_columns_of_a_group_share_their_converter(model):
         **{f"adc.{k}": v for k, v in sig.items()}})
     W = jnp.asarray(np.random.default_rng(0).normal(size=(24, 16)), jnp.float32)
     errors = mvm.program(W, cfg, jax.random.key(0)).adc
-    leaf = np.asarray(errors.thresholds if model == "sar" else errors.offsets)[0, 0, 0]
+    leaf = np.asarray(errors.cdac.weight if model == "sar" else errors.offsets)[0, 0, 0]
     ids = adc_circuits.column_instances(8, 2, 0, 3)
     np.testing.assert_array_equal(ids, [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5])
     for a in range(16):

@@ -7,6 +7,7 @@ which `draw_errors` draws once per trial (at programming) for every ADC instance
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,8 @@ from jaxbar.core import converters
 
 __all__ = [
     "ADCErrors",
+    "CDAC",
+    "cdac",
     "cdac_levels",
     "column_instances",
     "convert",
@@ -35,17 +38,18 @@ class ADCErrors:
     (pr, S, P, M, ·) with P = 1 after analog differential subtraction.
 
     Attributes:
-      thresholds: ramp, SAR: the comparison level of every code c = 1 … 2^B − 1 (ideally c),
-        comparator offset included; a ramp's are sorted (its counter counts the levels
-        below the input). None for the pipeline and cyclic converters.
+      thresholds: ramp: the comparison level of every code c = 1 … 2^B − 1 (ideally c),
+        comparator offset included, sorted (its counter counts the levels below the input).
+      cdac: SAR: its CDAC's per-bit numbers (`CDAC`).
       stage_gain: pipeline, cyclic: the residue gain of every stage (ideally 2).
       stage_ref: pipeline, cyclic: the reference subtracted per unit digit, in units of the
         reference voltage (ideally 1).
-      offsets: pipeline, cyclic: comparator offsets, (upper, lower) per stage then the last
-        comparator's (2B − 1 values).
+      offsets: SAR: its comparator's offset (one value); pipeline, cyclic: comparator offsets,
+        (upper, lower) per stage then the last comparator's (2B − 1 values).
     """
 
     thresholds: jax.Array | None = None
+    cdac: CDAC | None = None
     stage_gain: jax.Array | None = None
     stage_ref: jax.Array | None = None
     offsets: jax.Array | None = None
@@ -81,8 +85,66 @@ def _bits_of(codes: np.ndarray, nbits: int) -> np.ndarray:
     return ((codes[:, None] >> np.arange(nbits)[None, :]) & 1).astype(np.float32)
 
 
+class CDAC(NamedTuple):
+    """A sign-magnitude capacitive DAC as per-bit numbers (PHYSICS §4.1).
+
+    The magnitude level of a code with bits b_n is `V_ref · Σ b_n weight_n / (gain +
+    Σ b_n load_n)`, in code units: linear in the switched capacitors, divided by the
+    amplifier's settling factor `1 + 1/(A β)`, which grows with the switched capacitance.
+    Where that factor is a constant (infinite gain, or the split CDAC's fixed feedback) it
+    is folded into the weights and `load` and `gain` are None.
+
+    Attributes:
+      weight: (..., B − 1) the switched capacitors over the reference capacitor.
+      load: (..., B − 1) the capacitors over the feedback capacitor, times 1/A; or None.
+      gain: (...) 1 + 1/A; or None.
+    """
+
+    weight: jax.Array
+    load: jax.Array | None = None
+    gain: jax.Array | None = None
+
+
+def cdac(adc: ADCConfig, eps: jax.Array, sigma) -> CDAC:
+    """A sign-magnitude CDAC with mismatched capacitors (`ramp` with `symmetric_cdac`, `sar`).
+
+    Args:
+      adc: the ADC config (bits, architecture, gain).
+      eps: (..., B + 1) standard normal draws, one per capacitor.
+      sigma: the unit-capacitor mismatch.
+
+    Returns:
+      Its per-bit weights; ideal components give exactly `weight_n = 2^n/2^(B−1)`.
+    """
+    B = adc.bits
+    inv_a = inverse_gain(adc)
+    n = np.arange(B - 1)
+    if adc.model == "sar" and adc.split_cdac:
+        # LSB array: bits n < H (caps 2^n) and a unit termination cap; MSB array: the other
+        # bits (caps 2^(n−H)); a bridge capacitor C_b = 2^H/(2^H − 1) joins them.
+        H = B // 2
+        size = np.where(n < H, 2.0**n, 2.0 ** (n - H))
+        caps = size + sigma * np.sqrt(size) * eps[..., : B - 1]
+        c_term = 1.0 + sigma * eps[..., B - 1]
+        cb0 = 2.0**H / (2.0**H - 1.0)
+        c_b = (cb0 + sigma * np.sqrt(cb0) * eps[..., B])[..., None]
+        low = n < H
+        c_lsb = (c_term + jnp.sum(jnp.where(low, caps, 0.0), axis=-1))[..., None]
+        c_msb = jnp.sum(jnp.where(low, 0.0, caps), axis=-1)[..., None]
+        den = (c_lsb + c_b) * (c_msb + c_b) - c_b**2
+        return CDAC(caps * jnp.where(low, c_b, c_lsb + c_b) / den / (1.0 + inv_a))
+    caps = 2.0**n + sigma * 2.0 ** (n / 2) * eps[..., : B - 1]
+    half = 2.0 ** (B - 1)
+    c_ref = (half + sigma * 2.0 ** ((B - 1) / 2) * eps[..., B - 1])[..., None]
+    if adc.gain_db is None:
+        return CDAC(caps / c_ref)
+    c_fb = (half + sigma * 2.0 ** ((B - 1) / 2) * eps[..., B])[..., None]
+    gain = jnp.broadcast_to(1.0 + inv_a, eps.shape[:-1]).astype(eps.dtype)
+    return CDAC(caps / c_ref, inv_a * caps / c_fb, gain)
+
+
 def cdac_levels(adc: ADCConfig, eps: jax.Array, sigma) -> jax.Array:
-    """Comparison levels T(c), c = 1 … 2^B − 1, of a capacitive DAC (PHYSICS §4.1).
+    """Comparison levels T(c), c = 1 … 2^B − 1, of the converter's CDAC (PHYSICS §4.1).
 
     Args:
       adc: the ADC config (bits, architecture, gain).
@@ -105,46 +167,16 @@ def cdac_levels(adc: ADCConfig, eps: jax.Array, sigma) -> jax.Array:
     half = 2.0 ** (B - 1)  # the reference voltage in code units
     s = c - 2 ** (B - 1)
     bits = _bits_of(np.abs(s), B - 1)
-    sign = np.sign(s).astype(np.float32)
-    if adc.model == "sar" and adc.split_cdac:
-        mag = _split_magnitude(bits, B, eps, sigma) / (1.0 + inv_a)
-    else:
-        n = np.arange(B - 1)
-        caps = 2.0**n + sigma * 2.0 ** (n / 2) * eps[..., : B - 1]
-        c_ref = half + sigma * 2.0 ** ((B - 1) / 2) * eps[..., B - 1]
-        c_fb = half + sigma * 2.0 ** ((B - 1) / 2) * eps[..., B]
-        total = _dot_bits(bits, caps)
-        mag = (half * total / c_ref[..., None]) / (
-            1.0 + inv_a * (c_fb[..., None] + total) / c_fb[..., None])
-    return half + sign * mag
+    dac = cdac(adc, eps, sigma)
+    mag = half * _dot_bits(bits, dac.weight)
+    if dac.load is not None:
+        mag = mag / (dac.gain[..., None] + _dot_bits(bits, dac.load))
+    return half + np.sign(s).astype(np.float32) * mag
 
 
 def _dot_bits(bits: np.ndarray, caps: jax.Array) -> jax.Array:
     """Σ_n bit_n(code) · C_n for every code: (codes, n) · (..., n) → (..., codes)."""
     return jnp.sum(caps[..., None, :] * jnp.asarray(bits), axis=-1)
-
-
-def _split_magnitude(bits: np.ndarray, B: int, eps: jax.Array, sigma) -> jax.Array:
-    """A split CDAC's output for each magnitude code, in code units (before the amplifier).
-
-    The B − 1 magnitude bits split into an LSB array (bits n < H = ⌊B/2⌋, caps 2^n, plus a
-    unit termination cap) and an MSB array (caps 2^(n−H)), joined by a bridge capacitor
-    C_b = 2^H/(2^H − 1).
-    """
-    H = B // 2
-    n = np.arange(B - 1)
-    size = np.where(n < H, 2.0**n, 2.0 ** (n - H))
-    caps = size + sigma * np.sqrt(size) * eps[..., : B - 1]
-    c_term = 1.0 + sigma * eps[..., B - 1]
-    cb0 = 2.0**H / (2.0**H - 1.0)
-    c_b = (cb0 + sigma * np.sqrt(cb0) * eps[..., B])[..., None]
-    low = np.where(n < H, 1.0, 0.0)
-    c_lsb = (c_term + jnp.sum(caps * low, axis=-1))[..., None]
-    c_msb = jnp.sum(caps * (1.0 - low), axis=-1)[..., None]
-    s_lsb = _dot_bits(bits * low, caps)
-    s_msb = _dot_bits(bits * (1.0 - low), caps)
-    den = (c_lsb + c_b) * (c_msb + c_b) - c_b**2
-    return 2.0 ** (B - 1) * (s_lsb * c_b + s_msb * (c_lsb + c_b)) / den
 
 
 def _normal(key, shape, dtype):
@@ -186,9 +218,10 @@ def draw_errors(adc: ADCConfig, lead: tuple[int, ...], cols: int, partitions: in
     count = int(ids.max()) + 1
     if adc.model == "sar":
         eps = _normal(k_cap, (*lead, count, B + 1), dtype)
-        levels = cdac_levels(adc, eps, adc.sigma_capacitor)
-        offset = adc.sigma_comparator * vref * _normal(k_cmp, (*lead, count), dtype)
-        return ADCErrors(thresholds=(levels - offset[..., None])[..., ids, :])
+        dac = jax.tree.map(lambda a: a[..., ids, :] if a.ndim > len(lead) + 1 else a[..., ids],
+                           cdac(adc, eps, adc.sigma_capacitor))
+        offset = adc.sigma_comparator * vref * _normal(k_cmp, (*lead, count, 1), dtype)
+        return ADCErrors(cdac=dac, offsets=offset[..., ids, :])
     stages = B - 1 if adc.model == "pipeline" else 1
     eps = _normal(k_cap, (3, *lead, count, stages), dtype)
     c1 = 1.0 + adc.sigma_c1 * eps[0]
@@ -217,10 +250,10 @@ def _straight_through_jvp(primals, tangents):
     return primals[1], tangents[0]
 
 
-def _search(w: jax.Array, thresholds: jax.Array, bits: int) -> jax.Array:
-    """Successive approximation over per-column comparison levels: B comparisons.
+def _count_below(w: jax.Array, thresholds: jax.Array, bits: int) -> jax.Array:
+    """The number of a column's sorted levels below `w`, by bisection: B look-ups.
 
-    A comparison exactly at its level decides for the even code, so ideal levels give the
+    A level exactly at `w` counts when that makes the code even, so ideal levels give the
     round-half-to-even of the quantizer.
     """
     table = thresholds.astype(w.dtype)
@@ -234,6 +267,42 @@ def _search(w: jax.Array, thresholds: jax.Array, bits: int) -> jax.Array:
         level = jnp.take(flat, base + cand - 1, mode="clip")
         up = (w > level) | ((w == level) & (cand % 2 == 0))
         code = jnp.where(up, cand, code)
+    return code
+
+
+def _successive_approximation(w: jax.Array, dac: CDAC, offset: jax.Array,
+                              bits: int) -> jax.Array:
+    """A SAR conversion: B comparisons with the CDAC's level for each trial code.
+
+    The first comparison, at mid-scale, decides the sign. Then trial code c + 2^i switches
+    one more capacitor onto the magnitude: for positive codes the magnitude's bits are c's
+    lower bits; for negative ones, m = 2^(B−1) − c, the trial magnitude is the complement's
+    bits above i plus bit i. Either way the trial level adds capacitor i to those already
+    kept (positive: bits accepted; negative: bits rejected), so no level table is needed.
+    At exactly its level a comparison decides for the even code (trial codes are even
+    except in the last step), as the quantizer rounds half to even.
+    """
+    half = 2.0 ** (bits - 1)
+    weight = dac.weight.astype(w.dtype)
+    center = half - offset[..., 0].astype(w.dtype)
+    pos = w >= center
+    sign = jnp.where(pos, half, -half)
+    code = jnp.where(pos, 2 ** (bits - 1), 0)
+    num = jnp.zeros_like(w)
+    den = None if dac.load is None else jnp.broadcast_to(dac.gain.astype(w.dtype), w.shape)
+    for i in reversed(range(bits - 1)):
+        t_num = num + weight[..., i]
+        if den is None:
+            level = center + sign * t_num
+        else:
+            t_den = den + dac.load[..., i].astype(w.dtype)
+            level = center + sign * t_num / t_den
+        up = (w >= level) if i > 0 else (w > level)
+        code = code + jnp.where(up, 2**i, 0)
+        keep = up == pos
+        num = jnp.where(keep, t_num, num)
+        if den is not None:
+            den = jnp.where(keep, t_den, den)
     return code
 
 
@@ -291,7 +360,11 @@ def convert(y: jax.Array, lo, hi, levels, adc: ADCConfig, errors: ADCErrors | No
         raise ConfigError(f"adc.model = {adc.model!r}: the crossbar was programmed without "
                           "converter errors (program it with this config)")
     w = u + 0.5  # thresholds at half levels: code c covers w in [c, c + 1)
-    code = (_search(w, errors.thresholds, adc.bits) if errors.thresholds is not None
-            else _pipeline(w, errors, adc.bits))
+    if errors.thresholds is not None:
+        code = _count_below(w, errors.thresholds, adc.bits)
+    elif errors.cdac is not None:
+        code = _successive_approximation(w, errors.cdac, errors.offsets, adc.bits)
+    else:
+        code = _pipeline(w, errors, adc.bits)
     code = jnp.clip(code, 0, levels - 1).astype(y.dtype)
     return lo + _straight_through(u, code) * step
