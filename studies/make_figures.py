@@ -43,6 +43,53 @@ FIGURES = [
 ]
 
 
+#: Study 08: the swept error of each panel, per ADC architecture.
+ADC_PANELS = (
+    ("capacitor mismatch σ (unit cap; pipeline, cyclic: C1 = C2)",
+     {"ramp": "adc.sigma_capacitor", "sar": "adc.sigma_capacitor",
+      "pipeline": "adc.sigma_c1", "cyclic": "adc.sigma_c1"}),
+    ("comparator offset σ (relative to V_ref)",
+     {m: "adc.sigma_comparator" for m in ("ramp", "sar", "pipeline", "cyclic")}),
+)
+
+
+def adc_architectures_figure(path: Path, out: Path) -> None:
+    """Study 08: accuracy vs each architecture's component errors, one panel per kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_results(path)
+    ideal = [r for r in rows if not any(k.startswith("adc.") for k in r["overrides"])
+             and r["overrides"].get("config") != "digital"]
+    digital = [r for r in rows if r["overrides"].get("config") == "digital"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, (label, keys) in zip(axes, ADC_PANELS, strict=True):
+        for model, key in keys.items():
+            pts = sorted((r["overrides"][key], r) for r in rows
+                         if r["overrides"].get("adc.model") == model and key in r["overrides"])
+            pts = [(0.0, r) for r in ideal[:1]] + pts
+            if len(pts) < 2:
+                continue
+            x = [max(v, 1e-4) for v, _ in pts]
+            y = [100 * r["mean"] for _, r in pts]
+            lo = [100 * (r["mean"] - r["ci95"][0]) for _, r in pts]
+            hi = [100 * (r["ci95"][1] - r["mean"]) for _, r in pts]
+            ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=model)
+        if digital:
+            ax.axhline(100 * digital[0]["mean"], color="gray", ls=":", label="digital")
+        ax.set_xscale("log")
+        ax.set_xlabel(label + " (σ = 0 drawn at 1e-4)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 accuracy (%)")
+    axes[1].legend()
+    fig.suptitle("ADC architectures, 8-bit, differential, calibrated ranges (ResNet20)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     out_dir = HERE / "figures"
     out_dir.mkdir(exist_ok=True)
@@ -55,6 +102,12 @@ def main() -> None:
         plot_results(rows, x, hue=hue, style=style, out=out_dir / f"{out}.png", logx=logx,
                      title=title)
         print(f"wrote {out_dir / (out + '.png')}")
+    for name in ("08_adc_architectures", "08_adc_architectures_quick"):
+        path = HERE / "results" / f"{name}.jsonl"
+        if path.exists():
+            adc_architectures_figure(path, out_dir / f"{name}.png")
+            print(f"wrote {out_dir / (name + '.png')}")
+            break
     for name in ("01_exactness",):
         path = HERE / "results" / f"{name}.jsonl"
         if path.exists():
