@@ -290,14 +290,15 @@ def _successive_approximation(w: jax.Array, dac: CDAC, offset: jax.Array,
     code = jnp.where(pos, 2 ** (bits - 1), 0)
     num = jnp.zeros_like(w)
     den = None if dac.load is None else jnp.broadcast_to(dac.gain.astype(w.dtype), w.shape)
+    above = w - center  # with finite gain: w >= center + sign·num/den ⟺ above·den >= sign·num
     for i in reversed(range(bits - 1)):
         t_num = num + weight[..., i]
         if den is None:
-            level = center + sign * t_num
+            lhs, rhs = w, center + sign * t_num
         else:
             t_den = den + dac.load[..., i].astype(w.dtype)
-            level = center + sign * t_num / t_den
-        up = (w >= level) if i > 0 else (w > level)
+            lhs, rhs = above * t_den, sign * t_num
+        up = (lhs >= rhs) if i > 0 else (lhs > rhs)
         code = code + jnp.where(up, 2**i, 0)
         keep = up == pos
         num = jnp.where(keep, t_num, num)
