@@ -29,8 +29,12 @@ def _errors(adc: ADCConfig, columns: int, seed: int = 0) -> adc_circuits.ADCErro
 def _codes(adc: ADCConfig, w: np.ndarray, errors) -> np.ndarray:
     """Codes for converter inputs `w` (..., M), in code units (code c covers [c, c + 1))."""
     y = jnp.asarray(w - 0.5, jnp.float32)[..., None, None, None, :]
-    out = adc_circuits.convert(y, 0.0, float(L - 1), L, adc, errors)
-    return np.asarray(out)[..., 0, 0, 0, :]
+    return np.asarray(_convert(y, adc, errors))[..., 0, 0, 0, :]
+
+
+@jax.jit(static_argnums=1)
+def _convert(y, adc, errors):
+    return adc_circuits.convert(y, 0.0, float(L - 1), L, adc, errors)
 
 
 # ---- ideal components are today's quantizer --------------------------------------------------
@@ -180,12 +184,12 @@ def test_sar_search_equals_a_binary_search_over_its_level_table(split):
     # the input lies above that code's level (NumPy bisection over `cdac_levels`).
     adc = _adc(model="sar", sigma_capacitor=0.3, sigma_comparator=0.01, gain_db=30.0,
                split_cdac=split)
-    errors = _errors(adc, 40, seed=5)
-    eps = jax.random.normal(jax.random.key(0), (40, B + 1))
+    errors = _errors(adc, 24, seed=5)
+    eps = jax.random.normal(jax.random.key(0), (24, B + 1))
     levels = np.asarray(adc_circuits.cdac_levels(adc, eps, 0.3))
     errors = dataclasses.replace(errors, cdac=adc_circuits.cdac(adc, eps[None, None, None], 0.3))
     offset = np.asarray(errors.offsets)[0, 0, 0, :, 0]
-    w = np.random.default_rng(3).uniform(0.5, L - 0.5, (300, 40))
+    w = np.random.default_rng(3).uniform(0.5, L - 0.5, (150, 24))
     got = _codes(adc, w, errors)
     ref = np.array([[_sar_reference(v, levels[j] - offset[j]) for j, v in enumerate(row)]
                     for row in w])
@@ -231,9 +235,9 @@ def test_pipeline_capacitor_mismatch_rms_matches_numpy_monte_carlo(model):
 def test_pipeline_comparator_offsets_within_redundancy_are_harmless():
     # 1.5-bit stages tolerate comparator offsets below V_ref/4; only the last one counts.
     adc = _adc(model="pipeline", sigma_comparator=0.01)  # 0.01·V_ref << V_ref/4
-    errors = _errors(adc, 500)
+    errors = _errors(adc, 200)
     w = np.linspace(0.5, L - 0.5, 301)
-    err = _codes(adc, np.repeat(w[:, None], 500, 1), errors) - np.floor(w)[:, None]
+    err = _codes(adc, np.repeat(w[:, None], 200, 1), errors) - np.floor(w)[:, None]
     last = np.asarray(errors.offsets)[0, 0, 0, :, -1]
     bound = np.ceil(np.abs(last)).max()  # the last comparator's offset, in LSB
     assert np.abs(err).max() <= bound
