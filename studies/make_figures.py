@@ -60,7 +60,8 @@ def adc_architectures_figure(path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_results(path)
+    rows = [r for r in read_results(path)
+            if r["overrides"].get("mapping.scheme", "differential") == "differential"]
     ideal = [r for r in rows if not any(k.startswith("adc.") for k in r["overrides"])
              and r["overrides"].get("config") != "digital"]
     digital = [r for r in rows if r["overrides"].get("config") == "digital"]
