@@ -148,6 +148,21 @@ def test_digital_offset_and_digital_pair_subtraction():
     assert dd.adc_conversions == 2 * 20 and dd.adds == 20 and dd.arrays == 2
 
 
+class Twice(nnx.Module):
+    def __init__(self, rngs):
+        self.layer = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return self.layer(self.layer(x))
+
+
+def test_a_shared_layer_holds_its_arrays_once():
+    r = cost(nnx.eval_shape(lambda: Twice(nnx.Rngs(0))), BASE, (3, 8))
+    assert [lc.path for lc in r.layers] == ["layer", "layer"]
+    assert r.total["arrays"] == 2 and r.total["cells"] == 8 * 8 * 2
+    assert r.total["mvms"] == 6 and r.total["adc_conversions"] == 6 * 8
+
+
 def test_grouped_conv_and_einsum():
     conv = wrapped(lambda r: nnx.Conv(8, 16, (3, 3), feature_group_count=4, padding="VALID",
                                       rngs=r))

@@ -176,7 +176,8 @@ class CostReport:
 
     Attributes:
       input_shape: the input the model was traced with (batch axis included).
-      layers: one `LayerCost` per analog layer call, in forward order.
+      layers: one `LayerCost` per analog layer call, in forward order (a layer called twice,
+        e.g. shared weights, appears twice).
       unit: the energy unit, or None without an energy table.
     """
 
@@ -186,8 +187,10 @@ class CostReport:
 
     @property
     def total(self) -> dict[str, int]:
-        """Every count summed over the layers."""
-        return {c: sum(getattr(lc, c) for lc in self.layers) for c in COUNTS}
+        """Every count summed over the layer calls; a layer called twice holds its arrays once."""
+        first = list({lc.path: lc for lc in reversed(self.layers)}.values())
+        return {c: sum(getattr(lc, c) for lc in (first if c in ("arrays", "cells")
+                                                 else self.layers)) for c in COUNTS}
 
     @property
     def energy(self) -> dict[str, float] | None:
