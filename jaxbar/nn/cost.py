@@ -336,11 +336,11 @@ def cost(model: nnx.Module, config: Any = None, input_shape: tuple[int, ...] | N
 
 
 def _si(v: float) -> str:
-    """A count in 4 significant characters: 36.9k, 1.20M."""
+    """A number to 3 significant digits with an SI suffix: 36.9k, 1.2M."""
     for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(v) >= div:
             return f"{v / div:.3g}{suffix}"
-    return f"{v:.4g}"
+    return f"{v:.3g}"
 
 
 def format_cost(report: CostReport) -> str:
