@@ -32,6 +32,7 @@ from jaxbar.nn.analogize import (
     update_configs,
 )
 from jaxbar.nn.calibrate import apply_calibration, calibrate_model
+from jaxbar.nn.cost import cost
 from jaxbar.study.montecarlo import monte_carlo
 from jaxbar.version import __version__ as __version__
 
@@ -53,6 +54,7 @@ __all__ = [
     "analogize",
     "apply_calibration",
     "calibrate_model",
+    "cost",
     "digital_model",
     "drift",
     "map_batches",

@@ -1,4 +1,4 @@
-"""The `jaxbar` command: demo, evaluate, calibrate, sweep, plot, table, finetune."""
+"""The `jaxbar` command: demo, evaluate, calibrate, cost, sweep, plot, table, finetune."""
 
 from __future__ import annotations
 
@@ -123,6 +123,52 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    """An argparse type: a shape such as `1,32,32,3` (positive integers)."""
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers such as 1,32,32,3, got "
+                                         f"{text!r}")
+    return shape
+
+
+def _cost(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from flax import nnx
+
+    from jaxbar.config import ConfigError
+    from jaxbar.nn.analogize import analog_layers, analogize
+    from jaxbar.nn.calibrate import Calibration, apply_calibration
+    from jaxbar.nn.cost import cost, format_cost
+    from jaxbar.nn.models import ResNet50, ResNetV1Cifar
+    from jaxbar.study.pipeline import CIFAR_MODELS
+
+    net = net_config(args)
+    if args.model == "resnet50":
+        build = lambda: ResNet50(rngs=nnx.Rngs(0))  # noqa: E731
+    else:
+        build = lambda: ResNetV1Cifar(CIFAR_MODELS[args.model], rngs=nnx.Rngs(0))  # noqa: E731
+    model = nnx.eval_shape(build)  # shapes only: nothing is initialized or run
+    analog = analogize(model, dataclasses.replace(net, fold_batchnorm=False))
+    if not analog_layers(analog):
+        raise ConfigError(f"--config {args.config} keeps every layer digital: nothing to cost")
+    if args.calibration:
+        apply_calibration(analog, Calibration.load(args.calibration))
+    report = cost(analog, None, args.input_shape, energy=args.energy)
+    print(f"{args.model}, config {args.config}, one forward call on input "
+          f"{'×'.join(map(str, report.input_shape))}:")
+    print(format_cost(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(report.to_dict(), model=args.model, config=net.to_dict()), f,
+                      indent=1)
+    return 0
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -220,6 +266,24 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--out", required=True, type=output_file(),
                     help="calibration JSON file to write")
     ca.set_defaults(func=_calibrate)
+
+    co = sub.add_parser("cost", help="hardware cost of a network's mapping: arrays, cells, "
+                        "array reads, DAC and ADC conversions, digital operations, energy")
+    from jaxbar.study.pipeline import MODELS
+
+    co.add_argument("--model", required=True, choices=MODELS)
+    co.add_argument("--config", default="paper_baseline",
+                    help="preset (ideal, paper_baseline) or a JSON/YAML network config")
+    co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a crossbar field, e.g. --set mapping.slices=4 (YAML value)")
+    co.add_argument("--calibration", help="calibration file whose input ranges (signed or "
+                    "unsigned, which sets the input bits of bit-serial inputs) to use")
+    co.add_argument("--input-shape", type=_shape, metavar="B,H,W,C",
+                    help="input of one forward call (default: the model's, batch 1)")
+    co.add_argument("--energy", metavar="YAML", help="energy per operation, e.g. "
+                    "docs/energy_example.yaml: also report energy per forward call")
+    co.add_argument("--json", type=output_file(), help="write the report to this JSON file")
+    co.set_defaults(func=_cost)
 
     from jaxbar.study.cli_sweep import add_parsers
 

@@ -28,6 +28,7 @@ __all__ = [
     "CrossbarConfig",
     "DeviceConfig",
     "DriftConfig",
+    "IVConfig",
     "InputsConfig",
     "MappingConfig",
     "NoiseConfig",
@@ -400,6 +401,71 @@ class DriftConfig:
         return self.model != "none"
 
 
+IV_MODELS = ("linear", "sinh", "table")
+
+
+@dataclasses.dataclass(frozen=True)
+class IVConfig:
+    """A cell's read current versus its voltage, per unit conductance (PHYSICS §2).
+
+    A cell of conductance g at normalized voltage v (the DAC output, or one input slice of
+    it) carries `g·f(v)`.
+
+    Attributes:
+      model: "linear" (f(v) = v), "sinh" (f(v) = sinh(k·v)/k) or "table" (f interpolated
+        linearly in `table`, odd in v).
+      k: the sinh model's nonlinearity (> 0): the full-scale read voltage over the
+        device's characteristic voltage.
+      table: "table": (v, i) points of f for v >= 0, starting at (0, 0), with strictly
+        increasing v and non-decreasing i; beyond the last point f continues along the
+        last segment. In a dict or YAML config it may also be the path of a .csv / .npy
+        file with two columns.
+    """
+
+    model: str = "linear"
+    k: float = 1.0
+    table: tuple[tuple[float, float], ...] = ()
+
+    def __post_init__(self):
+        _floats(self, "k")
+        table = self.table
+        if isinstance(table, str):
+            table = load_table(table)
+        object.__setattr__(self, "table", _tuplify(table))
+
+    def _validate(self, path: str) -> None:
+        _check_choice(f"{path}.model", self.model, IV_MODELS)
+        if _concrete(self.k):
+            _check_real(f"{path}.k", self.k, "a finite number > 0")
+            if not self.k > 0:
+                _fail(f"{path}.k", self.k, "a finite number > 0")
+        t = self.table
+        allowed = ("(v, i) points starting at (0, 0), with strictly increasing v and "
+                   "non-decreasing i")
+        if not isinstance(t, tuple):
+            _fail(f"{path}.table", t, allowed)
+        if self.model != "table" and not t:
+            return
+        if len(t) < 2:
+            _fail(f"{path}.table", list(t), "at least two " + allowed)
+        for i, pair in enumerate(t):
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                _fail(f"{path}.table[{i}]", pair, allowed)
+            for v in pair:
+                _check_real(f"{path}.table[{i}]", v, allowed)
+            if i == 0 and pair != (0, 0):
+                _fail(f"{path}.table[0]", list(pair), "[0, 0] (no current without voltage)")
+            if i and not (pair[0] > t[i - 1][0] and pair[1] >= t[i - 1][1]):
+                _fail(f"{path}.table[{i}]", list(pair), allowed + " (a monotone I-V)")
+        if t[-1][1] <= 0:
+            _fail(f"{path}.table", list(t), "a table whose current rises above 0")
+
+    @property
+    def linear(self) -> bool:
+        """Whether the read is linear (f(v) = v): the array product needs no I-V step."""
+        return self.model == "linear"
+
+
 @dataclasses.dataclass(frozen=True)
 class DeviceConfig:
     """Memory-cell properties (PHYSICS §0–2).
@@ -413,6 +479,7 @@ class DeviceConfig:
         to the "range" [g_min, 1].
       drift: conductance drift after programming and its compensation.
       time: seconds after programming at which the arrays are used (>= 0; with drift).
+      iv: the cells' read current versus voltage (linear by default).
       preset: the device preset these settings started from (a label; in a dict config,
         `preset: pcm` fills in the preset's values and the other keys override them).
     """
@@ -424,6 +491,7 @@ class DeviceConfig:
     clip: str = "zero"
     drift: DriftConfig = DriftConfig()
     time: float = 0.0
+    iv: IVConfig = IVConfig()
     preset: str | None = None
 
     def __post_init__(self):
@@ -449,6 +517,9 @@ class DeviceConfig:
             _check_real(f"{path}.time", self.time, "a finite number >= 0 (seconds)")
             if self.time < 0:
                 _fail(f"{path}.time", self.time, "a finite number >= 0 (seconds)")
+        if not isinstance(self.iv, IVConfig):
+            _fail(f"{path}.iv", self.iv, "an I-V section")
+        self.iv._validate(f"{path}.iv")
         if self.preset is not None and not isinstance(self.preset, str):
             _fail(f"{path}.preset", self.preset, "a preset name or null")
 
@@ -825,6 +896,9 @@ class CrossbarConfig:
             if m.subtract != "analog":
                 _fail("parasitics.interleaved", True,
                       "false with mapping.subtract = 'digital' (interleaving subtracts in analog)")
+        if not self.device.iv.linear and p.topology != "none":
+            _fail("device.iv.model", self.device.iv.model, "'linear' when parasitics.topology "
+                  "is not 'none' (nonlinear cells with IR drop are not supported yet)")
         if p.topology == "gated_source":
             if not (self.inputs.bit_serial and self.inputs.slice_bits == 1):
                 _fail("parasitics.topology", "gated_source",
@@ -970,7 +1044,7 @@ PRESETS: dict[str, Callable[[], CrossbarConfig]] = {
     "paper_baseline": CrossbarConfig.paper_baseline,
 }
 
-_DATACLASSES = (CrossbarConfig, NoiseConfig, DriftConfig, *_SECTIONS.values())
+_DATACLASSES = (CrossbarConfig, NoiseConfig, DriftConfig, IVConfig, *_SECTIONS.values())
 
 
 def _asdict(obj: Any) -> Any:
@@ -1005,6 +1079,8 @@ def _section_from_dict(path: str, cls: type, d: Any) -> Any:
             kwargs[k] = _section_from_dict(f"{path}.{k}", NoiseConfig, v)
         elif k == "drift":
             kwargs[k] = _section_from_dict(f"{path}.{k}", DriftConfig, v)
+        elif k == "iv" and cls is DeviceConfig:
+            kwargs[k] = _section_from_dict(f"{path}.{k}", IVConfig, v)
         elif k in ("bits",):
             kwargs[k] = _bits(v)
         elif k == "table" and isinstance(v, str):
@@ -1031,7 +1107,8 @@ def _device_preset(path: str, name: Any) -> dict[str, Any]:
 # static argument, the whole config is hashed.
 _PYTREE_LEAVES = {
     NoiseConfig: ("sigma", "scale"),
-    DeviceConfig: ("on_off_ratio", "programming_error", "read_noise", "time"),
+    DeviceConfig: ("on_off_ratio", "programming_error", "read_noise", "time", "iv"),
+    IVConfig: ("k",),
     ParasiticsConfig: ("r_row", "r_col", "r_driver", "r_integrator"),
     ADCConfig: ("gain_db", *_ALL_ADC_SIGMAS),
     CrossbarConfig: tuple(_SECTIONS),
@@ -1057,5 +1134,5 @@ def _register(cls: type) -> None:
     jax.tree_util.register_pytree_node(cls, flatten, unflatten)
 
 
-for _cls in (*_SECTIONS.values(), NoiseConfig, CrossbarConfig):
+for _cls in (*_SECTIONS.values(), NoiseConfig, IVConfig, CrossbarConfig):
     _register(_cls)

@@ -200,7 +200,7 @@ def test_cli_evaluate_and_calibrate(tmp_path, cifar_data_dir):
 
 
 def test_sigma_sweep_compiles_once(tiny):
-    from jaxbar.study import engine
+    from jaxbar.study import engine, montecarlo
 
     model, x = tiny
     labels = np.zeros(len(x), np.int32)
@@ -208,7 +208,8 @@ def test_sigma_sweep_compiles_once(tiny):
     analogs = [analogize(model, NetworkConfig(crossbar=CrossbarConfig.from_dict(
         {"device": {"programming_error": {"model": "independent", "sigma": sigma}}})))
         for sigma in (0.0, 0.05, 0.3)]
-    run = engine._runner(nnx.split(analogs[0])[0], engine.default_strategy(), 1, False, 1)
+    run = montecarlo.trial_runner(nnx.split(analogs[0])[0], engine.hit_counter(1),
+                                  engine.default_strategy(), True, False)
     before = run._cache_size()
     accs = []
     for analog in analogs:

@@ -313,3 +313,46 @@ def test_stack_batches_feeds_map_batches_from_any_iterable():
     np.testing.assert_allclose(out[1, 2], analog(stacked[2]), atol=1e-5)
     with pytest.raises(ConfigError, match="batch 1 differs"):
         jaxbar.stack_batches([np.zeros((4, 8)), np.zeros((3, 8))])
+
+
+def test_monte_carlo_over_batches_equals_a_python_loop():
+    """`batches=` takes any iterable (a generator of (x, y) pairs); per trial every batch
+    runs on one programming with the read-noise stream advancing, as in a Python loop."""
+    cfg = NOISY.replace(**{"device.read_noise": {"model": "independent", "sigma": 0.05}})
+    analog = jaxbar.analogize(Deep(nnx.Rngs(0)), cfg)
+    xs, ys = np.asarray(_x((3, 5, 8))), np.asarray(_x((3, 5, 2), seed=2))
+
+    def mse(m, batch, scale):
+        x, y = batch
+        return scale * jnp.mean((m(x) - y) ** 2)
+
+    keys = jax.random.split(jax.random.key(3), 3)
+    pairs = ((x, y) for x, y in zip(xs, ys, strict=True))  # a generator
+    out = jaxbar.monte_carlo(analog, keys, mse, 2.0, batches=pairs, progress=False)
+    assert out.shape == (3, 3)  # (trials, batches)
+    for t, key in enumerate(keys):
+        jaxbar.program_model(analog, key)
+        loop = [float(mse(analog, (x, y), 2.0)) for x, y in zip(xs, ys, strict=True)]
+        np.testing.assert_allclose(out[t], loop, rtol=1e-5)
+    assert len({float(v) for v in out[:, 0]}) == 3  # trials differ
+    assert out[0, 0] != out[0, 1] or not np.allclose(xs[0], xs[1])
+    with pytest.raises(ConfigError, match="batch 1 differs"):
+        jaxbar.monte_carlo(analog, keys, mse, 1.0, batches=[(xs[0], ys[0]), (xs[0][:2], ys[0])])
+
+
+def test_evaluate_is_monte_carlo_with_a_hit_counter():
+    """The CLI's accuracy equals a user's own top-1 count through `monte_carlo`."""
+    from jaxbar.study.engine import evaluate
+
+    model = Deep(nnx.Rngs(0))
+    analog = jaxbar.analogize(model, NOISY.replace(**{"device.programming_error.sigma": 0.5}))
+    x = np.asarray(_x((14, 8)))
+    y = np.asarray(model(x).argmax(-1))
+    keys = jax.random.split(jax.random.key(0), 4)
+    res = evaluate(analog, x, y, keys, batch_size=7, progress=False)
+    hits = jaxbar.monte_carlo(
+        analog, keys, lambda m, b: jnp.sum(jnp.argmax(m(b[0]), -1) == b[1]),
+        batches=zip(x.reshape(2, 7, 8), y.reshape(2, 7), strict=True),
+        progress=False)
+    np.testing.assert_array_equal(np.round(res.accuracies * 14), hits.sum(1))
+    assert res.accuracies.min() < 1.0  # the errors change predictions

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxbar.study import engine
+from jaxbar.study import engine, montecarlo
 from tests import test_sweep
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def _prefix(ref: dict, n: int) -> dict:
     (3, 6, (3, 3, 2)),  # fewer trials than devices: the rest split batches, no trial padded
 ])
 def test_shards(chunk, devices, expected):
-    assert engine._shards(chunk, devices) == expected
+    assert montecarlo.shard_layout(chunk, devices) == expected
     got, t, d = expected
     assert t * d == devices and got % t == 0
 
@@ -132,17 +132,18 @@ def test_batches_pad_every_batch_at_its_end():
 
 SPLIT_CHECKS = """
 from flax import nnx
-from jaxbar.study import engine
+from jaxbar.study import engine, montecarlo
 from tests import test_sweep
 model, x, labels, keys = problem
 graphdef, state = nnx.split(model)
+count = engine.hit_counter(10)
 
 def flops(t, d):  # per device, of the compiled runner for one chunk of t trials
     xs, ys = engine._batches(x, labels, 16, d)
-    run = engine._runner(graphdef, "map", 10, False, t, d)
-    return run.lower(state, xs, ys, keys[:t]).compile().cost_analysis()["flops"]
+    run = montecarlo.trial_runner(graphdef, count, "map", True, False, t, d)
+    return run.lower(state, keys[:t], (xs, ys), ()).compile().cost_analysis()["flops"]
 
-run = engine._runner(graphdef, engine.default_strategy(), 10, False, 1, 4)
+run = montecarlo.trial_runner(graphdef, count, engine.default_strategy(), True, False, 1, 4)
 before = run._cache_size()
 for sigma in (0.0, 0.2):  # a swept number is traced: the 1-trial run above compiled it
     _evaluate(_problem(sigma), 1)

@@ -1,4 +1,4 @@
-"""Device non-idealities: programming error, read noise and drift (PHYSICS §2).
+"""Device non-idealities: programming error, read noise, drift and the read I-V (PHYSICS §2).
 
 Every model is a pure function of normalized conductances (g_max = 1) and, where it is
 random, an explicit PRNG key:
@@ -9,7 +9,9 @@ random, an explicit PRNG key:
 - drift ages programmed conductances to a time t after programming, with a per-cell
   power-law exponent and optional accumulated 1/f noise;
 - drift compensation reads each array with a known input at t0 and at t and corrects
-  its outputs digitally by the ratio.
+  its outputs digitally by the ratio;
+- the read I-V turns a row's normalized voltage into each cell's current per unit
+  conductance.
 
 Measured devices come as presets or as look-up tables of (g, σ) points
 (`jaxbar.measured_devices`).
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbar.config import DeviceConfig, DriftConfig, NoiseConfig
+from jaxbar.config import DeviceConfig, DriftConfig, IVConfig, NoiseConfig
 
 __all__ = [
     "accumulated_noise_std",
@@ -34,8 +36,39 @@ __all__ = [
     "drift_exponents",
     "noise_std",
     "program_cells",
+    "read_current",
     "unit_noise",
 ]
+
+def read_current(v: jax.Array, iv: IVConfig) -> jax.Array:
+    """The current of a unit-conductance cell at normalized voltage v (PHYSICS §2).
+
+    A column then carries `Σ_k g_k·f(v_k)`, so a layer's array product is the linear one with
+    every row voltage replaced by `f(v)`.
+
+    Args:
+      v: row voltages, normalized to the DAC full scale (DAC outputs or input slices).
+      iv: the I-V model.
+
+    Returns:
+      `f(v)`: v itself for the linear model (the same array, no operation),
+      `sinh(k·v)/k` for "sinh", or the odd, piecewise-linear table.
+    """
+    if iv.model == "linear":
+        return v
+    if iv.model == "sinh":
+        k = jnp.asarray(iv.k, v.dtype)
+        return jnp.sinh(k * v) / k
+    pts = np.asarray(iv.table, dtype=np.float64)
+    vs = np.concatenate([-pts[:0:-1, 0], pts[:, 0]])  # odd extension through (0, 0)
+    cs = np.concatenate([-pts[:0:-1, 1], pts[:, 1]])
+    end_v, end_i = pts[-1]
+    slope = (pts[-1, 1] - pts[-2, 1]) / (pts[-1, 0] - pts[-2, 0])
+    inside = jnp.interp(v, jnp.asarray(vs, v.dtype), jnp.asarray(cs, v.dtype))
+    # Beyond the table (an ideal DAC is not clipped): along the last segment, on either side.
+    beyond = jnp.sign(v) * end_i + (v - jnp.sign(v) * end_v) * slope
+    return jnp.where(jnp.abs(v) > end_v, beyond.astype(v.dtype), inside)
+
 
 _LOG_FLOOR = 1e-7  # ln g of an (almost) empty cell: the drift fits are clipped there anyway
 

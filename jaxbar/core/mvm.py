@@ -428,7 +428,7 @@ def array_outputs(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
         u = converters.input_slices(op.patches(x_q), config.inputs)
         y = crossbar_ir.array_currents(u, g, config, lay)
     else:
-        u = converters.input_slices(x_q, config.inputs)
+        u = devices.read_current(converters.input_slices(x_q, config.inputs), config.device.iv)
         y = op.contract(u, _contracted(programmed, config, x_q.dtype))
         if config.device.read_noise.active:
             y = _read_noise(y, u, g, config, key, op.contract)
@@ -508,7 +508,7 @@ def _converted_outputs(x_q, programmed, config, key, op) -> jax.Array:
     weights = jnp.asarray(converters.input_slice_weights(inp), dtype=x_q.dtype)
 
     def body(acc, k):
-        u = converters.input_slice(x_q, n, k, inp)[None]
+        u = devices.read_current(converters.input_slice(x_q, n, k, inp)[None], config.device.iv)
         y = op.contract(u, g_eff)
         if config.device.read_noise.active:
             rk = None if key is None else jax.random.fold_in(key, k)

@@ -1,16 +1,8 @@
-"""The Monte Carlo trial engine: a network's accuracy over many programmed trials.
+"""Top-1 accuracy of a network over Monte Carlo trials: `evaluate`, `accuracy_stats`.
 
-A trial is a PRNG key. Per trial, every layer is programmed once (programming
-error drawn from `fold_in(trial_key, layer)`), then all evaluation batches run on
-those conductances (`lax.scan`), each batch with fresh read noise. The trial axis
-runs as `lax.map` (CPU: `vmap` over weight sets makes XLA:CPU convolutions 5–7×
-slower than a loop), `vmap` (accelerators) or a mix (`lax.map` over chunks that
-are vmapped), in Python-level chunks so memory stays bounded and progress shows.
-
-With several devices (of one process, or of all after `jax.distributed.initialize()`)
-the trial axis is split over a ("trials", "data") mesh by `shard_map`; a chunk with fewer
-trials than devices also splits every batch over "data", left to the compiler so results
-equal the single-device ones bit for bit (see `_shards`, `_runner`).
+`evaluate` is `monte_carlo` with a hit counter: images and labels in padded batches, per
+trial the correct predictions per class (see `jaxbar.study.montecarlo` for how trials are
+programmed, looped and sharded).
 """
 
 from __future__ import annotations
@@ -19,21 +11,18 @@ import dataclasses
 import functools
 import math
 import time
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from scipy import stats
-from tqdm.auto import tqdm
 
-from jaxbar.core import parasitics
-from jaxbar.nn.analogize import ReadCount, analog_layers, map_batches, program_model
+from jaxbar.nn.analogize import analog_layers
 from jaxbar.nn.params_io import check_finite
+from jaxbar.study.montecarlo import default_strategy, monte_carlo_stacked, shard_layout
 
-__all__ = ["EvalResult", "accuracy_stats", "default_strategy", "evaluate"]
+__all__ = ["EvalResult", "accuracy_stats", "default_strategy", "evaluate", "hit_counter"]
 
 
 @dataclasses.dataclass
@@ -89,33 +78,6 @@ def accuracy_stats(acc) -> dict:
             "ci95": (max(mean - half, 0.0), min(mean + half, 1.0)), "ci95_method": CI95_METHOD}
 
 
-def default_strategy() -> str:
-    """`map` on CPU, `vmap` on accelerators."""
-    return "map" if jax.default_backend() == "cpu" else "vmap"
-
-
-def _shards(chunk: int, devices: int) -> tuple[int, int, int]:
-    """How a chunk of trials spreads over `devices` devices.
-
-    A chunk of at least `devices` trials is rounded up to a multiple of `devices` and
-    sharded over trials only. A smaller one cannot occupy every device with whole trials:
-    its trials shard over the largest device-count divisor that divides the chunk (no
-    padded trials) and every batch over the remaining factor.
-
-    Args:
-      chunk: trials per compiled call, as requested.
-      devices: devices to spread over.
-
-    Returns:
-      (trials per call, trial-axis shards, data-axis shards); the shards multiply to
-      `devices`.
-    """
-    if chunk >= devices:
-        return -(-chunk // devices) * devices, devices, 1
-    t = math.gcd(chunk, devices)
-    return chunk, t, devices // t
-
-
 def _batches(images, labels, batch_size, multiple: int = 1):
     """(nb, B, ...) images and (nb, B) labels as numpy; padding has label -1.
 
@@ -137,121 +99,24 @@ def _batches(images, labels, batch_size, multiple: int = 1):
     return x, y
 
 
-@functools.lru_cache(maxsize=8)
-def _mesh(trial_shards: int, data_shards: int) -> jax.sharding.Mesh:
-    """A ("trials", "data") mesh over every device of every process (auto-sharded axes)."""
-    return jax.make_mesh((trial_shards, data_shards), ("trials", "data"),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+@functools.lru_cache(maxsize=16)
+def hit_counter(num_classes: int):
+    """`(model, (images, labels)) -> (2, C)`: per class, correct top-1 and labelled images.
 
-
-def _runner(graphdef, strategy: str, C: int, digital: bool, trial_shards: int = 1,
-            data_shards: int = 1):
-    """A jitted `(state, xs, ys, keys) -> (T, 2, C)` hit/count tensor.
-
-    Cached: the same arguments, however passed, give the same function (and its
-    compilations); see `_build_runner`.
+    One function object per class count, so `monte_carlo`'s compilation cache serves every
+    evaluation of a model structure. Padding (label -1) counts nowhere; integer counts are
+    exact in any summation order.
     """
-    return _build_runner(graphdef, strategy, int(C), bool(digital), int(trial_shards),
-                         int(data_shards))
+    C = num_classes
 
+    def count(model, batch):
+        x, y = batch
+        hit = (jnp.argmax(model(x), -1) == y).astype(jnp.float32)
+        onehot = jax.nn.one_hot(jnp.where(y >= 0, y, 0) if C > 1 else 0 * y, C)
+        onehot = onehot * (y >= 0)[:, None]
+        return jnp.stack([hit @ onehot, onehot.sum(0)])
 
-@functools.lru_cache(maxsize=64)
-def _build_runner(graphdef, strategy: str, C: int, digital: bool, trial_shards: int,
-                  data_shards: int):
-    """The jitted `(state, xs, ys, keys) -> (T, 2, C)` hit/count tensor.
-
-    Args:
-      graphdef: the model's `nnx` graph definition.
-      strategy: "map" or "vmap" over the trials of one device.
-      C: classes counted separately (1: overall accuracy only).
-      digital: evaluate without crossbars (keys unused).
-      trial_shards: devices the trial axis is split over (manually, by `shard_map`).
-      data_shards: devices every batch is split over. This axis is left to the compiler
-        (auto sharding), so random draws, batch-wide reductions and the counts' sums are
-        those of the unsharded program and results equal the single-device ones.
-
-    Returns:
-      With one device in all, the jitted function. Otherwise one over
-      `_mesh(trial_shards, data_shards)` expecting `state` replicated, `xs` and `ys` sharded
-      over "data" on their batch axis and `keys` over "trials" (see `_global`); its result is
-      replicated on every device, so every process can read it.
-    """
-    P = jax.sharding.PartitionSpec
-
-    def trial(state, xs, ys, key):
-        net = nnx.merge(graphdef, state, copy=True)
-        if not digital:
-            program_model(net, key)  # once per trial
-
-        def step(m, batch):
-            xb, yb = batch
-            if data_shards > 1:  # keep the batch split through the scan
-                xb = jax.lax.with_sharding_constraint(xb, P("data"))
-                yb = jax.lax.with_sharding_constraint(yb, P("data"))
-            hit = (jnp.argmax(m(xb), -1) == yb).astype(jnp.float32)
-            onehot = jax.nn.one_hot(jnp.where(yb >= 0, yb, 0) if C > 1 else 0 * yb, C)
-            onehot = onehot * (yb >= 0)[:, None]
-            # Counted per batch position, summed once at the end: a data-sharded batch needs
-            # no cross-device sum per batch (integer counts: exact in any order).
-            return jnp.stack([hit[:, None] * onehot, onehot])
-
-        # Only the read-noise positions change from batch to batch.
-        tot = map_batches(net, step, (xs, ys), carried=ReadCount).sum(0)
-        return tot.sum(1)
-
-    def trials(state, xs, ys, ks):
-        f = lambda k: trial(state, xs, ys, k)  # noqa: E731
-        return jax.vmap(f)(ks) if strategy == "vmap" else jax.lax.map(f, ks)
-
-    if trial_shards * data_shards == 1:
-        return jax.jit(trials)
-    # Trials are split by hand (each device loops over its own with the chosen strategy);
-    # "data" stays automatic inside, see above.
-    mesh = _mesh(trial_shards, data_shards)
-    on = lambda *spec: jax.sharding.NamedSharding(mesh, P(*spec))  # noqa: E731
-    body = jax.shard_map(trials, mesh=mesh, in_specs=(P(), P(), P(), P("trials")),
-                         out_specs=P("trials"), axis_names={"trials"}, check_vma=False)
-    return jax.jit(body, in_shardings=(on(), on(None, "data"), on(None, "data"),
-                                       on("trials")), out_shardings=on())
-
-
-def _global(tree, sharding: jax.sharding.NamedSharding):
-    """`tree` with every array leaf a global array over `sharding`.
-
-    Each process fills the shards on its own devices from its own copy of the leaf: no data
-    crosses processes (`jax.device_put` would all-gather every leaf to check it is equal
-    everywhere, the whole image set included). Python numbers stay as they are; jit
-    replicates them, traced and weakly typed as on one device.
-    """
-
-    def put(x):
-        if isinstance(x, (bool, int, float, complex)):
-            return x
-        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(put(jax.random.key_data(x)),
-                                            impl=jax.random.key_impl(x))
-        a = np.asarray(x)
-        a = a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
-        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-    return jax.tree.map(put, tree)
-
-
-def _fingerprint(*trees, max_rows: int = 1024) -> int:
-    """A CRC of the leaves, to check that processes agree on their inputs.
-
-    Arrays longer than `max_rows` enter by an evenly strided subset of rows, so a large image
-    set costs little.
-    """
-    crc = 0
-    for leaf in jax.tree.leaves(trees):
-        if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf = jax.random.key_data(leaf)
-        a = np.asarray(leaf)
-        rows = a[:: -(-len(a) // max_rows)] if a.ndim and len(a) > max_rows else a
-        crc = zlib.crc32(np.ascontiguousarray(rows).tobytes(),
-                         zlib.crc32(repr((a.dtype.str, a.shape)).encode(), crc))
-    return crc
+    return count
 
 
 def evaluate(model: nnx.Module, images: np.ndarray, labels: np.ndarray,
@@ -292,9 +157,6 @@ def evaluate(model: nnx.Module, images: np.ndarray, labels: np.ndarray,
         (naming the layer).
     """
     t0 = time.perf_counter()
-    strategy = default_strategy() if strategy == "auto" else strategy
-    if strategy not in ("map", "vmap"):
-        raise ValueError(f"strategy must be 'map', 'vmap' or 'auto', got {strategy!r}")
     for name, v in (("batch_size", batch_size), ("trial_chunk", trial_chunk)):
         if v is not None and not (isinstance(v, int | np.integer) and v >= 1):
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -303,55 +165,22 @@ def evaluate(model: nnx.Module, images: np.ndarray, labels: np.ndarray,
         raise ValueError(f"evaluate needs as many labels as images (at least one), got "
                          f"{len(images)} images and {len(labels)} labels")
     check_finite(model)
-    digital = not analog_layers(model)
-    graphdef, state = nnx.split(model)
-    # Traced config numbers as floats: an integer sigma (`0` in YAML) would otherwise be
-    # traced as int32 and compile a second copy of the same structure.
-    state = jax.tree.map(lambda v: float(v) if type(v) is int else v, state)
-    if keys is None or digital:
+    if keys is None or not analog_layers(model):  # a digital model needs one pass
         keys = jax.random.split(jax.random.key(0), 1)
     if not keys.shape or keys.shape[0] < 1:
         raise ValueError(f"keys must be an array of T >= 1 trial keys, got shape "
                          f"{keys.shape}")
+    strategy = default_strategy() if strategy == "auto" else strategy
+    if strategy not in ("map", "vmap"):
+        raise ValueError(f"strategy must be 'map', 'vmap' or 'auto', got {strategy!r}")
     T = keys.shape[0]
-    devices = jax.device_count() if shard else 1
-    chunk, t, d = _shards(trial_chunk or min(T, 8 if strategy == "vmap" else 4), devices)
+    chunk = trial_chunk or min(T, 8 if strategy == "vmap" else 4)
+    # Batches padded at their ends to a multiple of the data shards the engine will use.
+    d = shard_layout(chunk, jax.device_count() if shard else 1)[2]
     xs, ys = _batches(images, labels, batch_size, d)
-    # Layer configs are state: swept numbers (sigma, ...) are traced and the compiled
-    # function is reused for every configuration of the same structure.
-    run = _runner(graphdef, strategy, num_classes or 1, digital, t, d)
-    if devices == 1:
-        xs, ys = jnp.asarray(xs), jnp.asarray(ys)  # once, not per chunk
-        place_keys = lambda ks: ks  # noqa: E731
-    else:
-        if jax.process_count() > 1:  # each process fills its devices from its own copy
-            fp = _fingerprint(images, labels, keys, state, batch_size, chunk)
-            if len(set(multihost_utils.process_allgather(np.uint32(fp)).tolist())) > 1:
-                raise ValueError("evaluate: processes passed different models, configs, "
-                                 "images, labels or keys")
-        P, mesh = jax.sharding.PartitionSpec, _mesh(t, d)
-        state = _global(state, jax.sharding.NamedSharding(mesh, P()))
-        xs, ys = _global((xs, ys), jax.sharding.NamedSharding(mesh, P(None, "data")))
-        by_trial = jax.sharding.NamedSharding(mesh, P("trials"))
-        place_keys = lambda ks: _global(ks, by_trial)  # noqa: E731
-    out = []
-    bar = tqdm(total=T, desc="trials", unit="trial",
-               disable=not progress or T == 1 or jax.process_index() != 0)
-    for i in range(0, T, chunk):
-        ks = keys[i:i + chunk]
-        if ks.shape[0] < chunk:  # keep one compiled shape: pad the last chunk
-            ks = jnp.concatenate([ks, jnp.repeat(ks[-1:], chunk - ks.shape[0], axis=0)])
-        try:
-            res = np.asarray(run(state, xs, ys, place_keys(ks)))[: min(chunk, T - i)]
-        except Exception as e:  # a ConvergenceError of a callback arrives wrapped
-            carried = parasitics.convergence_error(e)
-            if carried is None or carried is e:
-                raise
-            raise carried from e
-        out.append(res)
-        bar.update(res.shape[0])
-    bar.close()
-    tot = np.concatenate(out)  # (T, 2, C)
+    tot = monte_carlo_stacked(model, keys, hit_counter(num_classes or 1), (xs, ys),
+                              strategy=strategy, chunk=chunk, progress=progress,
+                              shard=shard).sum(1)  # (T, 2, C)
     acc = tot[:, 0].sum(1) / tot[:, 1].sum(1)
     per_class = tot[:, 0] / np.maximum(tot[:, 1], 1) if num_classes else None
     return EvalResult(acc, int(len(images)), time.perf_counter() - t0, per_class)
