@@ -53,8 +53,9 @@ def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
     solve = _solver(config)
     kwargs = dict(r_driver=p.r_driver, r_integrator=p.r_integrator, extra_rows=extra,
                   tol=p.tol, max_iters=p.max_iters, batch_chunk=p.batch_chunk)
+    kwargs.update(cpu_kernel=p.cpu_kernel)
     if p.topology == "input_source":
-        kwargs.update(cpu_kernel=p.cpu_kernel, error_scale=error_scale)
+        kwargs.update(error_scale=error_scale)
 
     def tile_columns(gt):  # (rows, M) → (pc, rows, cols[+1]); a unit column goes first
         main = gt[:, : pc * lay.cols].reshape(rows, pc, lay.cols).transpose(1, 0, 2)
