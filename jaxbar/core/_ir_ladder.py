@@ -40,7 +40,7 @@ def _schedule(x, i, res, rows, seg_a, seg_b):
     return m, pa + r_a_end
 
 
-@numba.njit(nogil=True, cache=True, fastmath=True)
+@numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
 def ladder_p1(g, x, res, out, lo, hi, st):
     """Integrator currents of single-polarity gated-source columns for vectors lo..hi-1.
 
@@ -88,7 +88,7 @@ def ladder_p1(g, x, res, out, lo, hi, st):
             out[i, n] = st[3, n] / (one + pa * st[0, n])
 
 
-@numba.njit(nogil=True, cache=True, fastmath=True)
+@numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
 def ladder_p2(g, x, res, out, lo, hi, st):
     """As :func:`ladder_p1` for interleaved pairs: two supply lines (driven by +b and -b).
 
