@@ -120,6 +120,40 @@ def test_nonconvergence_is_reported():
         jax.block_until_ready(jaxbar.analog_matmul(x, W, cfg))
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["separate", "interleaved"])
+def test_read_noise_with_gated_parasitics(interleaved):
+    """Every read sees its own noisy cells: at r = 0 the per-read current error of an analog
+    pair is a Gaussian of variance 2 sigma^2 sum_k |b_k| (both cells of each active row)."""
+    from jaxbar.core import mvm
+
+    sigma, K, N, reads = 0.05, 6, 3, 600
+    rng = np.random.default_rng(4)
+    W = rng.normal(size=(K, N))
+    x = np.tile(rng.uniform(0, 1, size=(1, K)), (reads, 1))
+    base = {"inputs": {"bits": 4, "range": [0, 1], "bit_serial": True},
+            "adc": {"per_input_slice": True},
+            "parasitics": {"topology": "gated_source", "r_row": 0.0, "r_col": 0.0,
+                           "interleaved": interleaved}}
+    noisy = CrossbarConfig.from_dict({**base, "device": {"read_noise": {
+        "model": "independent", "sigma": sigma}}})
+    clean = CrossbarConfig.from_dict(base)
+    p = jaxbar.program(jnp.asarray(W, jnp.float32), clean)
+    y0, xq = mvm.array_outputs(jnp.asarray(x, jnp.float32), p, clean)
+    y1, _ = mvm.array_outputs(jnp.asarray(x, jnp.float32), p, noisy, jax.random.key(3))
+    y2, _ = mvm.array_outputs(jnp.asarray(x, jnp.float32), p, noisy, jax.random.key(3))
+    np.testing.assert_array_equal(y1, y2)  # same key, same reads
+    d = np.asarray(y1 - y0)[..., 0, 0, 0, :]  # (J slices, reads, N)
+    n = np.round(np.asarray(xq[0]) * 15).astype(int)
+    for j in range(d.shape[0]):
+        active = int(np.sum((n >> j) & 1))
+        var = np.var(d[j], axis=0)  # over reads: each read draws its own cells
+        expected = 2 * sigma**2 * active
+        if active == 0:
+            np.testing.assert_array_equal(d[j], 0.0)
+        else:  # 600 reads: the sample variance is within 20% (3.5 standard errors)
+            np.testing.assert_allclose(var, expected, rtol=0.2)
+
+
 def test_read_noise_with_parasitics_is_rejected():
     cfg = CrossbarConfig.from_dict({"parasitics": {"topology": "input_source", "r_col": 1e-5},
                                     "device": {"read_noise": {"model": "independent",

@@ -370,6 +370,36 @@ def test_gated_ladder_is_exact_with_rows_switched_off(interleaved, dtype, cpu_ke
         assert err <= (1e-6 if dtype == np.float32 else 1e-12), (r_row, r_col, err)
 
 
+@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["kernel", "xla"])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["single", "interleaved"])
+def test_gated_per_read_conductances_match_reference(interleaved, cpu_kernel):
+    """Read noise: every read solved with its own perturbed cells, as the dense reference."""
+    k, n, b = 9, 4, 5
+    rng = np.random.default_rng(31)
+    bits = rng.choice([-1.0, 0.0, 1.0], (b, k))
+    g = rng.uniform(0.0, 1.0, (b, k, n))
+    gn = rng.uniform(0.0, 1.0, (b, k, n)) if interleaved else None
+    currents, info = par.solve_gated_source_per_read(
+        g, bits, 0.05, 0.08, g_neg=gn, cpu_kernel=cpu_kernel, **TERMINALS)
+    assert bool(info.converged)
+    for i in range(b):
+        ref = reference_currents(g[i], bits[i:i + 1], 0.05, 0.08, topology="gated_source",
+                                 g_neg=None if gn is None else gn[i], **TERMINALS)
+        np.testing.assert_allclose(np.asarray(currents[i]), ref[0], rtol=1e-11, atol=1e-13)
+    for dtype, tol in ((np.float32, 1e-5),):
+        c32, _ = par.solve_gated_source_per_read(
+            g.astype(dtype), bits.astype(dtype), dtype(0.05), dtype(0.08),
+            g_neg=None if gn is None else gn.astype(dtype), cpu_kernel=cpu_kernel)
+        c64, _ = par.solve_gated_source_per_read(g, bits, 0.05, 0.08, g_neg=gn,
+                                                 cpu_kernel=cpu_kernel)
+        assert c32.dtype == dtype
+        np.testing.assert_allclose(np.asarray(c32), np.asarray(c64), rtol=0,
+                                   atol=tol * float(np.abs(c64).max()))
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        jax.grad(lambda g: jnp.sum(par.solve_gated_source_per_read(
+            g, bits, 0.05, 0.08, cpu_kernel=cpu_kernel)[0]))(g)
+
+
 @functools.partial(jax.jit, static_argnames=("mode", "max_iters"))
 def _solve_and_check(g, v, r, *, mode, max_iters):
     currents, info = par.solve_input_source(g, v, r, r, max_iters=max_iters)

@@ -45,7 +45,8 @@ def ladder_p1(g, x, res, out, lo, hi, st):
     """Integrator currents of single-polarity gated-source columns for vectors lo..hi-1.
 
     Args:
-      g: (1, K, N) conductances.
+      g: (Bg, 1, K, N) conductances: Bg = 1 (every vector) or B (one set per vector, e.g.
+        with read noise).
       x: (B, K) bits in {-1, 0, 1} (a cell conducts ``|b| g`` in series with drive ``b``).
       res: (4,) supply segment, first supply segment (with the source's terminal resistance),
         bit-line segment, last bit-line segment (with unused rows and the integrator).
@@ -53,12 +54,14 @@ def ladder_p1(g, x, res, out, lo, hi, st):
       lo, hi: the vectors to solve.
       st: (5, N) work array: Y, A, Z, h, z of every column.
     """
-    K, N = g.shape[1], g.shape[2]
+    K, N = g.shape[2], g.shape[3]
+    per_vector = g.shape[0] > 1
     one = res[0] * 0 + 1
     rows = np.empty(K, np.int64)
     seg = np.empty((2, K), res.dtype)
     for i in range(lo, hi):
         st[:, :] = 0
+        gi = g[i] if per_vector else g[0]
         m, pa = _schedule(x, i, res, rows, seg[0], seg[1])
         for j in range(m):
             k = rows[j]
@@ -75,7 +78,7 @@ def ladder_p1(g, x, res, out, lo, hi, st):
                 Z = Z + pb + pk * A * A1
                 z = z + pk * A * h
                 # The cell.
-                G = ae * g[0, k, n]
+                G = ae * gi[0, k, n]
                 s = one / (one + Z * G)
                 z = s * (z + Z * G * e)
                 q = one + A1
@@ -92,14 +95,16 @@ def ladder_p1(g, x, res, out, lo, hi, st):
 def ladder_p2(g, x, res, out, lo, hi, st):
     """As :func:`ladder_p1` for interleaved pairs: two supply lines (driven by +b and -b).
 
-    ``g`` is (2, K, N); ``st`` (9, N): Y00, Y01, Y11, A0, A1, Z, h0, h1, z.
+    ``g`` is (Bg, 2, K, N); ``st`` (9, N): Y00, Y01, Y11, A0, A1, Z, h0, h1, z.
     """
-    K, N = g.shape[1], g.shape[2]
+    K, N = g.shape[2], g.shape[3]
+    per_vector = g.shape[0] > 1
     one = res[0] * 0 + 1
     rows = np.empty(K, np.int64)
     seg = np.empty((2, K), res.dtype)
     for i in range(lo, hi):
         st[:, :] = 0
+        gi = g[i] if per_vector else g[0]
         m, pa = _schedule(x, i, res, rows, seg[0], seg[1])
         for j in range(m):
             k = rows[j]
@@ -123,8 +128,8 @@ def ladder_p2(g, x, res, out, lo, hi, st):
                 z = z + pk * (a0 * k0 + a1 * k1)
                 y00, y01, y11 = (y00 + pk * dety) * inv, y01 * inv, (y11 + pk * dety) * inv
                 # The pair of cells: + driven by e, - by -e, on one bit-line node.
-                g0 = ae * g[0, k, n]
-                g1 = ae * g[1, k, n]
+                g0 = ae * gi[0, k, n]
+                g1 = ae * gi[1, k, n]
                 gs = g0 + g1
                 ge = e * (g0 - g1)
                 s = one / (one + Z * gs)

@@ -342,9 +342,10 @@ def _host_ladder(g, x, res):
     """Numpy in, numpy out: the integrator currents (B, N) of a gated-source array."""
     kernels = _ladder_kernels()
     g = np.ascontiguousarray(g)
+    g = g[None] if g.ndim == 3 else g
     x = np.ascontiguousarray(x, g.dtype)
     res = np.ascontiguousarray(res, g.dtype)
-    P, _, N = g.shape
+    _, P, _, N = g.shape
     B = x.shape[0]
     out = np.empty((B, N), g.dtype)
     fn = kernels.ladder_p1 if P == 1 else kernels.ladder_p2
@@ -371,7 +372,8 @@ def ladder(g_stack, x, res):
     is 0 are skipped. float32 and float64.
 
     Args:
-      g_stack: (P, K, N) conductances (P = 2: interleaved negative cells, driven by -b).
+      g_stack: (P, K, N) conductances (P = 2: interleaved negative cells, driven by -b), or
+        (B, P, K, N): one set per input vector.
       x: (B, K) input bits in {-1, 0, 1}.
       res: (r_a, r_a_end, r_b, r_b_end) supply segment, first supply segment (with the source),
         bit-line segment, last bit-line segment (with unused rows and the integrator).
@@ -380,7 +382,7 @@ def ladder(g_stack, x, res):
       (B, N) integrator currents.
     """
     dtype = g_stack.dtype
-    shape = jax.ShapeDtypeStruct((x.shape[0], g_stack.shape[2]), dtype)
+    shape = jax.ShapeDtypeStruct((x.shape[0], g_stack.shape[-1]), dtype)
     r = jnp.stack([jnp.asarray(v, dtype) for v in res])
     return jax.pure_callback(_host_ladder, shape, g_stack, x.astype(dtype), r,
                              vmap_method="sequential")

@@ -406,7 +406,7 @@ def array_outputs(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
         from jaxbar.core import crossbar_ir  # deferred: only parasitic runs need the solver
 
         u = converters.input_slices(op.patches(x_q), config.inputs)
-        y = crossbar_ir.array_currents(u, g, config, lay)
+        y = crossbar_ir.array_currents(u, g, config, lay, key=key)
     else:
         u = converters.input_slices(x_q, config.inputs)
         y = op.contract(u, _contracted(programmed, config, x_q.dtype))
@@ -418,8 +418,9 @@ def array_outputs(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
 
 
 def _check_supported(config: CrossbarConfig) -> None:
-    if config.parasitics.topology != "none" and config.device.read_noise.active:
-        raise ConfigError("device.read_noise together with parasitics is not supported yet")
+    if config.parasitics.topology == "input_source" and config.device.read_noise.active:
+        raise ConfigError("device.read_noise together with parasitics needs "
+                          "parasitics.topology: gated_source (input_source is not supported)")
 
 
 def _solves_per_mvm(programmed: Programmed, config: CrossbarConfig) -> bool:

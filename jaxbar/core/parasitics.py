@@ -77,6 +77,7 @@ __all__ = [
     "input_source_nodes",
     "quiet_callback_logs",
     "solve_gated_source",
+    "solve_gated_source_per_read",
     "solve_input_source",
     "solving",
 ]
@@ -693,9 +694,10 @@ def _ladder_xla(g_stack, x, res):
 
     Each column is a ladder (its supply lines and its bit line, the cells as rungs), solved from
     the integrator up to the sources; a row whose bit is 0 has G = 0 and only adds its
-    segments. One ``lax.scan`` step per row, vectorized over vectors and columns.
+    segments. One ``lax.scan`` step per row, vectorized over vectors and columns. ``g_stack``
+    is (P, K, N), or (B, P, K, N) with one set of conductances per vector.
     """
-    P, K, N = g_stack.shape
+    P, K, N = g_stack.shape[-3:]
     B = x.shape[0]
     dtype = g_stack.dtype
     r_a, r_a_end, r_b, r_b_end = (jnp.asarray(r, dtype) for r in res)
@@ -704,15 +706,15 @@ def _ladder_xla(g_stack, x, res):
     st0 = ((zero,) * (1 if P == 1 else 3), (zero,) * P, zero, (zero,) * P, zero)
 
     def row(st, inp):
-        k, bk, gk = inp  # bk (B,), gk (P, N)
+        k, bk, gk = inp  # bk (B,), gk (P, N) or (B, P, N)
         st = _ladder_segment(st, jnp.where(k == K - 1, 0.0, r_a),
                              jnp.where(k == K - 1, r_b_end, r_b))
         on = jnp.abs(bk)[:, None]
-        G = tuple(on * gk[p][None, :] for p in range(P))
+        G = tuple(on * gk[..., p, :] for p in range(P))
         e = tuple(sp * bk[:, None] for sp in signs)
         return _ladder_cells(st, G, e), None
 
-    st, _ = lax.scan(row, st0, (jnp.arange(K), x.T, jnp.moveaxis(g_stack, 1, 0)), reverse=True)
+    st, _ = lax.scan(row, st0, (jnp.arange(K), x.T, jnp.moveaxis(g_stack, -2, 0)), reverse=True)
     Y, A, Z, h, z = _ladder_segment(st, r_a_end, jnp.zeros((), dtype))
     return sum(h)
 
@@ -1214,6 +1216,62 @@ def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
     """
     return _solve("gated_source", g, b, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
                   tol, max_iters, batch_chunk, cpu_kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _per_read(cpu_kernel, g_stack, x, *res):
+    return _ladder(cpu_kernel, g_stack, x, res)
+
+
+def _per_read_fwd(cpu_kernel, g_stack, x, *res):
+    return _per_read(cpu_kernel, g_stack, x, *res), None
+
+
+def _per_read_bwd(cpu_kernel, saved, cotangents):
+    raise NotImplementedError(
+        "solve_gated_source_per_read (read noise with parasitics) is not differentiable")
+
+
+_per_read.defvjp(_per_read_fwd, _per_read_bwd)
+
+
+def solve_gated_source_per_read(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0,
+                                r_integrator=0.0, extra_rows=0, cpu_kernel=True):
+    """As :func:`solve_gated_source` with one set of conductances per input vector.
+
+    For reads whose conductances differ (read noise, PHYSICS.md §2): every vector's columns are
+    eliminated exactly with its own cells. Not differentiable (forward only).
+
+    Args:
+      g: (..., K, N) conductances of each read (the leading axes of ``b``).
+      b: (..., K) input bits in {-1, 0, +1}.
+      r_row, r_col, r_driver, r_integrator, extra_rows, cpu_kernel: as
+        :func:`solve_gated_source`.
+      g_neg: optional (..., K, N) conductances of the interleaved negative cells of each read.
+
+    Returns:
+      (currents (..., N), info): ``info`` as :func:`solve_gated_source` reports it.
+    """
+    b = jnp.asarray(b)
+    g = jnp.asarray(g)
+    parts = [g, b, r_row, r_col, r_driver, r_integrator] + ([g_neg] if g_neg is not None else [])
+    dtype = jnp.result_type(*parts)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.result_type(float)
+    lead, K = b.shape[:-1], b.shape[-1]
+    N = g.shape[-1]
+    for name, a in (("g", g), ("g_neg", g_neg)):
+        if a is not None and jnp.shape(a) != lead + (K, N):
+            raise ValueError(f"{name} must be (..., K, N) with the leading axes of b "
+                             f"{lead + (K,)}, got shape {jnp.shape(a)}")
+    stack = [g] if g_neg is None else [g, jnp.asarray(g_neg)]
+    g_stack = jnp.stack([a.reshape(-1, K, N) for a in stack], axis=1).astype(dtype)
+    x = b.reshape(-1, K).astype(dtype)
+    res = _resistances(*(jnp.asarray(v, dtype) for v in (r_row, r_col, r_driver, r_integrator,
+                                                          extra_rows)))
+    I, path = _per_read(bool(cpu_kernel), g_stack, x, *res)
+    zero = jnp.zeros((), dtype)
+    return I.reshape(lead + (N,)), _make_info(jnp.int32(0), zero, 0.0, dtype, path)
 
 
 def _nodes(topology, g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows, tol,
