@@ -59,6 +59,7 @@ import numpy as np
 from jax import lax
 
 from jaxbar.core import ir_cpu
+from jaxbar.core.ir_constants import MAX_RATE, NOISE_ULPS, SAFETY
 
 __all__ = [
     "ConvergenceError",
@@ -88,12 +89,6 @@ Array = jax.Array
 _CHUNK_BYTES = 384 * 2**20
 # Sweeps whose output change shrinks slower than this (per sweep) get over-relaxation.
 _SOR_THRESHOLD = 0.1
-# Cap on the contraction estimate used to turn the change into an error estimate.
-_MAX_RATE = 0.99
-# Safety factor on the geometric-tail error estimate of monotone (Gauss-Seidel) sweeps.
-_SAFETY = 4.0
-# Relative output changes below this many ulps are rounding noise, not convergence progress.
-_NOISE_ULPS = 16
 # Sweeps between two updates of the relaxation factor (lets the new factor's transient decay).
 _SOR_WAIT = 3
 # Cap on the estimated squared block-Jacobi radius (keeps the relaxation factor below 2).
@@ -417,7 +412,7 @@ def _control_step(ctl, t, d):
     # Observed contraction per sweep (-> spectral radius of the iteration): inflates the change
     # into an error estimate when convergence is slow, and tunes the relaxation.
     rate = jnp.where(t > 0, _safe_div(d, ctl.d), 0.0)
-    rate_c = jnp.clip(rate, 0.0, _MAX_RATE)
+    rate_c = jnp.clip(rate, 0.0, MAX_RATE)
     # Error left after this sweep, for geometric convergence: d rate / (1 - rate). Plain
     # Gauss-Seidel converges monotonically (real spectrum), so from the second sweep on (the first
     # ratio of two changes; the sweeps start from a solved state, see _start) this estimate, with
@@ -425,17 +420,17 @@ def _control_step(ctl, t, d):
     # sweeps may oscillate: never below d there.
     tail = rate_c / (1.0 - rate_c)
     monotone = (t >= 1) & (ctl.omega == 1.0)
-    err = d * jnp.where(monotone, _SAFETY * tail, jnp.maximum(1.0, tail))
+    err = d * jnp.where(monotone, SAFETY * tail, jnp.maximum(1.0, tail))
     # Changes of a few ulps carry no rate information: the sweeps have reached the rounding
     # floor (typically a fixed cycle in float32), and the error is that of rounding. Right
     # after a change above the noise, though, the true change is at most d + noise and the rate
     # at most (d + noise) / d_prev: that tail may be smaller (fast cases stop a sweep earlier).
-    noise = _NOISE_ULPS * jnp.finfo(d.dtype).eps
+    noise = NOISE_ULPS * jnp.finfo(d.dtype).eps
     hi = d + noise
-    rate_hi = jnp.clip(_safe_div(hi, ctl.d), 0.0, _MAX_RATE)
+    rate_hi = jnp.clip(_safe_div(hi, ctl.d), 0.0, MAX_RATE)
     after_change = monotone & (ctl.d > noise)
     floor_err = jnp.where(
-        after_change, jnp.minimum(d, hi * _SAFETY * rate_hi / (1.0 - rate_hi)), d)
+        after_change, jnp.minimum(d, hi * SAFETY * rate_hi / (1.0 - rate_hi)), d)
     err = jnp.where(d <= noise, floor_err, err)
     # Adaptive block SOR (Hageman & Young): for this 2-cyclic system a settled rate R at
     # relaxation w gives the squared block-Jacobi radius mu^2 = (R + w - 1)^2 / (R w^2), and the
