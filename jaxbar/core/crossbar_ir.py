@@ -42,7 +42,7 @@ def _noisy_reads(gt, v, key, config, extra_rows, g_neg=None):
       g_neg: (K, N) conductances of the interleaved negative cells, or None.
 
     Returns:
-      (B, N) integrator currents.
+      (B, N) integrator currents and the `parasitics.SolveInfo` of the solves.
     """
     p = config.parasitics
     noise = config.device.read_noise
@@ -59,18 +59,18 @@ def _noisy_reads(gt, v, key, config, extra_rows, g_neg=None):
         keys = jax.random.split(jax.random.fold_in(key, i), len(cells))
         gs = [a + s * jax.random.normal(k, (chunk, K, N), a.dtype)
               for a, s, k in zip(cells, stds, keys, strict=True)]
-        y, _ = parasitics.solve_gated_source_per_read(
+        return parasitics.solve_gated_source_per_read(
             gs[0], vc, p.r_row, p.r_col, g_neg=gs[1] if len(gs) == 2 else None,
             r_driver=p.r_driver, r_integrator=p.r_integrator, extra_rows=extra_rows,
             cpu_kernel=p.cpu_kernel)
-        return y
 
-    return jax.lax.map(one, (jnp.arange(n_chunks), vs)).reshape(-1, N)[:B]
+    y, info = jax.lax.map(one, (jnp.arange(n_chunks), vs))
+    return y.reshape(-1, N)[:B], jax.tree_util.tree_map(lambda a: a[0], info)  # exact: alike
 
 
 def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
                    lay: mapping.Layout, error_scale: str = "output",
-                   key: jax.Array | None = None) -> jax.Array:
+                   key: jax.Array | None = None, with_info: bool = False):
     """Column currents of every array of a layer with IR drop.
 
     Args:
@@ -80,10 +80,14 @@ def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
       lay: the layer's layout.
       error_scale: of input-source solves (see `parasitics.solve_input_source`).
       key: the read key (read noise on gated-source arrays).
+      with_info: also return the arrays' `parasitics.SolveInfo`.
 
     Returns:
       (J, *batch, pr, S, P', M): P' = 1 after analog differential subtraction (of two
-      separate arrays, or of one interleaved array), else P.
+      separate arrays, or of one interleaved array), else P. With ``with_info``, also the
+      `parasitics.SolveInfo` of every array, leaves of shape (pr, S, pc) for an interleaved
+      pair, (pr, S, 2, pc) for separate pairs and (pr, S, P, pc) otherwise (pc: column
+      partitions; the unit column of an offset layer shares its partition's arrays).
     """
     p = config.parasitics
     lead = u.shape[:-1]
@@ -126,7 +130,7 @@ def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
         y, info = solve(gt, v, p.r_row, p.r_col, g_neg=g_neg, **kwargs)
         parasitics.check_convergence(info, p.on_nonconvergence,
                                      {"parasitics.r_row": p.r_row, "parasitics.r_col": p.r_col})
-        return y
+        return y, info
 
     def split(k, n):  # read keys of n arrays (placeholders without read noise)
         return jax.random.split(k, n) if noisy else jnp.zeros((n,), jnp.uint32)
@@ -135,22 +139,31 @@ def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
     def arrays(gp, v, k, gn=None):
         tp, ks = tile_columns(gp), split(k, pc)
         if gn is None:
-            return untile(jax.vmap(lambda t, kc: one_array(t, v, None, kc), out_axes=-2)(tp, ks))
-        tn = tile_columns(gn)
-        return untile(jax.vmap(lambda a, b, kc: one_array(a, v, b, kc), out_axes=-2)(tp, tn, ks))
+            y, info = jax.vmap(lambda t, kc: one_array(t, v, None, kc), out_axes=(-2, 0))(tp, ks)
+        else:
+            y, info = jax.vmap(lambda a, b, kc: one_array(a, v, b, kc), out_axes=(-2, 0))(
+                tp, tile_columns(gn), ks)
+        return untile(y), info
+
+    def stacked(outs, combine):
+        ys, infos = zip(*outs, strict=True)
+        return combine(ys), jax.tree_util.tree_map(lambda *a: jnp.stack(a), *infos)
 
     analog_diff = config.mapping.scheme == "differential" and config.mapping.subtract == "analog"
 
     def group(gs, v, k):  # one (row partition, slice): gs (rows, P, M), v (Bt, rows)
         if analog_diff and p.interleaved:
-            return arrays(gs[:, 0], v, k, gs[:, 1])[:, None]
+            y, info = arrays(gs[:, 0], v, k, gs[:, 1])
+            return y[:, None], info
         ks = split(k, P)
+        outs = [arrays(gs[:, q], v, ks[q]) for q in range(P)]
         if analog_diff:
-            return (arrays(gs[:, 0], v, ks[0]) - arrays(gs[:, 1], v, ks[1]))[:, None]
-        return jnp.stack([arrays(gs[:, q], v, ks[q]) for q in range(P)], axis=1)
+            return stacked(outs, lambda ys: (ys[0] - ys[1])[:, None])
+        return stacked(outs, lambda ys: jnp.stack(ys, axis=1))
 
     keys = split(key, pr * S).reshape(pr, S, *(() if not noisy else split(key, 1).shape[1:]))
-    over_slices = jax.vmap(group, in_axes=(1, None, 0), out_axes=1)
-    over_parts = jax.vmap(over_slices, in_axes=(0, 1, 0), out_axes=1)
-    y = over_parts(g, u, keys)  # (Bt, pr, S, P', M)
-    return y.reshape(*lead, *y.shape[1:])
+    over_slices = jax.vmap(group, in_axes=(1, None, 0), out_axes=(1, 0))
+    over_parts = jax.vmap(over_slices, in_axes=(0, 1, 0), out_axes=(1, 0))
+    y, info = over_parts(g, u, keys)  # (Bt, pr, S, P', M)
+    y = y.reshape(*lead, *y.shape[1:])
+    return (y, info) if with_info else y
