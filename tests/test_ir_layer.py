@@ -120,7 +120,8 @@ def test_nonconvergence_is_reported():
         jax.block_until_ready(jaxbar.analog_matmul(x, W, cfg))
 
 
-@pytest.mark.parametrize("interleaved", [False, True], ids=["separate", "interleaved"])
+@pytest.mark.parametrize("interleaved", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["separate", "interleaved"])
 def test_read_noise_with_gated_parasitics(interleaved):
     """Every read sees its own noisy cells: at r = 0 the per-read current error of an analog
     pair is a Gaussian of variance 2 sigma^2 sum_k |b_k| (both cells of each active row)."""

@@ -370,7 +370,8 @@ def test_gated_ladder_is_exact_with_rows_switched_off(interleaved, dtype, cpu_ke
         assert err <= (1e-6 if dtype == np.float32 else 1e-12), (r_row, r_col, err)
 
 
-@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["kernel", "xla"])
+@pytest.mark.parametrize("cpu_kernel", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["kernel", "xla"])
 @pytest.mark.parametrize("interleaved", [False, True], ids=["single", "interleaved"])
 def test_gated_per_read_conductances_match_reference(interleaved, cpu_kernel):
     """Read noise: every read solved with its own perturbed cells, as the dense reference."""
