@@ -22,10 +22,15 @@ observed contraction rate (see :class:`SolveInfo`).
 Input-source circuits do not depend on the inputs. With at least ``N`` input vectors the solver
 therefore computes the transfer matrix ``M`` (``I = v @ M.T``) from ``N`` adjoint solves
 (reciprocity: row j of ``M`` is the set of driver currents when column j is driven) and applies it
-with one matrix product, converging on the currents of the given vectors. On the CPU backend a
+with one matrix product, converging on the currents of the given vectors. Lowered for a CPU, a
 float32 transfer matrix is computed by the numba kernel of :mod:`jaxbar.core.ir_cpu` (the same
 block Gauss-Seidel iteration, fused into one pass over the rows per sweep, 16 adjoint circuits per
 SIMD vector), which falls back to this solver where Gauss-Seidel sweeps converge slowly.
+
+Gated-source columns do not touch each other: each is a ladder (its supply and bit lines, the
+cells as rungs), eliminated exactly per input vector (``_ladder_xla``; on CPUs the kernel of
+:mod:`jaxbar.core._ir_ladder`, which skips rows whose bit is 0). Their forward solve needs no
+sweeps; their gradients use the sweeps above.
 
 Gradients use implicit differentiation (:func:`jax.custom_vjp`): the adjoint of the linear
 circuit is the same circuit driven by the output cotangents, solved by the same solver, and
@@ -849,9 +854,11 @@ def _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs, cells=F
 
 
 def _uses_cpu_kernel(cpu_kernel, dtype):
-    """The numba kernel computes float32 transfer matrices on the CPU backend."""
-    return (cpu_kernel and dtype == jnp.float32 and jax.default_backend() == "cpu"
-            and ir_cpu.available())
+    """Whether the numba kernel may compute float32 transfer matrices.
+
+    It runs where the computation is lowered for a CPU (``lax.platform_dependent``).
+    """
+    return cpu_kernel and dtype == jnp.float32 and ir_cpu.available()
 
 
 @functools.cache
@@ -911,13 +918,19 @@ def _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, 
         zero = jnp.zeros((), g_stack.dtype)
         return (I, _make_info(jnp.int32(0), zero, tol, g_stack.dtype, path)), None
     if _use_transfer(topology, x.shape[0], N):
-        if _uses_cpu_kernel(cpu_kernel, g_stack.dtype):
-            M, t, err, path = _kernel_or_xla(tol, max_iters, batch_chunk, cells)(g_stack, x,
-                                                                                 *res)
-            info = _make_info(t, err, tol, g_stack.dtype, path)
-        else:
+        def xla(g_stack, x, *res):
             M, info = _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs,
                                       cells)
+            return M, info.iterations, info.error, info.path
+
+        if _uses_cpu_kernel(cpu_kernel, g_stack.dtype):
+            # Chosen when lowering: the kernel on a CPU, the XLA solver on accelerators.
+            M, t, err, path = lax.platform_dependent(
+                g_stack, x, *res, cpu=_kernel_or_xla(tol, max_iters, batch_chunk, cells),
+                default=xla)
+        else:
+            M, t, err, path = xla(g_stack, x, *res)
+        info = _make_info(t, err, tol, g_stack.dtype, path)
         return (jnp.matmul(x, M.T, precision=_HIGHEST), info), M
     out = _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, False,
                        cells)
