@@ -25,7 +25,7 @@ def list_image_folder(root: str | os.PathLike, split: str = "test", limit: int |
     """Lists the files :func:`load_image_folder` would read.
 
     Returns:
-        ``(files per class, class names)``, classes sorted by name, files sorted by file name.
+      ``(files per class, class names)``, classes sorted by name, files sorted by file name.
     """
     base = Path(root) / split
     if not base.is_dir():
@@ -139,22 +139,22 @@ def load_image_folder(
     time, so a changed folder is decoded again.
 
     Args:
-        root: folder holding the split folders.
-        split: ``"train"``, ``"test"``, ...
-        limit: class-balanced subset of ``limit`` images: the first ``limit // C`` files of each
-            class, plus one more for each of the first ``limit % C`` classes.
-        cache_dir: where to cache; default ``$JAXBAR_CACHE`` or ``~/.cache/jaxbar``. ``False``
-            disables caching.
-        skip_unreadable: leave out image files that cannot be decoded (a warning counts them
-            and names the first) instead of raising.
+      root: folder holding the split folders.
+      split: ``"train"``, ``"test"``, ...
+      limit: class-balanced subset of ``limit`` images: the first ``limit // C`` files of each
+          class, plus one more for each of the first ``limit % C`` classes.
+      cache_dir: where to cache; default ``$JAXBAR_CACHE`` or ``~/.cache/jaxbar``. ``False``
+          disables caching.
+      skip_unreadable: leave out image files that cannot be decoded (a warning counts them
+          and names the first) instead of raising.
 
     Returns:
-        ``(images uint8 (N, H, W, 3), labels int32 (N,), class names)``.
+      ``(images uint8 (N, H, W, 3), labels int32 (N,), class names)``.
 
     Raises:
-        FileNotFoundError: missing folder, no class folders or no images.
-        ImageError: an image file cannot be decoded (naming it), unless ``skip_unreadable``.
-        ValueError: bad ``limit`` or images of different sizes.
+      FileNotFoundError: missing folder, no class folders or no images.
+      ImageError: an image file cannot be decoded (naming it), unless ``skip_unreadable``.
+      ValueError: bad ``limit`` or images of different sizes.
     """
     root = Path(root)
     per_class, classes = list_image_folder(root, split, limit)

@@ -40,7 +40,7 @@ def find_prepared(name: str, data_dir: str | os.PathLike | None = None) -> Path 
     """The newest prepared version folder ``<data_dir>/<name>[/<config>]/<version>``.
 
     Returns:
-        The folder holding ``dataset_info.json``, or ``None``.
+      The folder holding ``dataset_info.json``, or ``None``.
     """
     base = Path(data_dir) if data_dir is not None else default_data_dir()
     root = base / name
@@ -88,16 +88,16 @@ def load_tfds_cifar10(
     """CIFAR-10 from prepared tensorflow-datasets data.
 
     Args:
-        split: ``"train"`` or ``"test"`` (any tfds split string).
-        data_dir: the tfds data folder (default :func:`default_data_dir`).
-        limit: class-balanced subset (same rule as ``load_image_folder``).
+      split: ``"train"`` or ``"test"`` (any tfds split string).
+      data_dir: the tfds data folder (default :func:`default_data_dir`).
+      limit: class-balanced subset (same rule as ``load_image_folder``).
 
     Returns:
-        ``(images uint8 (N, 32, 32, 3), labels int32 (N,), class names)``.
+      ``(images uint8 (N, 32, 32, 3), labels int32 (N,), class names)``.
 
     Raises:
-        TfdsDataError: no prepared ``cifar10`` folder under ``data_dir``.
-        TfdsUnavailableError: tensorflow_datasets is not installed.
+      TfdsDataError: no prepared ``cifar10`` folder under ``data_dir``.
+      TfdsUnavailableError: tensorflow_datasets is not installed.
     """
     base = Path(data_dir) if data_dir is not None else default_data_dir()
     builder_dir = find_prepared("cifar10", base)
@@ -131,17 +131,17 @@ def load_tfds_imagenet2012(
     :func:`jaxbar.data.preprocess.imagenet_preprocess`.
 
     Args:
-        split: ``"validation"`` or ``"train"`` (any tfds split string).
-        data_dir: the tfds data folder (default :func:`default_data_dir`).
-        manual_dir: folder with ``ILSVRC2012_img_val.tar`` (and ``..._train.tar``).
-        limit: the first ``limit`` examples of the split.
+      split: ``"validation"`` or ``"train"`` (any tfds split string).
+      data_dir: the tfds data folder (default :func:`default_data_dir`).
+      manual_dir: folder with ``ILSVRC2012_img_val.tar`` (and ``..._train.tar``).
+      limit: the first ``limit`` examples of the split.
 
     Returns:
-        ``(images float32 (N, 224, 224, 3) BGR mean-subtracted, labels int32 (N,), class names)``.
+      ``(images float32 (N, 224, 224, 3) BGR mean-subtracted, labels int32 (N,), class names)``.
 
     Raises:
-        TfdsDataError: neither prepared data nor the manual archives are present.
-        TfdsUnavailableError: tensorflow_datasets is not installed.
+      TfdsDataError: neither prepared data nor the manual archives are present.
+      TfdsUnavailableError: tensorflow_datasets is not installed.
     """
     from jaxbar.data.preprocess import imagenet_preprocess
 

@@ -42,13 +42,13 @@ def open_h5(path: str | os.PathLike):
     """Opens an HDF5 file for reading, with clear errors.
 
     Args:
-        path: file path.
+      path: file path.
 
     Returns:
-        An open ``h5py.File`` (use it as a context manager).
+      An open ``h5py.File`` (use it as a context manager).
 
     Raises:
-        WeightsError: missing file, not an HDF5 file, or unreadable (corrupt).
+      WeightsError: missing file, not an HDF5 file, or unreadable (corrupt).
     """
     h5py = _h5py()
     path = os.fspath(path)
@@ -81,7 +81,7 @@ def read_model_config(f) -> dict[str, Any]:
     """Parses the ``model_config`` JSON of an open Keras file.
 
     Raises:
-        WeightsError: the attribute is absent or not valid JSON.
+      WeightsError: the attribute is absent or not valid JSON.
     """
     if "model_config" not in f.attrs:
         raise WeightsError(f"{f.filename}: no 'model_config' attribute (not a full Keras model "
@@ -98,7 +98,7 @@ def weights_root(f):
     It is ``model_weights``, or the root of a weights-only file.
 
     Raises:
-        WeightsError: neither layout is present.
+      WeightsError: neither layout is present.
     """
     if "model_weights" in f:
         return f["model_weights"]
@@ -115,12 +115,12 @@ def read_layer_weights(root, layer: str, *, context: str = "") -> dict[str, np.n
     ``moving_variance``.
 
     Args:
-        root: see :func:`weights_root`.
-        layer: Keras layer name.
-        context: extra text for error messages (e.g. the jaxbar layer name).
+      root: see :func:`weights_root`.
+      layer: Keras layer name.
+      context: extra text for error messages (e.g. the jaxbar layer name).
 
     Raises:
-        WeightsError: the layer is not in the file, or a listed dataset is missing.
+      WeightsError: the layer is not in the file, or a listed dataset is missing.
     """
     where = f" ({context})" if context else ""
     if layer not in root:
@@ -175,8 +175,8 @@ class KerasGraph:
     """The layer graph of a Keras functional model.
 
     Attributes:
-        layers: layer name -> ``{"class_name", "config", "inbound"}`` in topological order.
-        consumers: layer name -> names of layers that take its output.
+      layers: layer name -> ``{"class_name", "config", "inbound"}`` in topological order.
+      consumers: layer name -> names of layers that take its output.
     """
 
     layers: dict[str, dict[str, Any]]
@@ -267,15 +267,15 @@ def cifar_layer_map(model_config: dict[str, Any]) -> tuple[LayerMap, dict[str, A
     the model input and the head the single ``Dense`` layer.
 
     Args:
-        model_config: the parsed ``model_config``.
+      model_config: the parsed ``model_config``.
 
     Returns:
-        ``(mapping, info)``: jaxbar name -> Keras layer name for every convolution, dense and
-        batch-norm layer, and ``info`` with ``depth``, ``num_classes``, ``width``,
-        ``input_shape``, ``bn_epsilon``, ``pool_size`` and per-layer ``strides``/``padding``.
+      ``(mapping, info)``: jaxbar name -> Keras layer name for every convolution, dense and
+      batch-norm layer, and ``info`` with ``depth``, ``num_classes``, ``width``,
+      ``input_shape``, ``bn_epsilon``, ``pool_size`` and per-layer ``strides``/``padding``.
 
     Raises:
-        WeightsError: the graph is not a ResNet-v1 CIFAR network.
+      WeightsError: the graph is not a ResNet-v1 CIFAR network.
     """
     g = KerasGraph.from_config(model_config)
     inputs = g.of_kind("InputLayer")
@@ -427,15 +427,15 @@ def load_keras_resnet_cifar(path: str | os.PathLike, depth: int | None = None
     """Loads a Keras ResNet-v1 CIFAR model file (``model_config`` + ``model_weights``).
 
     Args:
-        path: the ``.h5`` file.
-        depth: expected depth; inferred from the file if ``None``.
+      path: the ``.h5`` file.
+      depth: expected depth; inferred from the file if ``None``.
 
     Returns:
-        A :class:`ResNetV1Cifar` holding the file's weights (batch norm unfolded).
+      A :class:`ResNetV1Cifar` holding the file's weights (batch norm unfolded).
 
     Raises:
-        WeightsError: unreadable file, missing config/weights/layer, topology or shape mismatch.
-        ParamsError: a layer's weights are not finite (NaN or inf).
+      WeightsError: unreadable file, missing config/weights/layer, topology or shape mismatch.
+      ParamsError: a layer's weights are not finite (NaN or inf).
     """
     with open_h5(path) as f:
         mapping, info = cifar_layer_map(read_model_config(f))
@@ -494,16 +494,16 @@ def load_keras_resnet50(path: str | os.PathLike, v1_5: bool | None = None) -> Re
     Width and number of classes are taken from the weight shapes.
 
     Args:
-        path: the ``.h5`` file.
-        v1_5: stride on the 3x3 (True) or first 1x1 (False) convolution. ``None``: read it from
-            ``model_config`` if present, else v1 (the ``keras.applications`` topology).
+      path: the ``.h5`` file.
+      v1_5: stride on the 3x3 (True) or first 1x1 (False) convolution. ``None``: read it from
+          ``model_config`` if present, else v1 (the ``keras.applications`` topology).
 
     Returns:
-        A :class:`ResNet50` holding the file's weights.
+      A :class:`ResNet50` holding the file's weights.
 
     Raises:
-        WeightsError: unreadable file, missing weights/layer, topology or shape mismatch.
-        ParamsError: a layer's weights are not finite (NaN or inf).
+      WeightsError: unreadable file, missing weights/layer, topology or shape mismatch.
+      ParamsError: a layer's weights are not finite (NaN or inf).
     """
     names = resnet50_keras_names()
     with open_h5(path) as f:
