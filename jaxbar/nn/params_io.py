@@ -1,10 +1,10 @@
-"""Portable parameter files: ``.npz`` keyed by layer path plus JSON metadata.
+"""Portable parameter files: `.npz` keyed by layer path plus JSON metadata.
 
-Keys are ``"<layer name>/<variable>"``: ``stage1.block0.conv1/kernel``, ``.../bias``,
-``stage1.block0.bn1/{scale,bias,mean,var}``. The entry ``__metadata__`` holds a JSON string with
+Keys are `"<layer name>/<variable>"`: `stage1.block0.conv1/kernel`, `.../bias`,
+`stage1.block0.bn1/{scale,bias,mean,var}`. The entry `__metadata__` holds a JSON string with
 the model name and configuration, whether batch norm is folded, the jaxbar version and the
-JSON-serializable part of ``extra``; array values of ``extra`` are stored as ``__extra__/<key>``.
-Files load with ``numpy.load`` alone (no pickle).
+JSON-serializable part of `extra`; array values of `extra` are stored as `__extra__/<key>`.
+Files load with `numpy.load` alone (no pickle).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def save_params(path: str | os.PathLike, model: nnx.Module, extra: dict | None =
     """Saves a model's parameters and batch statistics.
 
     Args:
-      path: destination (``.npz`` is appended by NumPy if missing).
+      path: destination (`.npz` is appended by NumPy if missing).
       model: a jaxbar model.
       extra: additional entries: arrays are stored as arrays, anything else must be
           JSON-serializable (e.g. calibration settings, training step).
@@ -137,10 +137,10 @@ def _open(path: str | os.PathLike):
 
 
 def read_params_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of a parameter file, with ``extra`` arrays restored.
+    """The metadata of a parameter file, with `extra` arrays restored.
 
     Returns:
-      A dict with ``model_name``, ``config``, ``bn_folded``, ``jaxbar_version``, ``extra``, ...
+      A dict with `model_name`, `config`, `bn_folded`, `jaxbar_version`, `extra`, ...
     """
     data, meta = _open(path)
     with data:
@@ -154,12 +154,12 @@ def read_params_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_params(path: str | os.PathLike, model_template: nnx.Module | None = None
                 ) -> nnx.Module:
-    """Loads a parameter file into a copy of ``model_template``.
+    """Loads a parameter file into a copy of `model_template`.
 
     Args:
-      path: a file written by :func:`save_params`.
+      path: a file written by `save_params`.
       model_template: a model of the same architecture (its values are ignored and it is not
-          modified). ``None``: build it from the file's metadata.
+          modified). `None`: build it from the file's metadata.
 
     Returns:
       The model holding the saved values.
