@@ -53,6 +53,8 @@ def test_generated_kernel_module_is_up_to_date():
                                                   "gen_ir_kernel.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
+    common = gen.target().parent / "_ir_common.py"
+    assert common.read_text() == gen.common_stamped(), "run python tools/gen_ir_kernel.py"
     assert gen.target().read_text() == gen.generate(), "run python tools/gen_ir_kernel.py"
 
 

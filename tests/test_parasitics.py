@@ -318,11 +318,9 @@ def _huge(topology):
     return g * 50.0, inp
 
 
-@pytest.mark.parametrize("topology", ["input_source", "gated_source"])
-def test_nonconvergence_is_reported(topology):
-    g, inp = _huge(topology)
-    solve = SOLVERS[topology]
-    _, info = solve(g, inp, 5.0, 5.0, max_iters=3)
+def test_nonconvergence_is_reported():
+    g, inp = _huge("input_source")
+    _, info = par.solve_input_source(g, inp, 5.0, 5.0, max_iters=3)
     assert not bool(info.converged)
     assert int(info.iterations) == 3
     assert float(info.error) > 1e-6
@@ -335,6 +333,72 @@ def test_nonconvergence_is_reported(topology):
         par.check_convergence(info, mode="ignore")
     with pytest.raises(ValueError):
         par.check_convergence(info, mode="loud")
+
+
+@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["kernel", "xla"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["single", "interleaved"])
+def test_gated_ladder_is_exact_with_rows_switched_off(interleaved, dtype, cpu_kernel):
+    """Gated-source columns are eliminated exactly: no sweeps, any r, rows off in any pattern."""
+    k, n = 11, 5
+    rng = np.random.default_rng(21)
+    g = rng.uniform(0.0, 1.0, (k, n))
+    gn = rng.uniform(0.0, 1.0, (k, n)) if interleaved else None
+    bits = rng.choice([-1.0, 0.0, 0.0, 1.0], (6, k))
+    bits[0] = 0.0  # no row on: no current
+    bits[1] = 0.0
+    bits[1, -1] = 1.0  # only the row next to the integrator
+    bits[2] = 0.0
+    bits[2, 0] = -1.0  # only the row next to the source
+    for r_row, r_col in ((0.0, 0.0), (1e-3, 2e-3), (0.3, 0.1), (5.0, 5.0)):
+        ref = reference_currents(g, bits, r_row, r_col, topology="gated_source", g_neg=gn,
+                                 **TERMINALS)
+        currents, info = par.solve_gated_source(
+            g.astype(dtype), bits.astype(dtype), dtype(r_row), dtype(r_col),
+            g_neg=None if gn is None else gn.astype(dtype), cpu_kernel=cpu_kernel,
+            **{**TERMINALS, "r_driver": dtype(0.04), "r_integrator": dtype(0.06)})
+        assert currents.dtype == dtype
+        assert bool(info.converged) and int(info.iterations) == 0
+        expected = par.PATH_LADDER_KERNEL if cpu_kernel else par.PATH_LADDER
+        assert int(info.path) == expected
+        np.testing.assert_array_equal(np.asarray(currents[0]), 0.0)
+        # float32: relative to the currents of the cells of both polarities added (the scale
+        # of the rounding; the output may be a small difference or a small remainder).
+        cells = np.abs(bits) @ (g + (0.0 if gn is None else gn))
+        scale = np.max(np.abs(ref) if dtype == np.float64 else cells, axis=1, keepdims=True)
+        err = np.max(np.abs(np.asarray(currents, float)[1:] - ref[1:]) / scale[1:])
+        assert err <= (1e-6 if dtype == np.float32 else 1e-12), (r_row, r_col, err)
+
+
+@pytest.mark.parametrize("cpu_kernel", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["kernel", "xla"])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["single", "interleaved"])
+def test_gated_per_read_conductances_match_reference(interleaved, cpu_kernel):
+    """Read noise: every read solved with its own perturbed cells, as the dense reference."""
+    k, n, b = 9, 4, 5
+    rng = np.random.default_rng(31)
+    bits = rng.choice([-1.0, 0.0, 1.0], (b, k))
+    g = rng.uniform(0.0, 1.0, (b, k, n))
+    gn = rng.uniform(0.0, 1.0, (b, k, n)) if interleaved else None
+    currents, info = par.solve_gated_source_per_read(
+        g, bits, 0.05, 0.08, g_neg=gn, cpu_kernel=cpu_kernel, **TERMINALS)
+    assert bool(info.converged)
+    for i in range(b):
+        ref = reference_currents(g[i], bits[i:i + 1], 0.05, 0.08, topology="gated_source",
+                                 g_neg=None if gn is None else gn[i], **TERMINALS)
+        np.testing.assert_allclose(np.asarray(currents[i]), ref[0], rtol=1e-11, atol=1e-13)
+    for dtype, tol in ((np.float32, 1e-5),):
+        c32, _ = par.solve_gated_source_per_read(
+            g.astype(dtype), bits.astype(dtype), dtype(0.05), dtype(0.08),
+            g_neg=None if gn is None else gn.astype(dtype), cpu_kernel=cpu_kernel)
+        c64, _ = par.solve_gated_source_per_read(g, bits, 0.05, 0.08, g_neg=gn,
+                                                 cpu_kernel=cpu_kernel)
+        assert c32.dtype == dtype
+        np.testing.assert_allclose(np.asarray(c32), np.asarray(c64), rtol=0,
+                                   atol=tol * float(np.abs(c64).max()))
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        jax.grad(lambda g: jnp.sum(par.solve_gated_source_per_read(
+            g, bits, 0.05, 0.08, cpu_kernel=cpu_kernel)[0]))(g)
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "max_iters"))

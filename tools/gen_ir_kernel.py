@@ -6,7 +6,8 @@ over small work arrays it cannot prove unaliased, so every per-lane statement is
 per lane here. One kernel per number of polarities: single arrays, and interleaved pairs whose
 two row lines share each row's bit-line nodes.
 
-Usage: ``python tools/gen_ir_kernel.py`` (rewrites the module; a test checks it is up to date).
+Usage: ``python tools/gen_ir_kernel.py`` (rewrites the module, and the record of
+``ir_constants.py``'s hash in ``_ir_common.py``; a test checks both are up to date).
 """
 
 from __future__ import annotations
@@ -202,10 +203,33 @@ def _helpers_hash() -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+_CONSTANTS_LINE = "# ir_constants.py sha256: "
+
+
+def common_stamped() -> str:
+    """``_ir_common.py`` with the current sha256 of ``ir_constants.py`` on its record line.
+
+    numba's cache of ``_ir_common`` tracks only its own file; recording the constants' hash
+    there makes a change of the constants change the file (and so recompile it and, through
+    its hash, the generated kernels).
+    """
+    core = target().parent
+    digest = hashlib.sha256((core / "ir_constants.py").read_bytes()).hexdigest()
+    lines = (core / "_ir_common.py").read_text().split("\n")
+    at = next(i for i, line in enumerate(lines) if line.startswith(_CONSTANTS_LINE))
+    lines[at] = _CONSTANTS_LINE + digest
+    return "\n".join(lines)
+
+
 def target() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parents[1] / "jaxbar" / "core" / "_ir_lanes.py"
 
 
 if __name__ == "__main__":
+    common = target().parent / "_ir_common.py"
+    stamped = common_stamped()
+    if common.read_text() != stamped:
+        common.write_text(stamped)
+        print(f"wrote {common}")
     target().write_text(generate())
     print(f"wrote {target()}")

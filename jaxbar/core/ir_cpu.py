@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["available", "release_scratch", "transfer"]
+__all__ = ["available", "ladder", "release_scratch", "transfer"]
 
 # Sampled columns of the start transfer matrix that set each vector's current scale.
 _SCALE_COLUMNS = 32
@@ -329,3 +329,60 @@ def transfer(g_stack, x, res, tol, max_iters, cells=False):
     host = functools.partial(_host_transfer, tol=tol, max_iters=max_iters, cells=cells)
     return jax.pure_callback(host, shapes, g_stack.astype(f32), x.astype(f32),
                              *(jnp.asarray(r, f32) for r in res), vmap_method="sequential")
+
+
+@functools.cache
+def _ladder_kernels():
+    from jaxbar.core import _ir_ladder
+
+    return _ir_ladder
+
+
+def _host_ladder(g, x, res):
+    """Numpy in, numpy out: the integrator currents (B, N) of a gated-source array."""
+    kernels = _ladder_kernels()
+    g = np.ascontiguousarray(g)
+    g = g[None] if g.ndim == 3 else g
+    x = np.ascontiguousarray(x, g.dtype)
+    res = np.ascontiguousarray(res, g.dtype)
+    _, P, _, N = g.shape
+    B = x.shape[0]
+    out = np.empty((B, N), g.dtype)
+    fn = kernels.ladder_p1 if P == 1 else kernels.ladder_p2
+    n_threads = max(1, min(_threads(), B // 64))
+
+    def part(lo, hi):
+        fn(g, x, res, out, lo, hi, np.zeros((5 if P == 1 else 9, N), g.dtype))
+
+    if n_threads == 1:
+        part(0, B)
+        return out
+    bounds = np.linspace(0, B, n_threads + 1).astype(int)
+    with ThreadPoolExecutor(n_threads) as pool:
+        for f in [pool.submit(part, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:],
+                                                                   strict=True)]:
+            f.result()
+    return out
+
+
+def ladder(g_stack, x, res):
+    """Integrator currents of a gated-source array by the CPU ladder kernel (inside jit).
+
+    Every column is eliminated exactly, once per input vector (``_ir_ladder``); rows whose bit
+    is 0 are skipped. float32 and float64.
+
+    Args:
+      g_stack: (P, K, N) conductances (P = 2: interleaved negative cells, driven by -b), or
+        (B, P, K, N): one set per input vector.
+      x: (B, K) input bits in {-1, 0, 1}.
+      res: (r_a, r_a_end, r_b, r_b_end) supply segment, first supply segment (with the source),
+        bit-line segment, last bit-line segment (with unused rows and the integrator).
+
+    Returns:
+      (B, N) integrator currents.
+    """
+    dtype = g_stack.dtype
+    shape = jax.ShapeDtypeStruct((x.shape[0], g_stack.shape[-1]), dtype)
+    r = jnp.stack([jnp.asarray(v, dtype) for v in res])
+    return jax.pure_callback(_host_ladder, shape, g_stack, x.astype(dtype), r,
+                             vmap_method="sequential")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +65,9 @@ class Programmed:
         when building a `Programmed` by hand.
       adc: with an ADC circuit model, the trial's converter errors per column
         (`adc_circuits.ADCErrors`, PHYSICS §4.1); else None.
+      ir_info: with "input_source" parasitics and `precompute`, the `SolveInfo` of the
+        transfer solves of every array (`crossbar_ir.array_currents`: which path computed
+        them, sweeps, error); else None.
     """
 
     g: jax.Array
@@ -74,6 +77,7 @@ class Programmed:
     gain: jax.Array | None = None
     effective: jax.Array | None = None
     adc: adc_circuits.ADCErrors | None = None
+    ir_info: Any = None
 
 
 def _analog_diff(config: CrossbarConfig) -> bool:
@@ -86,18 +90,23 @@ def _subtracted(g: jax.Array, config: CrossbarConfig) -> jax.Array:
 
 
 def _effective(g: jax.Array, config: CrossbarConfig,
-               shape: tuple[int, int]) -> jax.Array | None:
-    """`Programmed.effective` for conductances g (None: contract with g itself)."""
+               shape: tuple[int, int]):
+    """`Programmed.effective` for g (None: contract with g itself) and its `SolveInfo`.
+
+    The info is that of the transfer solves, None without them.
+    """
     topology = config.parasitics.topology
     if topology == "input_source" and config.parasitics.precompute:
         return _ir_transfer(g, config, shape)
     if topology == "none" and _analog_diff(config):
-        return _subtracted(g, config)
-    return None
+        return _subtracted(g, config), None
+    return None, None
 
 
-def _ir_transfer(g: jax.Array, config: CrossbarConfig, shape: tuple[int, int]) -> jax.Array:
-    """Transfer matrices of input-source arrays with IR drop, as tiles (pr, rows, S, P', M).
+def _ir_transfer(g: jax.Array, config: CrossbarConfig, shape: tuple[int, int]):
+    """Transfer matrices of input-source arrays with IR drop and the solves' `SolveInfo`.
+
+    The matrices are tiles (pr, rows, S, P', M).
 
     The circuit is linear in the row voltages, so the column currents for inputs u are
     exactly `u @ T`, with T's row k the currents when row k alone is driven at 1. The
@@ -119,13 +128,14 @@ def _ir_transfer(g: jax.Array, config: CrossbarConfig, shape: tuple[int, int]) -
     K = shape[0]
     probe = jnp.full((1, K), 10.0 / K, g.dtype)
     u = jnp.concatenate([jnp.eye(K, dtype=g.dtype) + probe, probe])
-    y = crossbar_ir.array_currents(u[None], g, config, lay, error_scale="cells")[0]
-    y = y[:K] - y[K:]
+    y, info = crossbar_ir.array_currents(u[None], g, config, lay, error_scale="cells",
+                                         with_info=True)
+    y = y[0, :K] - y[0, K:]
     if lay.trivial_rows:  # (K, 1, S, P', M) → (1, K, S, P', M)
-        return jnp.moveaxis(y, 1, 0)
+        return jnp.moveaxis(y, 1, 0), info
     y = jnp.pad(y, [(0, 1)] + [(0, 0)] * (y.ndim - 1))  # padding rows drive nothing
     pr = len(lay.row_index)
-    return y[jnp.asarray(lay.row_index), jnp.arange(pr)[:, None]]
+    return y[jnp.asarray(lay.row_index), jnp.arange(pr)[:, None]], info
 
 
 def _contracted(programmed: Programmed, config: CrossbarConfig, dtype) -> jax.Array:
@@ -218,7 +228,8 @@ def _adc_errors(g: jax.Array, config: CrossbarConfig, lay: mapping.Layout,
 
 
 def _with_effective(p: Programmed, config: CrossbarConfig) -> Programmed:
-    return dataclasses.replace(p, effective=_effective(p.g, config, p.shape))
+    effective, info = _effective(p.g, config, p.shape)
+    return dataclasses.replace(p, effective=effective, ir_info=info)
 
 
 def _column_reads(g: jax.Array, config: CrossbarConfig) -> jax.Array:
@@ -426,7 +437,7 @@ def array_outputs(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
         from jaxbar.core import crossbar_ir  # deferred: only parasitic runs need the solver
 
         u = converters.input_slices(op.patches(x_q), config.inputs)
-        y = crossbar_ir.array_currents(u, g, config, lay)
+        y = crossbar_ir.array_currents(u, g, config, lay, key=key)
     else:
         u = devices.read_current(converters.input_slices(x_q, config.inputs), config.device.iv)
         y = op.contract(u, _contracted(programmed, config, x_q.dtype))
@@ -438,8 +449,9 @@ def array_outputs(x: jax.Array, programmed: Programmed, config: CrossbarConfig,
 
 
 def _check_supported(config: CrossbarConfig) -> None:
-    if config.parasitics.topology != "none" and config.device.read_noise.active:
-        raise ConfigError("device.read_noise together with parasitics is not supported yet")
+    if config.parasitics.topology == "input_source" and config.device.read_noise.active:
+        raise ConfigError("device.read_noise together with parasitics needs "
+                          "parasitics.topology: gated_source (input_source is not supported)")
 
 
 def _solves_per_mvm(programmed: Programmed, config: CrossbarConfig) -> bool:

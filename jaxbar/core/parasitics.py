@@ -22,10 +22,15 @@ observed contraction rate (see :class:`SolveInfo`).
 Input-source circuits do not depend on the inputs. With at least ``N`` input vectors the solver
 therefore computes the transfer matrix ``M`` (``I = v @ M.T``) from ``N`` adjoint solves
 (reciprocity: row j of ``M`` is the set of driver currents when column j is driven) and applies it
-with one matrix product, converging on the currents of the given vectors. On the CPU backend a
+with one matrix product, converging on the currents of the given vectors. Lowered for a CPU, a
 float32 transfer matrix is computed by the numba kernel of :mod:`jaxbar.core.ir_cpu` (the same
 block Gauss-Seidel iteration, fused into one pass over the rows per sweep, 16 adjoint circuits per
 SIMD vector), which falls back to this solver where Gauss-Seidel sweeps converge slowly.
+
+Gated-source columns do not touch each other: each is a ladder (its supply and bit lines, the
+cells as rungs), eliminated exactly per input vector (``_ladder_xla``; on CPUs the kernel of
+:mod:`jaxbar.core._ir_ladder`, which skips rows whose bit is 0). Their forward solve needs no
+sweeps; their gradients use the sweeps above.
 
 Gradients use implicit differentiation (:func:`jax.custom_vjp`): the adjoint of the linear
 circuit is the same circuit driven by the output cotangents, solved by the same solver, and
@@ -59,6 +64,7 @@ import numpy as np
 from jax import lax
 
 from jaxbar.core import ir_cpu
+from jaxbar.core.ir_constants import MAX_RATE, NOISE_ULPS, SAFETY
 
 __all__ = [
     "ConvergenceError",
@@ -66,6 +72,8 @@ __all__ = [
     "PATH_DIRECT",
     "PATH_KERNEL",
     "PATH_KERNEL_THEN_XLA",
+    "PATH_LADDER",
+    "PATH_LADDER_KERNEL",
     "PATH_TRANSFER",
     "SolveInfo",
     "check_convergence",
@@ -75,6 +83,7 @@ __all__ = [
     "input_source_nodes",
     "quiet_callback_logs",
     "solve_gated_source",
+    "solve_gated_source_per_read",
     "solve_input_source",
     "solving",
 ]
@@ -85,12 +94,6 @@ Array = jax.Array
 _CHUNK_BYTES = 384 * 2**20
 # Sweeps whose output change shrinks slower than this (per sweep) get over-relaxation.
 _SOR_THRESHOLD = 0.1
-# Cap on the contraction estimate used to turn the change into an error estimate.
-_MAX_RATE = 0.99
-# Safety factor on the geometric-tail error estimate of monotone (Gauss-Seidel) sweeps.
-_SAFETY = 4.0
-# Relative output changes below this many ulps are rounding noise, not convergence progress.
-_NOISE_ULPS = 16
 # Sweeps between two updates of the relaxation factor (lets the new factor's transient decay).
 _SOR_WAIT = 3
 # Cap on the estimated squared block-Jacobi radius (keeps the relaxation factor below 2).
@@ -122,7 +125,9 @@ class SolveInfo(NamedTuple):
       path: how the currents were computed (int32): `PATH_DIRECT` (a solve per input
         vector), `PATH_TRANSFER` (the XLA transfer-matrix solve), `PATH_KERNEL` (the CPU
         kernel's transfer matrix) or `PATH_KERNEL_THEN_XLA` (the kernel gave up and XLA
-        computed it); under vmap, per array.
+        computed it), `PATH_LADDER` (gated-source: exact elimination in XLA, no sweeps:
+        ``iterations`` 0, ``error`` 0) or `PATH_LADDER_KERNEL` (the same by the CPU kernel);
+        under vmap, per array.
     """
 
     iterations: Array
@@ -134,6 +139,7 @@ class SolveInfo(NamedTuple):
 
 #: `SolveInfo.path` codes.
 PATH_DIRECT, PATH_TRANSFER, PATH_KERNEL, PATH_KERNEL_THEN_XLA = 0, 1, 2, 3
+PATH_LADDER, PATH_LADDER_KERNEL = 4, 5
 
 
 class NodeVoltages(NamedTuple):
@@ -411,7 +417,7 @@ def _control_step(ctl, t, d):
     # Observed contraction per sweep (-> spectral radius of the iteration): inflates the change
     # into an error estimate when convergence is slow, and tunes the relaxation.
     rate = jnp.where(t > 0, _safe_div(d, ctl.d), 0.0)
-    rate_c = jnp.clip(rate, 0.0, _MAX_RATE)
+    rate_c = jnp.clip(rate, 0.0, MAX_RATE)
     # Error left after this sweep, for geometric convergence: d rate / (1 - rate). Plain
     # Gauss-Seidel converges monotonically (real spectrum), so from the second sweep on (the first
     # ratio of two changes; the sweeps start from a solved state, see _start) this estimate, with
@@ -419,17 +425,17 @@ def _control_step(ctl, t, d):
     # sweeps may oscillate: never below d there.
     tail = rate_c / (1.0 - rate_c)
     monotone = (t >= 1) & (ctl.omega == 1.0)
-    err = d * jnp.where(monotone, _SAFETY * tail, jnp.maximum(1.0, tail))
+    err = d * jnp.where(monotone, SAFETY * tail, jnp.maximum(1.0, tail))
     # Changes of a few ulps carry no rate information: the sweeps have reached the rounding
     # floor (typically a fixed cycle in float32), and the error is that of rounding. Right
     # after a change above the noise, though, the true change is at most d + noise and the rate
     # at most (d + noise) / d_prev: that tail may be smaller (fast cases stop a sweep earlier).
-    noise = _NOISE_ULPS * jnp.finfo(d.dtype).eps
+    noise = NOISE_ULPS * jnp.finfo(d.dtype).eps
     hi = d + noise
-    rate_hi = jnp.clip(_safe_div(hi, ctl.d), 0.0, _MAX_RATE)
+    rate_hi = jnp.clip(_safe_div(hi, ctl.d), 0.0, MAX_RATE)
     after_change = monotone & (ctl.d > noise)
     floor_err = jnp.where(
-        after_change, jnp.minimum(d, hi * _SAFETY * rate_hi / (1.0 - rate_hi)), d)
+        after_change, jnp.minimum(d, hi * SAFETY * rate_hi / (1.0 - rate_hi)), d)
     err = jnp.where(d <= noise, floor_err, err)
     # Adaptive block SOR (Hageman & Young): for this 2-cyclic system a settled rate R at
     # relaxation w gives the squared block-Jacobi radius mu^2 = (R + w - 1)^2 / (R w^2), and the
@@ -631,6 +637,89 @@ def _rows(J, signs):
 
 
 # --------------------------------------------------------------------------------------------
+# Gated-source arrays: every column is a ladder, eliminated exactly.
+
+
+def _ladder_segment(st, pa, pb):
+    """Adds the supply segments ``pa`` and the bit-line segment ``pb`` above a ladder's top.
+
+    ``st`` = (Y, A, Z, h, z): the part of the ladder below, seen from its top nodes, as
+    ``J = Y s + A C + h`` (currents into its supply lines for supply voltages s and the current
+    C entering its bit line) and ``w = -A.T s + Z C + z`` (its top bit-line voltage). Y is a
+    tuple (y00,) or (y00, y01, y11); A and h are tuples of P entries.
+    """
+    Y, A, Z, h, z = st
+    if len(A) == 1:
+        m = 1.0 / (1.0 + pa * Y[0])
+        A1, h1 = (m * A[0],), (m * h[0],)
+        Y1 = (m * Y[0],)
+    else:
+        y00, y01, y11 = Y
+        dety = y00 * y11 - y01 * y01
+        inv = 1.0 / (1.0 + pa * (y00 + y11) + pa * pa * dety)
+        m00, m11, m01 = (1.0 + pa * y11) * inv, (1.0 + pa * y00) * inv, -pa * y01 * inv
+        A1 = (m00 * A[0] + m01 * A[1], m01 * A[0] + m11 * A[1])
+        h1 = (m00 * h[0] + m01 * h[1], m01 * h[0] + m11 * h[1])
+        Y1 = ((y00 + pa * dety) * inv, y01 * inv, (y11 + pa * dety) * inv)
+    Z = Z + pb + pa * sum(a * b for a, b in zip(A, A1, strict=True))
+    z = z + pa * sum(a * b for a, b in zip(A, h1, strict=True))
+    return Y1, A1, Z, h1, z
+
+
+def _ladder_cells(st, G, e):
+    """Adds one row's cells (conductances G per polarity, drives e) at the ladder's top."""
+    Y, A, Z, h, z = st
+    gs = sum(G)
+    ge = sum(gp * ep for gp, ep in zip(G, e, strict=True))
+    s = 1.0 / (1.0 + Z * gs)
+    z = s * (z + Z * ge)
+    c = ge - gs * z
+    h = tuple(hp + gp * (ep - z) + ap * c for hp, gp, ep, ap in zip(h, G, e, A, strict=True))
+    if len(A) == 1:
+        q = 1.0 + A[0]
+        Y = (Y[0] + s * G[0] * q * q,)
+    else:
+        (g0, g1), (a0, a1) = G, A
+        zg = Z * g0 * g1
+        q0, q1 = 1.0 + a0, 1.0 + a1
+        Y = (Y[0] + s * (g0 * q0 * q0 + g1 * a0 * a0 + zg),
+             Y[1] + s * (g0 * a1 * q0 + g1 * a0 * q1 - zg),
+             Y[2] + s * (g1 * q1 * q1 + g0 * a1 * a1 + zg))
+    A = tuple(s * (ap - Z * gp) for ap, gp in zip(A, G, strict=True))
+    return Y, A, s * Z, h, z
+
+
+def _ladder_xla(g_stack, x, res):
+    """Integrator currents (B, N) of a gated-source array by exact elimination (XLA).
+
+    Each column is a ladder (its supply lines and its bit line, the cells as rungs), solved from
+    the integrator up to the sources; a row whose bit is 0 has G = 0 and only adds its
+    segments. One ``lax.scan`` step per row, vectorized over vectors and columns. ``g_stack``
+    is (P, K, N), or (B, P, K, N) with one set of conductances per vector.
+    """
+    P, K, N = g_stack.shape[-3:]
+    B = x.shape[0]
+    dtype = g_stack.dtype
+    r_a, r_a_end, r_b, r_b_end = (jnp.asarray(r, dtype) for r in res)
+    signs = (1.0, -1.0)[:P]
+    zero = jnp.zeros((B, N), dtype)
+    st0 = ((zero,) * (1 if P == 1 else 3), (zero,) * P, zero, (zero,) * P, zero)
+
+    def row(st, inp):
+        k, bk, gk = inp  # bk (B,), gk (P, N) or (B, P, N)
+        st = _ladder_segment(st, jnp.where(k == K - 1, 0.0, r_a),
+                             jnp.where(k == K - 1, r_b_end, r_b))
+        on = jnp.abs(bk)[:, None]
+        G = tuple(on * gk[..., p, :] for p in range(P))
+        e = tuple(sp * bk[:, None] for sp in signs)
+        return _ladder_cells(st, G, e), None
+
+    st, _ = lax.scan(row, st0, (jnp.arange(K), x.T, jnp.moveaxis(g_stack, -2, 0)), reverse=True)
+    Y, A, Z, h, z = _ladder_segment(st, r_a_end, jnp.zeros((), dtype))
+    return sum(h)
+
+
+# --------------------------------------------------------------------------------------------
 # Batching, chunking and the custom VJP.
 
 
@@ -765,9 +854,11 @@ def _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs, cells=F
 
 
 def _uses_cpu_kernel(cpu_kernel, dtype):
-    """The numba kernel computes float32 transfer matrices on the CPU backend."""
-    return (cpu_kernel and dtype == jnp.float32 and jax.default_backend() == "cpu"
-            and ir_cpu.available())
+    """Whether the numba kernel may compute float32 transfer matrices.
+
+    It runs where the computation is lowered for a CPU (``lax.platform_dependent``).
+    """
+    return cpu_kernel and dtype == jnp.float32 and ir_cpu.available()
 
 
 @functools.cache
@@ -800,18 +891,46 @@ def _kernel_or_xla(tol, max_iters, batch_chunk, cells):
     return transfer
 
 
+def _ladder(cpu_kernel, g_stack, x, res):
+    """Gated-source currents by exact elimination: (I (B, N), path).
+
+    The CPU kernel (rows whose bit is 0 skipped) where numba is installed and the computation
+    runs on a CPU, chosen per platform when lowering; the XLA scan elsewhere.
+    """
+    def xla(g_stack, x, *res):
+        return _ladder_xla(g_stack, x, res), jnp.int32(PATH_LADDER)
+
+    if not (cpu_kernel and ir_cpu.available()):
+        return xla(g_stack, x, *res)
+
+    def kernel(g_stack, x, *res):
+        return ir_cpu.ladder(g_stack, x, res), jnp.int32(PATH_LADDER_KERNEL)
+
+    return lax.platform_dependent(g_stack, x, *res, cpu=kernel, default=xla)
+
+
 def _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x, scalars):
     P, _, N = g_stack.shape
     signs = jnp.asarray([1.0, -1.0][:P], g_stack.dtype)
     res = _resistances(*scalars)
+    if topology == "gated_source":
+        I, path = _ladder(cpu_kernel, g_stack, x, res)
+        zero = jnp.zeros((), g_stack.dtype)
+        return (I, _make_info(jnp.int32(0), zero, tol, g_stack.dtype, path)), None
     if _use_transfer(topology, x.shape[0], N):
-        if _uses_cpu_kernel(cpu_kernel, g_stack.dtype):
-            M, t, err, path = _kernel_or_xla(tol, max_iters, batch_chunk, cells)(g_stack, x,
-                                                                                 *res)
-            info = _make_info(t, err, tol, g_stack.dtype, path)
-        else:
+        def xla(g_stack, x, *res):
             M, info = _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs,
                                       cells)
+            return M, info.iterations, info.error, info.path
+
+        if _uses_cpu_kernel(cpu_kernel, g_stack.dtype):
+            # Chosen when lowering: the kernel on a CPU, the XLA solver on accelerators.
+            M, t, err, path = lax.platform_dependent(
+                g_stack, x, *res, cpu=_kernel_or_xla(tol, max_iters, batch_chunk, cells),
+                default=xla)
+        else:
+            M, t, err, path = xla(g_stack, x, *res)
+        info = _make_info(t, err, tol, g_stack.dtype, path)
         return (jnp.matmul(x, M.T, precision=_HIGHEST), info), M
     out = _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, False,
                        cells)
@@ -1062,16 +1181,20 @@ def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
 
 
 def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
-                       extra_rows=0, tol=None, max_iters=1000, batch_chunk=None):
+                       extra_rows=0, tol=None, max_iters=1000, batch_chunk=None,
+                       cpu_kernel=True):
     """Column currents of a gated-source array with IR drop (PHYSICS.md §6).
 
     Each column has a supply line (ideal source at the top, ``r_row + r_driver`` to row 0,
     ``r_row`` between rows) and a bit line (``r_col`` after each cell, the last one plus
     ``extra_rows * r_col + r_integrator`` into the integrator). A cell whose bit is non-zero
     connects the two lines with a series drive: ``i = |b| g (b + s - v)``; a cell whose bit is 0
-    is off. One call is one input bit slice (PHYSICS.md §3). Differentiable (reverse mode) in
-    ``g``, ``g_neg`` and the resistances; the gradient in ``b`` is the formal one of
-    ``|b| g (b + s - v)``. jit- and vmap-compatible.
+    is off. One call is one input bit slice (PHYSICS.md §3). Every column is a ladder (its
+    supply and bit lines, the cells as rungs) and is eliminated exactly, per input vector: the
+    currents need no sweeps and carry no iteration error. Differentiable (reverse mode) in
+    ``g``, ``g_neg`` and the resistances (the gradient's adjoint solves are block Gauss-Seidel
+    sweeps to ``tol``); the gradient in ``b`` is the formal one of ``|b| g (b + s - v)``. jit-
+    and vmap-compatible.
 
     Args:
       g: (K, N) normalized cell conductances ``G / Gmax`` of one array (vmap for more arrays).
@@ -1086,12 +1209,13 @@ def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       r_integrator: terminal resistance added to the last bit-line segment.
       extra_rows: unused physical rows below the used ones: the last bit-line segment becomes
         ``(extra_rows + 1) * r_col``.
-      tol: stop when the estimated relative error of each vector's currents (see
-        :class:`SolveInfo`) is at most ``tol``. None: :func:`default_tol` of the dtype (1e-6 in
-        float64, 1e-5 in float32).
-      max_iters: maximum number of sweeps.
-      batch_chunk: input vectors solved together; memory is about
+      tol: of the gradient's adjoint sweeps (see :class:`SolveInfo`). None:
+        :func:`default_tol` of the dtype (1e-6 in float64, 1e-5 in float32).
+      max_iters: maximum number of adjoint sweeps.
+      batch_chunk: input vectors of one adjoint solve; memory is about
         ``chunk * K * N * (6 P + 6)`` values. None: about 384 MiB of solver state.
+      cpu_kernel: on a CPU, eliminate with the numba kernel of :mod:`jaxbar.core.ir_cpu`
+        (rows whose bit is 0 skipped) where numba is installed; False: always the XLA scan.
 
     Returns:
       (currents, info): currents (..., N) into the integrators in array output units (ideal:
@@ -1099,7 +1223,63 @@ def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       pass it to :func:`check_convergence`.
     """
     return _solve("gated_source", g, b, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
-                  tol, max_iters, batch_chunk)
+                  tol, max_iters, batch_chunk, cpu_kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _per_read(cpu_kernel, g_stack, x, *res):
+    return _ladder(cpu_kernel, g_stack, x, res)
+
+
+def _per_read_fwd(cpu_kernel, g_stack, x, *res):
+    return _per_read(cpu_kernel, g_stack, x, *res), None
+
+
+def _per_read_bwd(cpu_kernel, saved, cotangents):
+    raise NotImplementedError(
+        "solve_gated_source_per_read (read noise with parasitics) is not differentiable")
+
+
+_per_read.defvjp(_per_read_fwd, _per_read_bwd)
+
+
+def solve_gated_source_per_read(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0,
+                                r_integrator=0.0, extra_rows=0, cpu_kernel=True):
+    """As :func:`solve_gated_source` with one set of conductances per input vector.
+
+    For reads whose conductances differ (read noise, PHYSICS.md §2): every vector's columns are
+    eliminated exactly with its own cells. Not differentiable (forward only).
+
+    Args:
+      g: (..., K, N) conductances of each read (the leading axes of ``b``).
+      b: (..., K) input bits in {-1, 0, +1}.
+      r_row, r_col, r_driver, r_integrator, extra_rows, cpu_kernel: as
+        :func:`solve_gated_source`.
+      g_neg: optional (..., K, N) conductances of the interleaved negative cells of each read.
+
+    Returns:
+      (currents (..., N), info): ``info`` as :func:`solve_gated_source` reports it.
+    """
+    b = jnp.asarray(b)
+    g = jnp.asarray(g)
+    parts = [g, b, r_row, r_col, r_driver, r_integrator] + ([g_neg] if g_neg is not None else [])
+    dtype = jnp.result_type(*parts)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.result_type(float)
+    lead, K = b.shape[:-1], b.shape[-1]
+    N = g.shape[-1]
+    for name, a in (("g", g), ("g_neg", g_neg)):
+        if a is not None and jnp.shape(a) != lead + (K, N):
+            raise ValueError(f"{name} must be (..., K, N) with the leading axes of b "
+                             f"{lead + (K,)}, got shape {jnp.shape(a)}")
+    stack = [g] if g_neg is None else [g, jnp.asarray(g_neg)]
+    g_stack = jnp.stack([a.reshape(-1, K, N) for a in stack], axis=1).astype(dtype)
+    x = b.reshape(-1, K).astype(dtype)
+    res = _resistances(*(jnp.asarray(v, dtype) for v in (r_row, r_col, r_driver, r_integrator,
+                                                          extra_rows)))
+    I, path = _per_read(bool(cpu_kernel), g_stack, x, *res)
+    zero = jnp.zeros((), dtype)
+    return I.reshape(lead + (N,)), _make_info(jnp.int32(0), zero, 0.0, dtype, path)
 
 
 def _nodes(topology, g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows, tol,

@@ -1,4 +1,4 @@
-"""Image folders ``root/<split>/<class>/*.{jpg,jpeg,png}`` decoded once with PIL and cached."""
+"""Image folders `root/<split>/<class>/*.{jpg,jpeg,png}` decoded once with PIL and cached."""
 
 from __future__ import annotations
 
@@ -15,17 +15,17 @@ _CACHE_FORMAT = 1
 
 
 def default_cache_dir() -> Path:
-    """``$JAXBAR_CACHE`` if set, else ``~/.cache/jaxbar``."""
+    """`$JAXBAR_CACHE` if set, else `~/.cache/jaxbar`."""
     env = os.environ.get("JAXBAR_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "jaxbar"
 
 
 def list_image_folder(root: str | os.PathLike, split: str = "test", limit: int | None = None
                       ) -> tuple[list[list[Path]], list[str]]:
-    """Lists the files :func:`load_image_folder` would read.
+    """Lists the files `load_image_folder` would read.
 
     Returns:
-        ``(files per class, class names)``, classes sorted by name, files sorted by file name.
+      `(files per class, class names)`, classes sorted by name, files sorted by file name.
     """
     base = Path(root) / split
     if not base.is_dir():
@@ -131,30 +131,30 @@ def load_image_folder(
     cache_dir: str | os.PathLike | bool | None = None,
     skip_unreadable: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Loads ``root/<split>/<class>/*.{jpg,jpeg,png}`` as arrays.
+    """Loads `root/<split>/<class>/*.{jpg,jpeg,png}` as arrays.
 
-    Classes in sorted order are labels ``0..C-1``. Images come class by class, in sorted file
-    name order (shuffle if needed). Decoded images are cached as ``.npy`` files in ``cache_dir``
+    Classes in sorted order are labels `0..C-1`. Images come class by class, in sorted file
+    name order (shuffle if needed). Decoded images are cached as `.npy` files in `cache_dir`
     under a key of the folder path, split, limit and every file's name, size and modification
     time, so a changed folder is decoded again.
 
     Args:
-        root: folder holding the split folders.
-        split: ``"train"``, ``"test"``, ...
-        limit: class-balanced subset of ``limit`` images: the first ``limit // C`` files of each
-            class, plus one more for each of the first ``limit % C`` classes.
-        cache_dir: where to cache; default ``$JAXBAR_CACHE`` or ``~/.cache/jaxbar``. ``False``
-            disables caching.
-        skip_unreadable: leave out image files that cannot be decoded (a warning counts them
-            and names the first) instead of raising.
+      root: folder holding the split folders.
+      split: `"train"`, `"test"`, ...
+      limit: class-balanced subset of `limit` images: the first `limit // C` files of each
+          class, plus one more for each of the first `limit % C` classes.
+      cache_dir: where to cache; default `$JAXBAR_CACHE` or `~/.cache/jaxbar`. `False`
+          disables caching.
+      skip_unreadable: leave out image files that cannot be decoded (a warning counts them
+          and names the first) instead of raising.
 
     Returns:
-        ``(images uint8 (N, H, W, 3), labels int32 (N,), class names)``.
+      `(images uint8 (N, H, W, 3), labels int32 (N,), class names)`.
 
     Raises:
-        FileNotFoundError: missing folder, no class folders or no images.
-        ImageError: an image file cannot be decoded (naming it), unless ``skip_unreadable``.
-        ValueError: bad ``limit`` or images of different sizes.
+      FileNotFoundError: missing folder, no class folders or no images.
+      ImageError: an image file cannot be decoded (naming it), unless `skip_unreadable`.
+      ValueError: bad `limit` or images of different sizes.
     """
     root = Path(root)
     per_class, classes = list_image_folder(root, split, limit)

@@ -10,7 +10,7 @@ import numpy as np
 
 CIFAR_MEAN_FILE = "x_train_mean.npy"
 
-#: Per-channel means (B, G, R) subtracted by ``keras.applications.resnet50.preprocess_input``
+#: Per-channel means (B, G, R) subtracted by `keras.applications.resnet50.preprocess_input`
 #: ("caffe" mode).
 IMAGENET_CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
 
@@ -19,16 +19,16 @@ def read_cifar_mean(path: str | os.PathLike) -> np.ndarray:
     """Reads a CIFAR training-set mean file: exactly the file given, whatever its name.
 
     Args:
-        path: a ``.npy`` file of float (H, W, 3) or (3,) values in 0..255 units, or a folder
-            holding ``x_train_mean.npy``.
+      path: a `.npy` file of float (H, W, 3) or (3,) values in 0..255 units, or a folder
+          holding `x_train_mean.npy`.
 
     Returns:
-        The mean as float32.
+      The mean as float32.
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not a readable ``.npy`` array, has the wrong shape or holds
-            non-finite values; the message names the file.
+      FileNotFoundError: the file does not exist.
+      ValueError: the file is not a readable `.npy` array, has the wrong shape or holds
+          non-finite values; the message names the file.
     """
     p = Path(path)
     if p.is_dir():
@@ -51,17 +51,17 @@ def read_cifar_mean(path: str | os.PathLike) -> np.ndarray:
 
 
 def load_cifar_mean(weights_path: str | os.PathLike) -> np.ndarray:
-    """Reads ``x_train_mean.npy`` (float32 (32, 32, 3), 0..255 units) beside a weights file.
+    """Reads `x_train_mean.npy` (float32 (32, 32, 3), 0..255 units) beside a weights file.
 
     Args:
-        weights_path: a weights file, or the folder holding it.
+      weights_path: a weights file, or the folder holding it.
 
     Returns:
-        The per-pixel training-set mean.
+      The per-pixel training-set mean.
 
     Raises:
-        FileNotFoundError: the mean file is absent.
-        ValueError: the mean file is unreadable (see :func:`read_cifar_mean`).
+      FileNotFoundError: the mean file is absent.
+      ValueError: the mean file is unreadable (see `read_cifar_mean`).
     """
     p = Path(weights_path)
     folder = p if p.is_dir() else p.parent
@@ -74,14 +74,14 @@ def load_cifar_mean(weights_path: str | os.PathLike) -> np.ndarray:
 
 
 def cifar_resnet_preprocess(images_uint8: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """``(x.astype(float32) - mean) / 255``, as the Keras CIFAR ResNet models expect.
+    """`(x.astype(float32) - mean) / 255`, as the Keras CIFAR ResNet models expect.
 
     Args:
-        images_uint8: ``(N, H, W, 3)`` uint8 RGB.
-        mean: per-pixel ``(H, W, 3)`` (or per-channel) mean in 0..255 units.
+      images_uint8: `(N, H, W, 3)` uint8 RGB.
+      mean: per-pixel `(H, W, 3)` (or per-channel) mean in 0..255 units.
 
     Returns:
-        float32 ``(N, H, W, 3)``.
+      float32 `(N, H, W, 3)`.
     """
     x = np.asarray(images_uint8).astype(np.float32)
     return (x - np.asarray(mean, np.float32)) / np.float32(255.0)
@@ -103,21 +103,21 @@ def _resize_center_crop(image, resize: int, crop: int) -> np.ndarray:
 def imagenet_preprocess(
     images, *, resize: int = 256, crop: int = 224, already_cropped: bool = False
 ) -> np.ndarray:
-    """ImageNet preprocessing for ``keras.applications`` ResNet50 weights.
+    """ImageNet preprocessing for `keras.applications` ResNet50 weights.
 
-    Resizes the shorter side to ``resize`` (bilinear), takes the central ``crop x crop`` square,
+    Resizes the shorter side to `resize` (bilinear), takes the central `crop x crop` square,
     then applies Keras' "caffe" preprocessing: RGB -> BGR and subtraction of the per-channel
-    means :data:`IMAGENET_CAFFE_MEAN_BGR` (no scaling to unit range).
+    means `IMAGENET_CAFFE_MEAN_BGR` (no scaling to unit range).
 
     Args:
-        images: one image (PIL image or ``(H, W, 3)`` uint8 RGB), a sequence of them, or a
-            ``(N, H, W, 3)`` uint8 array.
-        resize: shorter-side length after resizing.
-        crop: output size.
-        already_cropped: skip resizing and cropping (inputs already ``crop x crop``).
+      images: one image (PIL image or `(H, W, 3)` uint8 RGB), a sequence of them, or a
+          `(N, H, W, 3)` uint8 array.
+      resize: shorter-side length after resizing.
+      crop: output size.
+      already_cropped: skip resizing and cropping (inputs already `crop x crop`).
 
     Returns:
-        float32 ``(N, crop, crop, 3)`` in BGR channel order.
+      float32 `(N, crop, crop, 3)` in BGR channel order.
     """
     if isinstance(images, np.ndarray) and images.ndim == 3:
         images = [images]

@@ -1,6 +1,6 @@
-"""Optional tensorflow-datasets loaders (``pip install 'jaxbar[tfds]'``).
+"""Optional tensorflow-datasets loaders (`pip install 'jaxbar[tfds]'`).
 
-``tensorflow_datasets`` is imported only when a loader is called, and only after the prepared
+`tensorflow_datasets` is imported only when a loader is called, and only after the prepared
 data has been found on disk: offline, tfds can spend minutes trying to reach the network, so a
 missing data set fails at once with a message saying what to download and where.
 """
@@ -27,7 +27,7 @@ class TfdsUnavailableError(ImportError):
 
 
 def default_data_dir() -> Path:
-    """``$TFDS_DATA_DIR`` if set, else ``~/tensorflow_datasets`` (the tfds default)."""
+    """`$TFDS_DATA_DIR` if set, else `~/tensorflow_datasets` (the tfds default)."""
     env = os.environ.get("TFDS_DATA_DIR")
     return Path(env) if env else Path.home() / "tensorflow_datasets"
 
@@ -37,10 +37,10 @@ def _version_key(p: Path) -> tuple[int, ...]:
 
 
 def find_prepared(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
-    """The newest prepared version folder ``<data_dir>/<name>[/<config>]/<version>``.
+    """The newest prepared version folder `<data_dir>/<name>[/<config>]/<version>`.
 
     Returns:
-        The folder holding ``dataset_info.json``, or ``None``.
+      The folder holding `dataset_info.json`, or `None`.
     """
     base = Path(data_dir) if data_dir is not None else default_data_dir()
     root = base / name
@@ -67,7 +67,7 @@ def _import_tfds():
 def _balanced(labels: np.ndarray, limit: int | None, num_classes: int) -> np.ndarray:
     """Indices of a class-balanced subset of `limit` examples, in data-set order.
 
-    The first ``limit // C`` examples of each class, one more for the first ``limit % C``
+    The first `limit // C` examples of each class, one more for the first `limit % C`
     classes.
     """
     if limit is None:
@@ -88,16 +88,16 @@ def load_tfds_cifar10(
     """CIFAR-10 from prepared tensorflow-datasets data.
 
     Args:
-        split: ``"train"`` or ``"test"`` (any tfds split string).
-        data_dir: the tfds data folder (default :func:`default_data_dir`).
-        limit: class-balanced subset (same rule as ``load_image_folder``).
+      split: `"train"` or `"test"` (any tfds split string).
+      data_dir: the tfds data folder (default `default_data_dir`).
+      limit: class-balanced subset (same rule as `load_image_folder`).
 
     Returns:
-        ``(images uint8 (N, 32, 32, 3), labels int32 (N,), class names)``.
+      `(images uint8 (N, 32, 32, 3), labels int32 (N,), class names)`.
 
     Raises:
-        TfdsDataError: no prepared ``cifar10`` folder under ``data_dir``.
-        TfdsUnavailableError: tensorflow_datasets is not installed.
+      TfdsDataError: no prepared `cifar10` folder under `data_dir`.
+      TfdsUnavailableError: tensorflow_datasets is not installed.
     """
     base = Path(data_dir) if data_dir is not None else default_data_dir()
     builder_dir = find_prepared("cifar10", base)
@@ -125,23 +125,23 @@ def load_tfds_imagenet2012(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """ImageNet-2012 through tensorflow-datasets, preprocessed for Keras ResNet50.
 
-    Uses prepared data (``<data_dir>/imagenet2012/<version>``) if present; otherwise prepares it
-    from the manually downloaded archives in ``manual_dir`` (default
-    ``<data_dir>/downloads/manual``). Images go through
-    :func:`jaxbar.data.preprocess.imagenet_preprocess`.
+    Uses prepared data (`<data_dir>/imagenet2012/<version>`) if present; otherwise prepares it
+    from the manually downloaded archives in `manual_dir` (default
+    `<data_dir>/downloads/manual`). Images go through
+    `jaxbar.data.preprocess.imagenet_preprocess`.
 
     Args:
-        split: ``"validation"`` or ``"train"`` (any tfds split string).
-        data_dir: the tfds data folder (default :func:`default_data_dir`).
-        manual_dir: folder with ``ILSVRC2012_img_val.tar`` (and ``..._train.tar``).
-        limit: the first ``limit`` examples of the split.
+      split: `"validation"` or `"train"` (any tfds split string).
+      data_dir: the tfds data folder (default `default_data_dir`).
+      manual_dir: folder with `ILSVRC2012_img_val.tar` (and `..._train.tar`).
+      limit: the first `limit` examples of the split.
 
     Returns:
-        ``(images float32 (N, 224, 224, 3) BGR mean-subtracted, labels int32 (N,), class names)``.
+      `(images float32 (N, 224, 224, 3) BGR mean-subtracted, labels int32 (N,), class names)`.
 
     Raises:
-        TfdsDataError: neither prepared data nor the manual archives are present.
-        TfdsUnavailableError: tensorflow_datasets is not installed.
+      TfdsDataError: neither prepared data nor the manual archives are present.
+      TfdsUnavailableError: tensorflow_datasets is not installed.
     """
     from jaxbar.data.preprocess import imagenet_preprocess
 

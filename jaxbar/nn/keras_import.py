@@ -1,13 +1,13 @@
-"""Import of Keras HDF5 (``.h5``) ResNet weights with h5py only (no TensorFlow).
+"""Import of Keras HDF5 (`.h5`) ResNet weights with h5py only (no TensorFlow).
 
-A Keras 2 model file holds the layer graph as JSON in the ``model_config`` attribute and the
-weights in ``model_weights/<layer>/...`` (each layer group lists its datasets in the
-``weight_names`` attribute). A weights-only file (``model.save_weights``) has the layer groups at
-the root and a ``layer_names`` attribute instead.
+A Keras 2 model file holds the layer graph as JSON in the `model_config` attribute and the
+weights in `model_weights/<layer>/...` (each layer group lists its datasets in the
+`weight_names` attribute). A weights-only file (`model.save_weights`) has the layer groups at
+the root and a `layer_names` attribute instead.
 
-The CIFAR ResNet mapping is derived from the graph in ``model_config`` (residual ``Add`` nodes
+The CIFAR ResNet mapping is derived from the graph in `model_config` (residual `Add` nodes
 traced back to their convolutions), so it does not depend on Keras' automatic layer numbering.
-ResNet50 uses the fixed layer names of ``keras.applications.ResNet50``.
+ResNet50 uses the fixed layer names of `keras.applications.ResNet50`.
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ def open_h5(path: str | os.PathLike):
     """Opens an HDF5 file for reading, with clear errors.
 
     Args:
-        path: file path.
+      path: file path.
 
     Returns:
-        An open ``h5py.File`` (use it as a context manager).
+      An open `h5py.File` (use it as a context manager).
 
     Raises:
-        WeightsError: missing file, not an HDF5 file, or unreadable (corrupt).
+      WeightsError: missing file, not an HDF5 file, or unreadable (corrupt).
     """
     h5py = _h5py()
     path = os.fspath(path)
@@ -78,10 +78,10 @@ def _attr_str(v: Any) -> str:
 
 
 def read_model_config(f) -> dict[str, Any]:
-    """Parses the ``model_config`` JSON of an open Keras file.
+    """Parses the `model_config` JSON of an open Keras file.
 
     Raises:
-        WeightsError: the attribute is absent or not valid JSON.
+      WeightsError: the attribute is absent or not valid JSON.
     """
     if "model_config" not in f.attrs:
         raise WeightsError(f"{f.filename}: no 'model_config' attribute (not a full Keras model "
@@ -95,10 +95,10 @@ def read_model_config(f) -> dict[str, Any]:
 def weights_root(f):
     """The group holding one subgroup per layer.
 
-    It is ``model_weights``, or the root of a weights-only file.
+    It is `model_weights`, or the root of a weights-only file.
 
     Raises:
-        WeightsError: neither layout is present.
+      WeightsError: neither layout is present.
     """
     if "model_weights" in f:
         return f["model_weights"]
@@ -111,16 +111,16 @@ def weights_root(f):
 def read_layer_weights(root, layer: str, *, context: str = "") -> dict[str, np.ndarray]:
     """Reads the datasets of one Keras layer, keyed by short name.
 
-    The names are ``kernel``, ``bias``, ``gamma``, ``beta``, ``moving_mean`` and
-    ``moving_variance``.
+    The names are `kernel`, `bias`, `gamma`, `beta`, `moving_mean` and
+    `moving_variance`.
 
     Args:
-        root: see :func:`weights_root`.
-        layer: Keras layer name.
-        context: extra text for error messages (e.g. the jaxbar layer name).
+      root: see `weights_root`.
+      layer: Keras layer name.
+      context: extra text for error messages (e.g. the jaxbar layer name).
 
     Raises:
-        WeightsError: the layer is not in the file, or a listed dataset is missing.
+      WeightsError: the layer is not in the file, or a listed dataset is missing.
     """
     where = f" ({context})" if context else ""
     if layer not in root:
@@ -175,8 +175,8 @@ class KerasGraph:
     """The layer graph of a Keras functional model.
 
     Attributes:
-        layers: layer name -> ``{"class_name", "config", "inbound"}`` in topological order.
-        consumers: layer name -> names of layers that take its output.
+      layers: layer name -> `{"class_name", "config", "inbound"}` in topological order.
+      consumers: layer name -> names of layers that take its output.
     """
 
     layers: dict[str, dict[str, Any]]
@@ -261,21 +261,21 @@ _SKIP = ("Activation", "ReLU", "Dropout")
 def cifar_layer_map(model_config: dict[str, Any]) -> tuple[LayerMap, dict[str, Any]]:
     """Maps the layers of a Keras ResNet-v1 CIFAR model to jaxbar names via its graph.
 
-    Each residual ``Add`` is traced back: the input that is a batch norm ends the residual branch
-    (``bn2 <- conv2 <- relu <- bn1 <- conv1 <- block input``); the other input is the block input
+    Each residual `Add` is traced back: the input that is a batch norm ends the residual branch
+    (`bn2 <- conv2 <- relu <- bn1 <- conv1 <- block input`); the other input is the block input
     itself or a projection convolution of it. Blocks must chain; the stem is the convolution on
-    the model input and the head the single ``Dense`` layer.
+    the model input and the head the single `Dense` layer.
 
     Args:
-        model_config: the parsed ``model_config``.
+      model_config: the parsed `model_config`.
 
     Returns:
-        ``(mapping, info)``: jaxbar name -> Keras layer name for every convolution, dense and
-        batch-norm layer, and ``info`` with ``depth``, ``num_classes``, ``width``,
-        ``input_shape``, ``bn_epsilon``, ``pool_size`` and per-layer ``strides``/``padding``.
+      `(mapping, info)`: jaxbar name -> Keras layer name for every convolution, dense and
+      batch-norm layer, and `info` with `depth`, `num_classes`, `width`,
+      `input_shape`, `bn_epsilon`, `pool_size` and per-layer `strides`/`padding`.
 
     Raises:
-        WeightsError: the graph is not a ResNet-v1 CIFAR network.
+      WeightsError: the graph is not a ResNet-v1 CIFAR network.
     """
     g = KerasGraph.from_config(model_config)
     inputs = g.of_kind("InputLayer")
@@ -424,18 +424,18 @@ def _load_into(model: nnx.Module, root, mapping: LayerMap) -> None:
 
 def load_keras_resnet_cifar(path: str | os.PathLike, depth: int | None = None
                             ) -> ResNetV1Cifar:
-    """Loads a Keras ResNet-v1 CIFAR model file (``model_config`` + ``model_weights``).
+    """Loads a Keras ResNet-v1 CIFAR model file (`model_config` + `model_weights`).
 
     Args:
-        path: the ``.h5`` file.
-        depth: expected depth; inferred from the file if ``None``.
+      path: the `.h5` file.
+      depth: expected depth; inferred from the file if `None`.
 
     Returns:
-        A :class:`ResNetV1Cifar` holding the file's weights (batch norm unfolded).
+      A `ResNetV1Cifar` holding the file's weights (batch norm unfolded).
 
     Raises:
-        WeightsError: unreadable file, missing config/weights/layer, topology or shape mismatch.
-        ParamsError: a layer's weights are not finite (NaN or inf).
+      WeightsError: unreadable file, missing config/weights/layer, topology or shape mismatch.
+      ParamsError: a layer's weights are not finite (NaN or inf).
     """
     with open_h5(path) as f:
         mapping, info = cifar_layer_map(read_model_config(f))
@@ -472,7 +472,7 @@ def load_keras_resnet_cifar(path: str | os.PathLike, depth: int | None = None
 
 
 def resnet50_keras_names(v1_5: bool = False) -> LayerMap:
-    """Jaxbar name -> ``keras.applications.ResNet50`` layer name."""
+    """Jaxbar name -> `keras.applications.ResNet50` layer name."""
     del v1_5  # same names for both variants
     m = {"stem.conv": "conv1_conv", "stem.bn": "conv1_bn"}
     for s, nblocks in enumerate(ResNet50.STAGE_BLOCKS):
@@ -487,23 +487,23 @@ def resnet50_keras_names(v1_5: bool = False) -> LayerMap:
 
 
 def load_keras_resnet50(path: str | os.PathLike, v1_5: bool | None = None) -> ResNet50:
-    """Loads ResNet50 weights saved by Keras (``keras.applications.ResNet50`` layer names).
+    """Loads ResNet50 weights saved by Keras (`keras.applications.ResNet50` layer names).
 
-    Accepts a full model file (``model_config`` + ``model_weights``) or a weights-only file
-    (``save_weights``; e.g. the published ``resnet50_weights_tf_dim_ordering_tf_kernels.h5``).
+    Accepts a full model file (`model_config` + `model_weights`) or a weights-only file
+    (`save_weights`; e.g. the published `resnet50_weights_tf_dim_ordering_tf_kernels.h5`).
     Width and number of classes are taken from the weight shapes.
 
     Args:
-        path: the ``.h5`` file.
-        v1_5: stride on the 3x3 (True) or first 1x1 (False) convolution. ``None``: read it from
-            ``model_config`` if present, else v1 (the ``keras.applications`` topology).
+      path: the `.h5` file.
+      v1_5: stride on the 3x3 (True) or first 1x1 (False) convolution. `None`: read it from
+          `model_config` if present, else v1 (the `keras.applications` topology).
 
     Returns:
-        A :class:`ResNet50` holding the file's weights.
+      A `ResNet50` holding the file's weights.
 
     Raises:
-        WeightsError: unreadable file, missing weights/layer, topology or shape mismatch.
-        ParamsError: a layer's weights are not finite (NaN or inf).
+      WeightsError: unreadable file, missing weights/layer, topology or shape mismatch.
+      ParamsError: a layer's weights are not finite (NaN or inf).
     """
     names = resnet50_keras_names()
     with open_h5(path) as f:

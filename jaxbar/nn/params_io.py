@@ -1,10 +1,10 @@
-"""Portable parameter files: ``.npz`` keyed by layer path plus JSON metadata.
+"""Portable parameter files: `.npz` keyed by layer path plus JSON metadata.
 
-Keys are ``"<layer name>/<variable>"``: ``stage1.block0.conv1/kernel``, ``.../bias``,
-``stage1.block0.bn1/{scale,bias,mean,var}``. The entry ``__metadata__`` holds a JSON string with
+Keys are `"<layer name>/<variable>"`: `stage1.block0.conv1/kernel`, `.../bias`,
+`stage1.block0.bn1/{scale,bias,mean,var}`. The entry `__metadata__` holds a JSON string with
 the model name and configuration, whether batch norm is folded, the jaxbar version and the
-JSON-serializable part of ``extra``; array values of ``extra`` are stored as ``__extra__/<key>``.
-Files load with ``numpy.load`` alone (no pickle).
+JSON-serializable part of `extra`; array values of `extra` are stored as `__extra__/<key>`.
+Files load with `numpy.load` alone (no pickle).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def named_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
     """Every parameter and batch statistic of a model keyed `"<layer path>/<variable>"`.
 
     Raises:
-        ParamsError: a variable is reachable twice (shared between layers).
+      ParamsError: a variable is reachable twice (shared between layers).
     """
     out: dict[str, nnx.Variable] = {}
     seen: set[int] = set()
@@ -54,11 +54,11 @@ def check_finite(model: nnx.Module, source: str | os.PathLike | None = None) -> 
     """Checks that every parameter and batch statistic of a model is finite.
 
     Args:
-        model: a jaxbar model.
-        source: the file the values came from, named in the error.
+      model: a jaxbar model.
+      source: the file the values came from, named in the error.
 
     Raises:
-        ParamsError: naming the first layer variable that holds NaN or inf, and the file.
+      ParamsError: naming the first layer variable that holds NaN or inf, and the file.
     """
     for key, var in named_variables(model).items():
         value = np.asarray(var[...])
@@ -86,13 +86,13 @@ def save_params(path: str | os.PathLike, model: nnx.Module, extra: dict | None =
     """Saves a model's parameters and batch statistics.
 
     Args:
-        path: destination (``.npz`` is appended by NumPy if missing).
-        model: a jaxbar model.
-        extra: additional entries: arrays are stored as arrays, anything else must be
-            JSON-serializable (e.g. calibration settings, training step).
+      path: destination (`.npz` is appended by NumPy if missing).
+      model: a jaxbar model.
+      extra: additional entries: arrays are stored as arrays, anything else must be
+          JSON-serializable (e.g. calibration settings, training step).
 
     Returns:
-        The path written.
+      The path written.
     """
     path = Path(path)
     if path.suffix != ".npz":
@@ -137,10 +137,10 @@ def _open(path: str | os.PathLike):
 
 
 def read_params_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of a parameter file, with ``extra`` arrays restored.
+    """The metadata of a parameter file, with `extra` arrays restored.
 
     Returns:
-        A dict with ``model_name``, ``config``, ``bn_folded``, ``jaxbar_version``, ``extra``, ...
+      A dict with `model_name`, `config`, `bn_folded`, `jaxbar_version`, `extra`, ...
     """
     data, meta = _open(path)
     with data:
@@ -154,18 +154,18 @@ def read_params_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_params(path: str | os.PathLike, model_template: nnx.Module | None = None
                 ) -> nnx.Module:
-    """Loads a parameter file into a copy of ``model_template``.
+    """Loads a parameter file into a copy of `model_template`.
 
     Args:
-        path: a file written by :func:`save_params`.
-        model_template: a model of the same architecture (its values are ignored and it is not
-            modified). ``None``: build it from the file's metadata.
+      path: a file written by `save_params`.
+      model_template: a model of the same architecture (its values are ignored and it is not
+          modified). `None`: build it from the file's metadata.
 
     Returns:
-        The model holding the saved values.
+      The model holding the saved values.
 
     Raises:
-        ParamsError: unreadable file, or architecture, folding, key or shape mismatch.
+      ParamsError: unreadable file, or architecture, folding, key or shape mismatch.
     """
     from jaxbar.nn.folding import fold_batchnorm
     from jaxbar.nn.models import build_model

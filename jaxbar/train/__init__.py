@@ -4,7 +4,7 @@
 
 `Trainer` runs the analog network (fresh programming error and read noise every step, from the
 same per-layer configs evaluation uses) in a jitted optax step; `jaxbar finetune`
-(:mod:`jaxbar.train.cli`) wraps it for the CIFAR ResNets.
+(`jaxbar.train.cli`) wraps it for the CIFAR ResNets.
 """
 
 from jaxbar.train.augment import batch_indices, epoch_permutation, random_crop_flip

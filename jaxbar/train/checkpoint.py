@@ -1,4 +1,4 @@
-"""Training checkpoints: any pytree of arrays, written atomically as ``.npz``.
+"""Training checkpoints: any pytree of arrays, written atomically as `.npz`.
 
 A checkpoint stores the leaves of the training state in flattening order plus JSON metadata
 (step, leaf shapes and dtypes, free-form entries). It is restored into a template of the same
@@ -34,7 +34,7 @@ def _path(directory: Path, step: int) -> Path:
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
-    """The checkpoints in ``directory`` as ``(step, path)``, oldest first."""
+    """The checkpoints in `directory` as `(step, path)`, oldest first."""
     d = Path(directory)
     if not d.is_dir():
         return []
@@ -47,14 +47,14 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The checkpoint with the highest step in ``directory``, or None."""
+    """The checkpoint with the highest step in `directory`, or None."""
     found = list_checkpoints(directory)
     return found[-1][1] if found else None
 
 
 def save_checkpoint(directory: str | os.PathLike, step: int, tree: Any,
                     meta: dict[str, Any] | None = None, keep: int | None = 2) -> Path:
-    """Writes a checkpoint of ``tree`` at ``step``.
+    """Writes a checkpoint of `tree` at `step`.
 
     Args:
       directory: checkpoint folder (created if needed).
@@ -87,14 +87,14 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tree: Any,
 
 
 def restore_checkpoint(path: str | os.PathLike, template: Any) -> tuple[Any, int, dict]:
-    """Reads a checkpoint into the structure of ``template``.
+    """Reads a checkpoint into the structure of `template`.
 
     Args:
-      path: a file written by :func:`save_checkpoint`.
+      path: a file written by `save_checkpoint`.
       template: a pytree of the same structure, shapes and dtypes (its values are ignored).
 
     Returns:
-      ``(tree, step, meta)``.
+      `(tree, step, meta)`.
 
     Raises:
       CheckpointError: unreadable file, or a structure, shape or dtype mismatch.

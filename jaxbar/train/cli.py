@@ -1,11 +1,11 @@
-"""The ``jaxbar finetune`` subcommand: hardware-aware fine-tuning of a CIFAR ResNet.
+"""The `jaxbar finetune` subcommand: hardware-aware fine-tuning of a CIFAR ResNet.
 
-Register it with ``add_finetune_parser(subparsers)`` from the main ``jaxbar`` parser.
+Register it with `add_finetune_parser(subparsers)` from the main `jaxbar` parser.
 
-A run directory holds ``run.json`` (the arguments), ``log.jsonl``, ``checkpoints/``, and at the
-end ``params.npz`` (accepted by ``jaxbar evaluate --params``), ``x_train_mean.npy`` (so
-evaluation finds the preprocessing mean), ``calibration.json`` (the ranges trained with),
-``ranges.json`` (learned ranges, with ``--learn-ranges``), ``curves.png`` and ``summary.json``.
+A run directory holds `run.json` (the arguments), `log.jsonl`, `checkpoints/`, and at the
+end `params.npz` (accepted by `jaxbar evaluate --params`), `x_train_mean.npy` (so
+evaluation finds the preprocessing mean), `calibration.json` (the ranges trained with),
+`ranges.json` (learned ranges, with `--learn-ranges`), `curves.png` and `summary.json`.
 Running the same command again resumes from the last checkpoint.
 """
 
@@ -42,13 +42,13 @@ def _weight_clip(text: str):
 
 
 def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
-    """Registers ``finetune`` on the ``jaxbar`` command's subparsers.
+    """Registers `finetune` on the `jaxbar` command's subparsers.
 
     Args:
-      subparsers: the object ``ArgumentParser.add_subparsers()`` returned.
+      subparsers: the object `ArgumentParser.add_subparsers()` returned.
 
     Returns:
-      The ``finetune`` parser (its handler is set as ``func``).
+      The `finetune` parser (its handler is set as `func`).
     """
     from jaxbar.study.pipeline import CIFAR_MODELS
     from jaxbar.train.optim import OPTIMIZERS, SCHEDULES
@@ -139,7 +139,7 @@ def _check_run_dir(out: Path, args, restart: bool) -> None:
 
 
 def finetune(args: argparse.Namespace) -> int:
-    """Runs ``jaxbar finetune`` (see the module docstring). Returns the exit status."""
+    """Runs `jaxbar finetune` (see the module docstring). Returns the exit status."""
     import jax
     import jax.numpy as jnp
     import numpy as np

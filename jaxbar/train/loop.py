@@ -4,12 +4,12 @@ Every training step runs the network on freshly programmed crossbars: a new tria
 draws new programming errors (and read noise) from the *same* per-layer configs that evaluation
 uses (noise injection), while straight-through estimators carry gradients through the weight,
 DAC and ADC quantizers of the core. Optionally the kernels are clipped after each step, the
-input and ADC ranges are learned (:mod:`jaxbar.nn.ranges`), and batch-norm statistics are
+input and ADC ranges are learned (`jaxbar.nn.ranges`), and batch-norm statistics are
 either frozen or updated.
 
-The step is one ``jax.jit``-compiled pure function of ``(state, images, labels, key)``; all
-randomness of step ``s`` (augmentation, programming error, read noise) comes from
-``fold_in(key(seed), s)`` and the batch from ``(seed, epoch)``, so training resumed from a
+The step is one `jax.jit`-compiled pure function of `(state, images, labels, key)`; all
+randomness of step `s` (augmentation, programming error, read noise) comes from
+`fold_in(key(seed), s)` and the batch from `(seed, epoch)`, so training resumed from a
 checkpoint continues bit for bit like an uninterrupted run.
 """
 
@@ -73,13 +73,13 @@ class TrainOptions:
         evaluation condition and did better in the ResNet20 experiment.
       weight_clip: after each step clip every analog layer's kernel (every convolution and
         dense layer of a digital run): None (never), "mapped" (to the range its mapping uses,
-        ``±w_max`` at ``weights.clip_percentile``), or a number k (to ``±k·std`` of the kernel,
-        which lowers ``w_max`` relative to the typical weight and with it the relative size of
-        programming error, which scales with ``w_max``).
+        `±w_max` at `weights.clip_percentile`), or a number k (to `±k·std` of the kernel,
+        which lowers `w_max` relative to the typical weight and with it the relative size of
+        programming error, which scales with `w_max`).
       learn_ranges: learn each analog layer's input and ADC ranges.
       ir_drop: keep the configs' parasitic wire resistance in training (when the core
         supports it); False trains without it (faster) and still evaluates with it.
-      augment: random crop (``crop_padding`` pixels of zero padding) and horizontal flip.
+      augment: random crop (`crop_padding` pixels of zero padding) and horizontal flip.
       crop_padding: padding of the random crop.
       label_smoothing: of the cross-entropy targets.
     """
@@ -121,9 +121,9 @@ class TrainState:
 
     Attributes:
       step: global steps completed (int32 scalar).
-      params: the model's ``nnx.Param`` state.
+      params: the model's `nnx.Param` state.
       batch_stats: the rest of the model's state (batch-norm running averages).
-      ranges: learnable range parameters by layer (empty unless ``learn_ranges``).
+      ranges: learnable range parameters by layer (empty unless `learn_ranges`).
       opt_state: the optax state.
     """
 
@@ -135,12 +135,12 @@ class TrainState:
 
 
 def clip_kernel(W: jax.Array, clip: str | float, clip_percentile: float = 100.0) -> jax.Array:
-    """Clips a kernel after an update (see :attr:`TrainOptions.weight_clip`).
+    """Clips a kernel after an update (see `TrainOptions.weight_clip`).
 
     Args:
       W: the kernel (any shape).
       clip: "mapped" or a number k of standard deviations.
-      clip_percentile: the layer's ``weights.clip_percentile`` (for "mapped").
+      clip_percentile: the layer's `weights.clip_percentile` (for "mapped").
 
     Returns:
       The clipped kernel.
@@ -185,12 +185,12 @@ class Trainer:
         ranges calibrated, as evaluation uses it) or a digital one (the control).
       optimizer: any optax transformation for the model parameters (its schedule included).
       options: what a step does besides the update.
-      schedule: the learning-rate schedule inside ``optimizer``, only for logging.
-      range_optimizer: the transformation for range parameters (default ``adam(1e-3)``).
+      schedule: the learning-rate schedule inside `optimizer`, only for logging.
+      range_optimizer: the transformation for range parameters (default `adam(1e-3)`).
       preprocess: applied to each (augmented) batch inside the step, e.g. the CIFAR mean
         subtraction, so uint8 images can be fed and padded with black.
-      augment: ``(key, images) -> images``; default :func:`random_crop_flip` when
-        ``options.augment``.
+      augment: `(key, images) -> images`; default `random_crop_flip` when
+        `options.augment`.
     """
 
     def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation, *,
@@ -326,21 +326,21 @@ class Trainer:
 
         Args:
           state: the current state.
-          images: a batch (``(B, H, W, C)``; uint8 when ``preprocess`` converts).
-          labels: ``(B,)`` integer labels.
-          key: the run's base key (default ``key(options.seed)``); step s uses
-            ``fold_in(key, s)``.
+          images: a batch (`(B, H, W, C)`; uint8 when `preprocess` converts).
+          labels: `(B,)` integer labels.
+          key: the run's base key (default `key(options.seed)`); step s uses
+            `fold_in(key, s)`.
 
         Returns:
-          ``(new state, metrics)`` with scalar ``loss``, ``accuracy`` (of the batch, under
-          this step's noise) and ``grad_norm``.
+          `(new state, metrics)` with scalar `loss`, `accuracy` (of the batch, under
+          this step's noise) and `grad_norm`.
         """
         if key is None:
             key = jax.random.key(self.options.seed)
         return self._step(state, jnp.asarray(images), jnp.asarray(labels, jnp.int32), key)
 
     def learning_rate(self, step: int) -> float | None:
-        """The scheduled learning rate at ``step`` (None without a schedule)."""
+        """The scheduled learning rate at `step` (None without a schedule)."""
         if self.schedule is None:
             return None
         return float(self.schedule(step)) if callable(self.schedule) else float(self.schedule)
@@ -374,14 +374,14 @@ class Trainer:
             log_every: int = 50, checkpoint_every: int | None = 500, keep_checkpoints: int = 2,
             on_epoch_end: Callable[[TrainState, int], dict | None] | None = None,
             progress: bool = True) -> TrainState:
-        """Trains for ``epochs`` passes over (images, labels).
+        """Trains for `epochs` passes over (images, labels).
 
-        Batches are drawn without replacement in an order fixed by ``(seed, epoch)`` (the last
+        Batches are drawn without replacement in an order fixed by `(seed, epoch)` (the last
         partial batch of an epoch is dropped), so a fractional number of epochs trains on a
-        random subset. With ``run_dir``, it writes ``log.jsonl`` (step, epoch, loss, accuracy,
+        random subset. With `run_dir`, it writes `log.jsonl` (step, epoch, loss, accuracy,
         lr, images/s, averaged since the previous record; training seconds so far) and
-        checkpoints to ``run_dir/checkpoints`` every ``checkpoint_every`` steps, at every epoch
-        end, at the end and on KeyboardInterrupt; with ``resume`` it continues from the last
+        checkpoints to `run_dir/checkpoints` every `checkpoint_every` steps, at every epoch
+        end, at the end and on KeyboardInterrupt; with `resume` it continues from the last
         checkpoint there.
 
         Args:
@@ -389,14 +389,14 @@ class Trainer:
           labels: integer labels.
           epochs: passes over the data (may be fractional).
           run_dir: where logs and checkpoints go (None: nowhere).
-          resume: continue from the last checkpoint in ``run_dir``.
-          state: the state to start from when not resuming (default ``init_state()``).
+          resume: continue from the last checkpoint in `run_dir`.
+          state: the state to start from when not resuming (default `init_state()`).
           stop_at: stop after this global step even if the schedule is longer (the rest can
             be resumed later).
           log_every: steps per log record.
           checkpoint_every: steps between checkpoints (None: epoch ends and the end only).
           keep_checkpoints: how many checkpoints to keep.
-          on_epoch_end: ``(state, epoch) -> dict`` of extra values to log (e.g. an
+          on_epoch_end: `(state, epoch) -> dict` of extra values to log (e.g. an
             evaluation), called after each completed epoch.
           progress: show a tqdm bar (loss, accuracy, images/s).
 
@@ -499,7 +499,7 @@ class Trainer:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drops log records after ``step`` (a resumed run writes them again)."""
+    """Drops log records after `step` (a resumed run writes them again)."""
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines()
@@ -508,5 +508,5 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``log.jsonl`` file."""
+    """The records of a `log.jsonl` file."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

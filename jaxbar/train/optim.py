@@ -1,6 +1,6 @@
-"""Named optax optimizers and learning-rate schedules (what the ``finetune`` command offers).
+"""Named optax optimizers and learning-rate schedules (what the `finetune` command offers).
 
-The training loop accepts any ``optax.GradientTransformation``; these helpers only build the
+The training loop accepts any `optax.GradientTransformation`; these helpers only build the
 common ones from command-line style arguments.
 """
 
@@ -21,15 +21,15 @@ def make_schedule(kind: str, lr: float, total_steps: int, warmup_steps: int = 0,
     """A learning-rate schedule.
 
     Args:
-      kind: "constant", "cosine" (from ``lr`` to ``final_fraction·lr`` over ``total_steps``)
-        or "warmup_cosine" (linear warm-up from 0 over ``warmup_steps``, then cosine).
+      kind: "constant", "cosine" (from `lr` to `final_fraction·lr` over `total_steps`)
+        or "warmup_cosine" (linear warm-up from 0 over `warmup_steps`, then cosine).
       lr: peak learning rate.
       total_steps: steps of the whole run.
       warmup_steps: warm-up steps ("warmup_cosine").
-      final_fraction: the final learning rate as a fraction of ``lr``.
+      final_fraction: the final learning rate as a fraction of `lr`.
 
     Returns:
-      ``step -> learning rate``.
+      `step -> learning rate`.
     """
     total = max(1, int(total_steps))
     if kind == "constant":
@@ -48,7 +48,7 @@ def make_optimizer(name: str, schedule: optax.Schedule | float, *, momentum: flo
     """An optax optimizer by name.
 
     Args:
-      name: "sgd" (with ``momentum``, Nesterov), "adam" or "adamw".
+      name: "sgd" (with `momentum`, Nesterov), "adam" or "adamw".
       schedule: learning rate or schedule.
       momentum: SGD momentum (0: plain SGD).
       weight_decay: L2 penalty added to the gradient (sgd, adam) or decoupled decay (adamw).

@@ -1,4 +1,4 @@
-"""Training curves from a ``log.jsonl`` file (matplotlib, no display needed)."""
+"""Training curves from a `log.jsonl` file (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ def plot_curves(runs: dict[str, Sequence[dict[str, Any]]], path: str | Path,
     """Plots loss, accuracy and learning rate against the step.
 
     Args:
-      runs: label → log records (``step``, ``loss``, ``accuracy``, ``lr``; optional
-        ``eval_accuracy``); several runs share the axes.
+      runs: label → log records (`step`, `loss`, `accuracy`, `lr`; optional
+        `eval_accuracy`); several runs share the axes.
       path: the PNG to write.
       title: figure title.
 
