@@ -120,7 +120,7 @@ def _ir_transfer(g: jax.Array, config: CrossbarConfig, shape: tuple[int, int]):
     subtraction. In an interleaved pair that uniform drive's currents cancel between the
     polarities (weights of zero mean), and a row's own output can lie below the float32
     rounding of its cells' currents: the solves converge relative to the currents of both
-    polarities added (``error_scale="cells"``), the scale of the rounding.
+    polarities added (`error_scale="cells"`), the scale of the rounding.
     """
     from jaxbar.core import crossbar_ir  # deferred: only parasitic runs need the solver
 

@@ -55,9 +55,9 @@ class RangeSpec:
     """The static part of a layer's learnable ranges.
 
     Attributes:
-      signed: the input range is ``[-m, m]`` (else ``[0, m]``).
+      signed: the input range is `[-m, m]` (else `[0, m]`).
       adc: the layer has a quantizing ADC.
-      symmetric: per weight slice, whether its ADC range is ``[-h, h]``.
+      symmetric: per weight slice, whether its ADC range is `[-h, h]`.
       levels: per weight slice, the ADC levels.
     """
 
@@ -80,7 +80,7 @@ def _initial_adc(config: CrossbarConfig, K: int, N: int) -> tuple[tuple[float, f
 
 
 def range_spec(config: CrossbarConfig, K: int, N: int) -> RangeSpec:
-    """The static range structure of a K×N layer under ``config`` (ranges filled in)."""
+    """The static range structure of a K×N layer under `config` (ranges filled in)."""
     ranges = _initial_adc(config, K, N)
     if not ranges:
         return RangeSpec(signed=config.inputs.signed, adc=False)
@@ -122,8 +122,8 @@ def range_values(params: LayerRanges, spec: RangeSpec):
       spec: its static structure.
 
     Returns:
-      ``(m, lo, hi)``: the input range magnitude (scalar) and the ADC range bounds per weight
-      slice (``(S,)`` arrays; None without an ADC). ``lo < hi`` always.
+      `(m, lo, hi)`: the input range magnitude (scalar) and the ADC range bounds per weight
+      slice (`(S,)` arrays; None without an ADC). `lo < hi` always.
     """
     m = jnp.exp(jnp.clip(params["input_log_max"], -_LOG_BOUND, _LOG_BOUND))
     if not spec.adc:

@@ -464,7 +464,7 @@ def plan(study: Study) -> list[Point]:
 
 
 def _without_defaults(d: Mapping[str, Any], default: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of ``d`` that differ from ``default``, recursively (empty sections dropped)."""
+    """The entries of `d` that differ from `default`, recursively (empty sections dropped)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, Mapping) and isinstance(default.get(k), Mapping):
