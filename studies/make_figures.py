@@ -103,12 +103,10 @@ def main() -> None:
         plot_results(rows, x, hue=hue, style=style, out=out_dir / f"{out}.png", logx=logx,
                      title=title)
         print(f"wrote {out_dir / (out + '.png')}")
-    for name in ("08_adc_architectures", "08_adc_architectures_quick"):
-        path = HERE / "results" / f"{name}.jsonl"
-        if path.exists():
-            adc_architectures_figure(path, out_dir / f"{name}.png")
-            print(f"wrote {out_dir / (name + '.png')}")
-            break
+    path = HERE / "results" / "08_adc_architectures.jsonl"
+    if path.exists():
+        adc_architectures_figure(path, out_dir / "08_adc_architectures.png")
+        print(f"wrote {out_dir / '08_adc_architectures.png'}")
     for name in ("01_exactness",):
         path = HERE / "results" / f"{name}.jsonl"
         if path.exists():
