@@ -57,6 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbar.core.ir_constants import SOR_WAIT
+
 __all__ = ["available", "ladder", "release_scratch", "transfer"]
 
 # Sampled columns of the start transfer matrix that set each vector's current scale.
@@ -132,9 +134,12 @@ def _threads() -> int:
 
 
 def _control_state(lanes):
-    state = np.full((7, lanes), np.inf)
+    state = np.full((10, lanes), np.inf)
     state[4] = 0.0  # not yet in exact mode
     state[6] = -1.0  # no rate yet
+    state[7] = 1.0  # Gauss-Seidel until the control sets a relaxation factor
+    state[8] = -SOR_WAIT  # pass of the factor's last update
+    state[9] = 1.0  # the factor of the last pass
     return state
 
 
@@ -194,6 +199,7 @@ def _work_shapes(P, nnz, K, N, L):
         (P, N * L),  # row-line elimination of the current row
         (P, K, L),  # driver currents
         (L, K), (L, K),  # transfer rows, previous and new
+        (nnz * L,), (P, nnz * L),  # relaxed bit-line and row-line voltages (SOR passes only)
     )
 
 
@@ -278,7 +284,7 @@ def _solve_blocks(common, lanes, g, x, r_a, r_a_end, r_b, r_b_end, tol, max_iter
         head = [g, rp, col, gq, rho, rrp, jr, cab, ccd, w0, eye]
         fn = getattr(lanes, f"block_p{P}")
         shapes = _work_shapes(P, nnz, K, N, L)
-        field_bytes = nnz * L * 4
+        field_bytes = (2 + P) * nnz * L * 4  # F, and W, D once relaxed
         s = _scale(x, g, w0, signs, cells, pool)
         xs = np.empty((B, K), np.float32)  # inputs relative to each vector's largest current
         norms = _halves(pool, lambda a, b: common.scaled_inputs(x[a:b], s[a:b], xs[a:b]), B)
