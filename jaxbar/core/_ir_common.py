@@ -61,10 +61,11 @@ def _control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err):
     comes within EXACT_ZONE of tol the exact change is used from then on (the contraction rate
     is a ratio of two changes of the same kind). Slow lanes switch on block SOR
     (``_tune_relaxation``). A lane that is not converged gives up (the caller falls back to the
-    XLA solver) when its change has not halved for STALL passes, or shrinks by
-    less than SLOW_RATE per pass SOR_WAIT passes after the relaxation factor's last update,
-    unless the change is rounding noise (below ``floor``): such a lane is accepted after STALL
-    passes if the smallest exact change seen is within tol (that change is then its error).
+    XLA solver) when its change has not halved for STALL passes, or shrinks by less than
+    SLOW_RATE per pass SOR_WAIT passes after the relaxation factor's last update (from pass 3 on
+    where relaxation is off: ``state[8, 0]`` inf), unless the change is rounding noise (below
+    ``floor``): such a lane is accepted after STALL passes if the smallest exact change seen is
+    within tol (that change is then its error).
 
     ``state`` (10, lanes): previous bound, smallest change so far, pass of its last halving,
     smallest exact change, exact mode (row 4, first lane), previous exact change, last rate
@@ -110,9 +111,10 @@ def _control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err):
     # float32 rounding of the fields (recurrences over K rows) leaves a change of about
     # eps sqrt(K) per pass.
     floor = NOISE_ULPS * eps * max(1.0, np.sqrt(K) / 4.0)
-    _tune_relaxation(state, rate, err, n_live, t, tol)
+    _tune_relaxation(state, rate, err, d, floor, n_live, t, tol)
     relaxed = state[7, 0] > 1.0
     settled = relaxed and t - state[8, 0] > SOR_WAIT
+    gauss_seidel_only = state[8, 0] == np.inf
     done = t >= 2
     give_up = False
     for b in range(n_live):
@@ -129,7 +131,7 @@ def _control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err):
                 err[b] = state[3, b]  # converged to rounding
                 continue
             give_up = give_up or stalled
-        elif stalled or settled and rate[b] > SLOW_RATE:
+        elif stalled or rate[b] > SLOW_RATE and (settled or gauss_seidel_only and t >= 3):
             give_up = True
         done = False
     if done:
@@ -138,21 +140,23 @@ def _control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err):
 
 
 @numba.njit(nogil=True, cache=True)
-def _tune_relaxation(state, rate, err, n_live, t, tol):
+def _tune_relaxation(state, rate, err, d, floor, n_live, t, tol):
     """Adaptive block SOR, one factor per block (its lanes share the matrix), as the XLA sweeps.
 
     For this 2-cyclic system a settled rate R at relaxation w gives the squared block-Jacobi
     radius mu^2 = (R + w - 1)^2 / (R w^2) and the optimal relaxation 2 / (1 + sqrt(1 - mu^2)).
-    R is the slowest unconverged lane's rate, settled when it moved by at most a tenth of its
-    distance to 1 since the previous pass; updates are SOR_WAIT passes apart (and not before
-    pass 3: the first rate compares with the start), the factor only increases.
+    R is the slowest rate of the lanes not converged whose change ``d`` is above the rounding
+    ``floor`` (a rate of rounding noise is near 1 and would push the factor towards 2), settled
+    when it moved by at most a tenth of its distance to 1 since the previous pass; updates are
+    SOR_WAIT passes apart (and not before pass 3: the first rate compares with the start), the
+    factor only increases.
     """
     if t < 3 or t - state[8, 0] < SOR_WAIT:
         return
     r = -1.0
     r_prev = -1.0
     for b in range(n_live):
-        if err[b] > tol and rate[b] > r:
+        if err[b] > tol and d[b] > floor and rate[b] > r:
             r = rate[b]
             r_prev = state[6, b]
     om = state[7, 0]
