@@ -294,7 +294,7 @@ def test_error_estimate_matches_the_xla_control():
             ctl = par._control_step(ctl, t, jnp.asarray([change], np.float32))
         err = np.zeros(1)
         rate = np.asarray([d / d_prev])
-        _ir_common._estimate(np.asarray([d]), rate, 2, eps, err)
+        _ir_common._estimate(np.asarray([d]), rate, 2, eps, err, True)
         assert err[0] == pytest.approx(float(ctl.err[0]), rel=1e-4, abs=1e-12)
 
 
@@ -459,3 +459,20 @@ def test_rows_too_attenuated_for_the_kernel_fall_back():
     g = np.full((4, 200), 5.0)
     _, _, _, ok = _kernel(g, None, np.ones((3, 4)), 1.0, 1e-3, **NONE)
     assert not ok
+
+
+def test_large_wire_resistance_is_solved_by_the_kernel_with_over_relaxation():
+    """Wire resistance at which Gauss-Seidel passes contract by more than half per pass (the
+    kernel without relaxation gives up after 3): on a single array the kernel switches on block
+    SOR, converges itself (no hand-over to XLA) and agrees with the dense reference."""
+    g, _, v = _problem(48, 16, False, False, seed=17)
+    r = 0.04
+    ref = reference_currents(g, v, r, r, **TERMINALS)
+    currents, iterations, error, ok = _kernel(g, None, v, r, r, tol=1e-5, **TERMINALS)
+    assert ok and error <= 1e-5 and iterations > 3
+    assert _rel_err(currents, ref) <= 2e-5
+    assert _rel_err(currents, ref) < 0.01 * _rel_err(v @ g, ref)
+    g32, v32 = _f32(g, v)
+    solved, info = par.solve_input_source(g32, v32, r, r, tol=1e-5, **TERMINALS)
+    assert int(info.path) == par.PATH_KERNEL and bool(info.converged)
+    assert _rel_err(solved, ref) <= 2e-5

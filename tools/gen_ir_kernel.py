@@ -50,12 +50,13 @@ def _kernel(P: int, L: int) -> list[str]:
 
 @numba.njit(nogil=True, fastmath={{"contract"}}, cache=True)
 def block_p{P}(g, rp, col, gq, rho, rrp, jr, cab, ccd, w0, eye, xs, j0, tol, cx2, cxi, qhat,
-             max_passes, F, wbuf, fbuf, hbuf, ja, m_old, m_new, state, out, err):
+             max_passes, F, wbuf, fbuf, hbuf, ja, m_old, m_new, W, D, state, out, err):
     """Transfer rows of the driven bit lines j0 .. j0 + {L} - 1, float32, P = {P}.
 
     See ``ir_cpu`` for the passes and ``ir_cpu._worker`` for the arrays; ``eye``: the {L} x {L}
-    identity (row b: lane b's drive). Returns (passes, status): status 0 converged, 1 not
-    converged within max_passes, 2 too slow for Gauss-Seidel.
+    identity (row b: lane b's drive). W, D: the relaxed bit-line and row-line voltages of the
+    previous pass at every node (read and written only once over-relaxation is on). Returns
+    (passes, status): status 0 converged, 1 not converged within max_passes, 2 too slow.
     """
     K = rp.shape[0] - 1
     N = w0.shape[1]
@@ -67,13 +68,26 @@ def block_p{P}(g, rp, col, gq, rho, rrp, jr, cab, ccd, w0, eye, xs, j0, tol, cx2
     status = 1
     full_passes = 0
     done = 0
+    relax = False  # W and D hold the previous pass's relaxed voltages
     _start_rows(g, w0, j0, n_live, m_old)
     t = 0
     while t < max_passes:
         t += 1
+        # Block SOR once the control sets a relaxation factor: the first such pass runs
+        # unrelaxed and records the voltages it used (relaxing from 0 gives them exactly).
+        om = one
+        if state[7, 0] > 1.0:
+            if relax:
+                om = numba.float32(state[7, 0])
+            else:
+                W[:] = zero
+                D[:, :] = zero
+                relax = True
+        state[9, 0] = om
         # A pass that is predicted to converge skips the bit-line elimination (which only the
-        # next pass would read); when it does not converge it is run again in full.
-        last = _worth_last(state, n_live, t - 1, qhat, tol)
+        # next pass would read); when it does not converge it is run again in full (not with
+        # relaxation: the rerun would relax the recorded voltages twice).
+        last = not relax and _worth_last(state, n_live, t - 1, qhat, tol)
         for attempt in range(2):
             full = attempt == 1 or not last
             desc = full_passes % 2 == 0
@@ -106,58 +120,72 @@ def block_p{P}(g, rp, col, gq, rho, rrp, jr, cab, ccd, w0, eye, xs, j0, tol, cx2
                 c.lanes_(ind + 2, f"e{p}_#", f"e{p}_# - gv * eye[x + U(#)]")
         for p in pols:
             c.lanes_(ind + 2, f"hbuf[{p}, U(ii * {L}) + U(#)]", f"e{p}_#")
-    c(ind, "else:  # with the bit-line back-substitution of the previous pass")
-    # The rows two steps ahead are fetched while this one is read (the passes read each node's
-    # elimination once, from memory).
-    c(ind + 1, "pf = rp[min(max(k + (-2 if desc else 2), 0), K - 1) + 1] - i1")
-    c(ind + 1, f"last_line = F.shape[0] // {L} - 1")
-    for lo, hi, drive in segments:
-        c(ind + 1, f"for ii in range({lo}, {hi}):")
-        c(ind + 2, "i = U(i1 - 1 - ii)")
-        c(ind + 2, f"prefetch(F, U(min(max(pf + i1 - 1 - ii, 0), last_line) * {L}))")
-        c(ind + 2, "n = col[i]")
-        c(ind + 2, f"q = U(n * {L})")
-        c(ind + 2, f"o = i * U({L})")
-        c(ind + 2, "ca = cab[dr, 0, i]")
-        c(ind + 2, "cb = cab[dr, 1, i]")
-        c.lanes_(ind + 2, "wbuf[q + U(#)]",
-                 "(ca * F[o + U(#)] + wbuf[q + U(#)]) - cb * wbuf[q + U(#)]")
-        if drive:
-            c(ind + 2, f"x = U((n - j0) * {L})")
-        for p in pols:
-            c(ind + 2, f"gw = gq[{p}, i]")
-            u = "(wbuf[q + U(#)] + eye[x + U(#)])" if drive else "wbuf[q + U(#)]"
-            c.lanes_(ind + 2, f"e{p}_#", f"e{p}_# - gw * {u}")
-            c.lanes_(ind + 2, f"hbuf[{p}, U(ii * {L}) + U(#)]", f"e{p}_#")
+    # With the bit-line back-substitution of the previous pass; relaxed: each node's voltage
+    # moves from the recorded one by om times the step to the back-substitution's.
+    for relaxed in (False, True):
+        c(ind, "else:" if relaxed else "elif not relax:")
+        # The rows two steps ahead are fetched while this one is read (the passes read each
+        # node's elimination once, from memory).
+        c(ind + 1, "pf = rp[min(max(k + (-2 if desc else 2), 0), K - 1) + 1] - i1")
+        c(ind + 1, f"last_line = F.shape[0] // {L} - 1")
+        w = "wr_#" if relaxed else "wbuf[q + U(#)]"
+        for lo, hi, drive in segments:
+            c(ind + 1, f"for ii in range({lo}, {hi}):")
+            c(ind + 2, "i = U(i1 - 1 - ii)")
+            c(ind + 2, f"prefetch(F, U(min(max(pf + i1 - 1 - ii, 0), last_line) * {L}))")
+            c(ind + 2, "n = col[i]")
+            c(ind + 2, f"q = U(n * {L})")
+            c(ind + 2, f"o = i * U({L})")
+            c(ind + 2, "ca = cab[dr, 0, i]")
+            c(ind + 2, "cb = cab[dr, 1, i]")
+            c.lanes_(ind + 2, "wbuf[q + U(#)]",
+                     "(ca * F[o + U(#)] + wbuf[q + U(#)]) - cb * wbuf[q + U(#)]")
+            if relaxed:
+                c.lanes_(ind + 2, "wr_#", "W[o + U(#)] + om * (wbuf[q + U(#)] - W[o + U(#)])")
+                c.lanes_(ind + 2, "W[o + U(#)]", "wr_#")
+            if drive:
+                c(ind + 2, f"x = U((n - j0) * {L})")
+            for p in pols:
+                c(ind + 2, f"gw = gq[{p}, i]")
+                u = f"({w} + eye[x + U(#)])" if drive else w
+                c.lanes_(ind + 2, f"e{p}_#", f"e{p}_# - gw * {u}")
+                c.lanes_(ind + 2, f"hbuf[{p}, U(ii * {L}) + U(#)]", f"e{p}_#")
     for p in pols:
         c(ind, f"jk = jr[{p}, k]")
         c.lanes_(ind, f"ja[{p}, k, #]", f"jk * e{p}_#")
     # Row-line back-substitution from the driver and the next bit-line elimination.
-    c(ind, "if full:")
-    for p in pols:
-        c.lanes_(ind + 1, f"d{p}_#", "zero")
-    for lo, hi, drive in (("0", "a - i0", False), ("a - i0", "b - i0", True),
-                          ("b - i0", "i1 - i0", False)):
-        c(ind + 1, f"for ii in range({lo}, {hi}):")
-        c(ind + 2, "i = U(i0 + ii)")
-        c(ind + 2, "n = col[i]")
-        c(ind + 2, f"q = U(n * {L})")
-        c(ind + 2, f"o = i * U({L})")
-        c(ind + 2, f"hq = U((i1 - i0 - 1 - ii) * {L})")
+    for relaxed in (False, True):
+        c(ind, "elif full:" if relaxed else "if full and not relax:")
         for p in pols:
-            c(ind + 2, f"ra = rho[{p}, i]")
-            c(ind + 2, f"rs = rrp[{p}, i]")
-            c.lanes_(ind + 2, f"d{p}_#", f"ra * d{p}_# + rs * hbuf[{p}, hq + U(#)]")
-        c(ind + 2, "cg = ccd[dr, 0, i]")
-        if drive:
-            c(ind + 2, f"x = U((n - j0) * {L})")
-        terms = []
-        for p in pols:
-            c(ind + 2, f"c{p} = ccd[dr, {1 + p}, i]")
-            terms.append(f"c{p} * (d{p}_# + eye[x + U(#)])" if drive else f"c{p} * d{p}_#")
-        c.lanes_(ind + 2, "f_#", f"(fbuf[q + U(#)] + {' + '.join(terms)}) - cg * fbuf[q + U(#)]")
-        c.lanes_(ind + 2, "F[o + U(#)]", "f_#")
-        c.lanes_(ind + 2, "fbuf[q + U(#)]", "f_#")
+            c.lanes_(ind + 1, f"d{p}_#", "zero")
+        for lo, hi, drive in (("0", "a - i0", False), ("a - i0", "b - i0", True),
+                              ("b - i0", "i1 - i0", False)):
+            c(ind + 1, f"for ii in range({lo}, {hi}):")
+            c(ind + 2, "i = U(i0 + ii)")
+            c(ind + 2, "n = col[i]")
+            c(ind + 2, f"q = U(n * {L})")
+            c(ind + 2, f"o = i * U({L})")
+            c(ind + 2, f"hq = U((i1 - i0 - 1 - ii) * {L})")
+            for p in pols:
+                c(ind + 2, f"ra = rho[{p}, i]")
+                c(ind + 2, f"rs = rrp[{p}, i]")
+                c.lanes_(ind + 2, f"d{p}_#", f"ra * d{p}_# + rs * hbuf[{p}, hq + U(#)]")
+                if relaxed:  # the recurrence runs on, the elimination takes the relaxed ones
+                    c.lanes_(ind + 2, f"dr{p}_#",
+                             f"D[{p}, o + U(#)] + om * (d{p}_# - D[{p}, o + U(#)])")
+                    c.lanes_(ind + 2, f"D[{p}, o + U(#)]", f"dr{p}_#")
+            c(ind + 2, "cg = ccd[dr, 0, i]")
+            if drive:
+                c(ind + 2, f"x = U((n - j0) * {L})")
+            terms = []
+            for p in pols:
+                c(ind + 2, f"c{p} = ccd[dr, {1 + p}, i]")
+                d = f"dr{p}_#" if relaxed else f"d{p}_#"
+                terms.append(f"c{p} * ({d} + eye[x + U(#)])" if drive else f"c{p} * {d}")
+            c.lanes_(ind + 2, "f_#",
+                     f"(fbuf[q + U(#)] + {' + '.join(terms)}) - cg * fbuf[q + U(#)]")
+            c.lanes_(ind + 2, "F[o + U(#)]", "f_#")
+            c.lanes_(ind + 2, "fbuf[q + U(#)]", "f_#")
     c(0, '''            if full:
                 full_passes += 1
             if attempt == 1:

@@ -6,17 +6,17 @@ is regenerated (recompiled) whenever it changes. This module in turn records the
 ``ir_constants``, whose values its cached functions compile in.
 """
 
-# ir_constants.py sha256: 472c7a1819883a25de772ac7b406aad0726d020f3566ed28ef6e43f132201a40
+# ir_constants.py sha256: 47084b482eb1df3234996e680029c3fd1b8f116cdac6ea5b9508e8ef0dfa4804
 import numba
 import numpy as np
 from llvmlite import ir
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from jaxbar.core.ir_constants import MAX_RATE, NOISE_ULPS, SAFETY
+from jaxbar.core.ir_constants import MAX_MU2, MAX_RATE, NOISE_ULPS, SAFETY, SOR_THRESHOLD, SOR_WAIT
 
-# Per-pass contraction above which Gauss-Seidel passes are too slow: the caller falls back to
-# the over-relaxed XLA solver.
+# Per-pass contraction above which over-relaxed passes (SOR_WAIT passes after the factor's last
+# update) are too slow: the caller falls back to the XLA solver.
 SLOW_RATE = 0.5
 # Passes without the change halving after which a lane has stalled (rounding noise).
 STALL = 3
@@ -59,18 +59,22 @@ def _control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err):
     The change of output currents ``max_b |xs_b . dM_j|`` (``xs``: inputs scaled by each vector's
     largest current) is bounded cheaply by ``min(cx2 |dM_j|_2, cxi |dM_j|_1)``; once that bound
     comes within EXACT_ZONE of tol the exact change is used from then on (the contraction rate
-    is a ratio of two changes of the same kind). A lane that is not converged gives up (the
-    caller falls back to the over-relaxed XLA solver) when its change shrinks by less than
-    SLOW_RATE per pass or has not halved for STALL passes, unless the change is rounding noise
-    (below ``floor``): such a lane is accepted after STALL passes if the smallest exact change
-    seen is within tol (that change is then its error).
+    is a ratio of two changes of the same kind). Slow lanes switch on block SOR
+    (``_tune_relaxation``). A lane that is not converged gives up (the caller falls back to the
+    XLA solver) when its change has not halved for STALL passes, or shrinks by less than
+    SLOW_RATE per pass SOR_WAIT passes after the relaxation factor's last update (from pass 3 on
+    where relaxation is off: ``state[8, 0]`` inf), unless the change is rounding noise (below
+    ``floor``): such a lane is accepted after STALL passes if the smallest exact change seen is
+    within tol (that change is then its error).
 
-    ``state`` (7, lanes): previous bound, smallest change so far, pass of its last halving,
+    ``state`` (10, lanes): previous bound, smallest change so far, pass of its last halving,
     smallest exact change, exact mode (row 4, first lane), previous exact change, last rate
-    (-1 before pass 2).
+    (-1 before pass 2); first lane of rows 7-9: the relaxation factor, the pass of its last
+    update, the factor pass t ran with (1: Gauss-Seidel).
     """
     eps = np.finfo(m_new.dtype).eps
     K = m_new.shape[1]
+    monotone = state[9, 0] == 1.0
     bound = np.zeros(n_live)
     for b in range(n_live):
         s1 = 0.0
@@ -87,7 +91,7 @@ def _control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err):
     d = bound
     exact = state[4, 0] > 0
     if not exact and t >= 2:
-        _estimate(bound, rate, t, eps, err)
+        _estimate(bound, rate, t, eps, err, monotone)
         worst = 0.0
         for b in range(n_live):
             worst = max(worst, err[b])
@@ -103,10 +107,14 @@ def _control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err):
             state[5, b] = d[b]
             state[3, b] = min(state[3, b], d[b])
         state[4, 0] = 1.0
-    _estimate(d, rate, t, eps, err)
+    _estimate(d, rate, t, eps, err, monotone)
     # float32 rounding of the fields (recurrences over K rows) leaves a change of about
     # eps sqrt(K) per pass.
     floor = NOISE_ULPS * eps * max(1.0, np.sqrt(K) / 4.0)
+    _tune_relaxation(state, rate, err, d, floor, n_live, t, tol)
+    relaxed = state[7, 0] > 1.0
+    settled = relaxed and t - state[8, 0] > SOR_WAIT
+    gauss_seidel_only = state[8, 0] == np.inf
     done = t >= 2
     give_up = False
     for b in range(n_live):
@@ -123,12 +131,42 @@ def _control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err):
                 err[b] = state[3, b]  # converged to rounding
                 continue
             give_up = give_up or stalled
-        elif stalled or t >= 3 and rate[b] > SLOW_RATE:
+        elif stalled or rate[b] > SLOW_RATE and (settled or gauss_seidel_only and t >= 3):
             give_up = True
         done = False
     if done:
         return 1
     return 2 if give_up else 0
+
+
+@numba.njit(nogil=True, cache=True)
+def _tune_relaxation(state, rate, err, d, floor, n_live, t, tol):
+    """Adaptive block SOR, one factor per block (its lanes share the matrix), as the XLA sweeps.
+
+    For this 2-cyclic system a settled rate R at relaxation w gives the squared block-Jacobi
+    radius mu^2 = (R + w - 1)^2 / (R w^2) and the optimal relaxation 2 / (1 + sqrt(1 - mu^2)).
+    R is the slowest rate of the lanes not converged whose change ``d`` is above the rounding
+    ``floor`` (a rate of rounding noise is near 1 and would push the factor towards 2), settled
+    when it moved by at most a tenth of its distance to 1 since the previous pass; updates are
+    SOR_WAIT passes apart (and not before pass 3: the first rate compares with the start), the
+    factor only increases.
+    """
+    if t < 3 or t - state[8, 0] < SOR_WAIT:
+        return
+    r = -1.0
+    r_prev = -1.0
+    for b in range(n_live):
+        if err[b] > tol and d[b] > floor and rate[b] > r:
+            r = rate[b]
+            r_prev = state[6, b]
+    om = state[7, 0]
+    if not (SOR_THRESHOLD <= r < 1.0 and r > om - 1.0 + 0.02
+            and abs(r - r_prev) <= 0.1 * (1.0 - r)):
+        return
+    rc = min(r, MAX_RATE)
+    mu2 = min(max((rc + om - 1.0) ** 2 / (rc * om * om), 0.0), MAX_MU2)
+    state[7, 0] = max(om, 2.0 / (1.0 + np.sqrt(1.0 - mu2)))
+    state[8, 0] = t
 
 
 @numba.njit(nogil=True, cache=True)
@@ -139,21 +177,25 @@ def _ratio(d, d_prev):
 
 
 @numba.njit(nogil=True, cache=True)
-def _estimate(d, rate, t, eps, err):
+def _estimate(d, rate, t, eps, err, monotone=True):
     """Geometric-tail error estimates from changes ``d`` and contraction rates (as the XLA solver).
 
-    A change of a few ulps is rounding noise and carries no rate of its own: its estimate is the
-    change itself, unless it follows a change above the noise. The true change is then at most
-    ``d + noise`` and the rate at most ``(d + noise) / d_prev``, whose tail may be smaller.
+    ``monotone``: Gauss-Seidel passes (the tail with a safety factor); over-relaxed passes may
+    oscillate and their estimate is never below the change. A change of a few ulps is rounding
+    noise and carries no rate of its own: its estimate is the change itself, unless it follows
+    a change above the noise after a Gauss-Seidel pass. The true change is then at most ``d +
+    noise`` and the rate at most ``(d + noise) / d_prev``, whose tail may be smaller.
     """
     noise = NOISE_ULPS * eps
     for b in range(d.shape[0]):
         rc = min(max(rate[b], 0.0), MAX_RATE)
         # The first change has no rate yet: it is its own estimate.
-        e = d[b] * SAFETY * rc / (1.0 - rc) if t >= 2 else d[b]
+        tail = rc / (1.0 - rc)
+        e = d[b] * (SAFETY * tail if monotone else max(1.0, tail)) if t >= 2 else d[b]
         if d[b] <= noise:
             e = d[b]
-            if t >= 2 and d[b] > rate[b] * noise:  # d_prev = d / rate is above the noise
+            # d_prev = d / rate is above the noise
+            if monotone and t >= 2 and d[b] > rate[b] * noise:
                 hi = d[b] + noise
                 r_hi = min(hi * rate[b] / d[b], MAX_RATE)
                 e = min(e, hi * SAFETY * r_hi / (1.0 - r_hi))

@@ -11,3 +11,9 @@ SAFETY = 4.0
 NOISE_ULPS = 16
 # Cap on the contraction estimate used to turn a change into an error estimate.
 MAX_RATE = 0.99
+# Sweeps whose output change shrinks slower than this (per sweep) get over-relaxation.
+SOR_THRESHOLD = 0.1
+# Sweeps between two updates of the relaxation factor (lets the new factor's transient decay).
+SOR_WAIT = 3
+# Cap on the estimated squared block-Jacobi radius (keeps the relaxation factor below 2).
+MAX_MU2 = 0.9999

@@ -64,7 +64,7 @@ import numpy as np
 from jax import lax
 
 from jaxbar.core import ir_cpu
-from jaxbar.core.ir_constants import MAX_RATE, NOISE_ULPS, SAFETY
+from jaxbar.core.ir_constants import MAX_MU2, MAX_RATE, NOISE_ULPS, SAFETY, SOR_THRESHOLD, SOR_WAIT
 
 __all__ = [
     "ConvergenceError",
@@ -92,12 +92,6 @@ Array = jax.Array
 
 # Working-set budget of one batch chunk when ``batch_chunk=None`` (bytes of solver fields).
 _CHUNK_BYTES = 384 * 2**20
-# Sweeps whose output change shrinks slower than this (per sweep) get over-relaxation.
-_SOR_THRESHOLD = 0.1
-# Sweeps between two updates of the relaxation factor (lets the new factor's transient decay).
-_SOR_WAIT = 3
-# Cap on the estimated squared block-Jacobi radius (keeps the relaxation factor below 2).
-_MAX_MU2 = 0.9999
 # A vector whose output change has not halved for this many sweeps has stalled (rounding
 # noise): the solve stops early and reports it unconverged instead of running max_iters.
 _STALL = 100
@@ -406,7 +400,7 @@ class _Control(NamedTuple):
 def _control_init(n, dtype):
     one = jnp.ones((n,), dtype)
     return _Control(
-        d=one, rate=0.0 * one, omega=one, t_upd=jnp.full((n,), -_SOR_WAIT, jnp.int32),
+        d=one, rate=0.0 * one, omega=one, t_upd=jnp.full((n,), -SOR_WAIT, jnp.int32),
         d_best=jnp.full((n,), jnp.inf, dtype), stall_from=jnp.zeros((n,), jnp.int32),
         err=jnp.full((n,), jnp.inf, dtype),
     )
@@ -446,10 +440,10 @@ def _control_step(ctl, t, d):
     omega = ctl.omega
     settled = jnp.abs(rate - ctl.rate) <= 0.1 * (1.0 - rate)
     update = (
-        (t >= 2) & (t - ctl.t_upd >= _SOR_WAIT) & settled & (rate >= _SOR_THRESHOLD)
+        (t >= 2) & (t - ctl.t_upd >= SOR_WAIT) & settled & (rate >= SOR_THRESHOLD)
         & (rate > omega - 1.0 + 0.02) & (rate < 1.0)
     )
-    mu2 = jnp.clip(_safe_div((rate_c + omega - 1.0) ** 2, rate_c * omega**2), 0.0, _MAX_MU2)
+    mu2 = jnp.clip(_safe_div((rate_c + omega - 1.0) ** 2, rate_c * omega**2), 0.0, MAX_MU2)
     omega = jnp.where(update, jnp.maximum(omega, 2.0 / (1.0 + jnp.sqrt(1.0 - mu2))), omega)
     halved = d <= 0.5 * ctl.d_best
     return _Control(
