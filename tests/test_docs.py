@@ -92,3 +92,32 @@ def test_relative_links_and_images_exist(path):
         elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(f"{target} (no such heading)")
     assert not broken, f"{_rel(path)}: broken links: {broken}"
+
+
+SOURCES = sorted(p for p in (ROOT / "jaxbar").rglob("*.py") if p.name != "_ir_lanes.py")
+DOC_SECTIONS = ("Args:", "Returns:", "Raises:", "Attributes:", "Yields:")
+REST = re.compile(r"(?<!`)``(?!`)|:(?:class|func|meth|mod|attr|data|obj):`")  # not ``` fences
+
+
+def _docstrings(path: Path):
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            doc = ast.get_docstring(node, clean=True)
+            if doc:
+                yield getattr(node, "name", "<module>"), doc
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=_rel)
+def test_docstrings_in_one_style(path):
+    """Google style as the package writes it: section entries two spaces in, Markdown code."""
+    for name, doc in _docstrings(path):
+        lines = doc.splitlines()
+        for i, line in enumerate(lines):
+            if line.strip() in DOC_SECTIONS:
+                entry = next((n for n in lines[i + 1:] if n.strip()), None)
+                indent = len(line) - len(line.lstrip())
+                assert entry is None or len(entry) - len(entry.lstrip()) == indent + 2, (
+                    f"{name}: the entries of {line.strip()} must be indented two spaces")
+        assert not REST.search(doc), f"{name}: reST markup; use single backticks"

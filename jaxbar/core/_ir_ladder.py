@@ -1,7 +1,7 @@
 """Numba kernel of the gated-source ladder solve: one input vector's columns per SIMD lane.
 
 A gated-source column (its supply lines and its bit line) is a ladder whose rungs are the
-cells: the columns are independent circuits. ``ladder_currents`` eliminates each one exactly,
+cells: the columns are independent circuits. `ladder_currents` eliminates each one exactly,
 from the integrator up to the sources, in the hybrid form described in docs/ir_solver.md
 ("The gated-source ladder"). All columns of one input vector share its bit pattern, so the
 inner loops run over the columns and a row whose bit is 0 costs nothing but the addition of
@@ -16,8 +16,8 @@ import numpy as np
 def _schedule(x, i, res, rows, seg_a, seg_b):
     """The active rows of vector i from the integrator up, with the segments merged below each.
 
-    Fills ``rows[:m]`` (descending), ``seg_a[:m]`` (the supply resistance between the row and
-    the next active row below it) and ``seg_b[:m]`` (the bit-line resistance below the row, to
+    Fills `rows[:m]` (descending), `seg_a[:m]` (the supply resistance between the row and
+    the next active row below it) and `seg_b[:m]` (the bit-line resistance below the row, to
     the next active row or the integrator); returns m and the supply resistance above the
     topmost active row, to the source.
     """
@@ -47,7 +47,7 @@ def ladder_p1(g, x, res, out, lo, hi, st):
     Args:
       g: (Bg, 1, K, N) conductances: Bg = 1 (every vector) or B (one set per vector, e.g.
         with read noise).
-      x: (B, K) bits in {-1, 0, 1} (a cell conducts ``|b| g`` in series with drive ``b``).
+      x: (B, K) bits in {-1, 0, 1} (a cell conducts `|b| g` in series with drive `b`).
       res: (4,) supply segment, first supply segment (with the source's terminal resistance),
         bit-line segment, last bit-line segment (with unused rows and the integrator).
       out: (B, N) integrator currents (written).
@@ -93,9 +93,9 @@ def ladder_p1(g, x, res, out, lo, hi, st):
 
 @numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
 def ladder_p2(g, x, res, out, lo, hi, st):
-    """As :func:`ladder_p1` for interleaved pairs: two supply lines (driven by +b and -b).
+    """As `ladder_p1` for interleaved pairs: two supply lines (driven by +b and -b).
 
-    ``g`` is (Bg, 2, K, N); ``st`` (9, N): Y00, Y01, Y11, A0, A1, Z, h0, h1, z.
+    `g` is (Bg, 2, K, N); `st` (9, N): Y00, Y01, Y11, A0, A1, Z, h0, h1, z.
     """
     K, N = g.shape[2], g.shape[3]
     per_vector = g.shape[0] > 1

@@ -36,7 +36,7 @@ def _noisy_reads(gt, v, key, config, extra_rows, g_neg=None):
     Args:
       gt: (K, N) conductances.
       v: (B, K) input bits, one read each.
-      key: this array's read key; chunk i of the reads draws from ``fold_in(key, i)``.
+      key: this array's read key; chunk i of the reads draws from `fold_in(key, i)`.
       config: the crossbar config.
       extra_rows: unused rows below the tile.
       g_neg: (K, N) conductances of the interleaved negative cells, or None.
@@ -84,7 +84,7 @@ def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
 
     Returns:
       (J, *batch, pr, S, P', M): P' = 1 after analog differential subtraction (of two
-      separate arrays, or of one interleaved array), else P. With ``with_info``, also the
+      separate arrays, or of one interleaved array), else P. With `with_info`, also the
       `parasitics.SolveInfo` of every array, leaves of shape (pr, S, pc) for an interleaved
       pair, (pr, S, 2, pc) for separate pairs and (pr, S, P, pc) otherwise (pc: column
       partitions; the unit column of an offset layer shares its partition's arrays).

@@ -1,8 +1,8 @@
 """Convergence constants of the IR-drop solver, shared by the XLA sweeps and the CPU kernel.
 
-``_ir_common`` (numba, cached on disk) compiles these values into its functions; numba's cache
+`_ir_common` (numba, cached on disk) compiles these values into its functions; numba's cache
 tracks only that module's own file, so it records this file's sha256 and
-``tools/gen_ir_kernel.py`` rewrites that line (and the generated kernels) after a change here.
+`tools/gen_ir_kernel.py` rewrites that line (and the generated kernels) after a change here.
 """
 
 # Safety factor on the geometric-tail error estimate of monotone (Gauss-Seidel) sweeps.

@@ -1,7 +1,7 @@
 """CPU kernel of the input-source transfer solve (numba): the IR-drop solver's fast path on CPUs.
 
-:mod:`jaxbar.core.parasitics` finds the transfer matrix ``M`` of an input-source array (``I = v @
-M.T``) from N adjoint circuits, one per bit line ``j`` (driven by -1 in its own cells). In XLA
+`jaxbar.core.parasitics` finds the transfer matrix `M` of an input-source array (`I = v @
+M.T`) from N adjoint circuits, one per bit line `j` (driven by -1 in its own cells). In XLA
 every sweep streams (K, N, N)-sized fields through memory several times. This kernel solves 16
 adjoint circuits at once in float32, one per SIMD lane, and fuses a whole Gauss-Seidel sweep into
 a single pass over the rows:
@@ -13,15 +13,15 @@ a single pass over the rows:
 
 Consecutive passes run in opposite directions over the rows, so the bit-line elimination
 alternates between the open end (admittance form, as the XLA solver) and the integrator end
-(impedance form: ``Z_k`` is the impedance below node k and the back-substitution uses ``Z_k /
-Z_(k-1) <= 1``, so nothing is divided by a resistance). The passes start from the bit lines solved
+(impedance form: `Z_k` is the impedance below node k and the back-substitution uses `Z_k /
+Z_(k-1) <= 1`, so nothing is divided by a resistance). The passes start from the bit lines solved
 with ideal row lines, read the driver currents after each pass and stop on the XLA solver's error
-estimate of the output currents: a cheap bound on their change (``min(|x|_2 |dM|_2, |x|_inf
-|dM|_1)`` relative to each vector's largest current) gives the contraction rate, and near
+estimate of the output currents: a cheap bound on their change (`min(|x|_2 |dM|_2, |x|_inf
+|dM|_1)` relative to each vector's largest current) gives the contraction rate, and near
 convergence the exact change replaces it.
 
-The kernel works on the bit-line nodes that have a conducting cell (``_ir_common.
-prepare_compact``): a cell with g = 0 joins its row segments (and, alone at its node, its bit-line
+The kernel works on the bit-line nodes that have a conducting cell (`_ir_common.
+prepare_compact`): a cell with g = 0 joins its row segments (and, alone at its node, its bit-line
 segments) in series, so the line factors are those of the merged segments and the field holds 16
 values per node. Half of each array of a one-sided differential pair is off with an infinite
 on/off ratio; with a finite ratio every cell conducts. Rows are solved one at a time, their line
@@ -34,14 +34,14 @@ is run again in full.
 
 Gauss-Seidel passes are fast where the row-line coupling is weak (at r = 1e-4 on 1152 x 256 the
 change shrinks 15-20 times per pass). When it shrinks by less than half per pass, stalls at float32
-rounding above ``tol``, or the passes reach ``max_iters``, the kernel gives up and the caller falls
+rounding above `tol`, or the passes reach `max_iters`, the kernel gives up and the caller falls
 back to the over-relaxed XLA solver. Memory: per worker thread one field of 16 float32 values per
 node (at most K x N x 16, 18 MB for 1152 x 256), and the line factors, kept between solves for the
-largest array seen (``release_scratch`` frees them): faulting in fresh fields on every call
+largest array seen (`release_scratch` frees them): faulting in fresh fields on every call
 costs about a pass. While a pass reads a row it prefetches the field of the row two steps ahead. The
 setup (line factors, scale, scaled inputs) runs independent halves on two threads. The kernel is
 used on the CPU backend for float32 input-source transfer solves when numba is installed
-(``cpu_kernel=False`` turns it off). docs/ir_solver.md describes the design.
+(`cpu_kernel=False` turns it off). docs/ir_solver.md describes the design.
 """
 
 from __future__ import annotations
@@ -134,9 +134,9 @@ def _threads() -> int:
 
 
 def _control_state(lanes, relax=True):
-    """The kernel's control state (see ``_ir_common._control``).
+    """The kernel's control state (see `_ir_common._control`).
 
-    ``relax`` False: Gauss-Seidel passes only (no factor update ever; the factor stays 1).
+    `relax` False: Gauss-Seidel passes only (no factor update ever; the factor stays 1).
     """
     state = np.full((10, lanes), np.inf)
     state[4] = 0.0  # not yet in exact mode
@@ -152,7 +152,7 @@ def _padded(n):
 
 
 def _scratch_views(slot, shapes):
-    """Views of scratch buffer ``slot`` with the given shapes, each starting on a cache line.
+    """Views of scratch buffer `slot` with the given shapes, each starting on a cache line.
 
     The buffers are kept between solves (under _LOCK) and grown to the largest problem seen:
     fresh arrays, faulted in on every call, cost about as much as a pass. Slot 0 holds the
@@ -179,9 +179,9 @@ def release_scratch() -> None:
 
 
 def _worker(i, fn, L, K, head, tail, shapes, starts, lock, results, relax):
-    """Solves blocks of driven columns taken from ``starts`` until none is left (worker i).
+    """Solves blocks of driven columns taken from `starts` until none is left (worker i).
 
-    Calls ``fn(*head, j0, *tail, *work, state, out, err)`` with work arrays of the given
+    Calls `fn(*head, j0, *tail, *work, state, out, err)` with work arrays of the given
     shapes.
     """
     work = _scratch_views(1 + i, shapes)
@@ -220,7 +220,7 @@ def _aligned_empty(shape, align=_ALIGN):
 
 
 def _halves(pool, fn, B):
-    """fn(a, b) on two halves of range(B) (the second on ``pool``); the two results."""
+    """fn(a, b) on two halves of range(B) (the second on `pool`); the two results."""
     h = B // 2
     other = pool.submit(fn, h, B)
     return fn(0, h), other.result()
@@ -231,7 +231,7 @@ def _scale(x, g, w0, signs, cells=False, pool=None):
 
     Sampling can only underestimate the largest current, which makes the relative error
     estimates conservative; the start ignores the row-line drop, which is small wherever the
-    kernel converges fast. ``cells``: the largest current of both polarities' cells added, from
+    kernel converges fast. `cells`: the largest current of both polarities' cells added, from
     every column (single-row probes, which need it, vary a lot between columns).
     """
     N = g.shape[2]
@@ -325,10 +325,10 @@ def transfer(g_stack, x, res, tol, max_iters, cells=False):
         segment, last bit-line segment (with unused rows and the integrator).
       tol: the solver's tolerance.
       max_iters: the solver's pass limit.
-      cells: converge relative to the currents of both polarities added (``error_scale``).
+      cells: converge relative to the currents of both polarities added (`error_scale`).
 
     Returns:
-      (M (N, K), iterations, error, ok): ``ok`` False when the kernel gave up (slow contraction
+      (M (N, K), iterations, error, ok): `ok` False when the kernel gave up (slow contraction
       or no convergence within max_iters): M is then not a solution.
     """
     P, K, N = g_stack.shape
@@ -381,7 +381,7 @@ def _host_ladder(g, x, res):
 def ladder(g_stack, x, res):
     """Integrator currents of a gated-source array by the CPU ladder kernel (inside jit).
 
-    Every column is eliminated exactly, once per input vector (``_ir_ladder``); rows whose bit
+    Every column is eliminated exactly, once per input vector (`_ir_ladder`); rows whose bit
     is 0 are skipped. float32 and float64.
 
     Args:

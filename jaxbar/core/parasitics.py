@@ -6,7 +6,7 @@ Implements PHYSICS.md §6. Two topologies:
   row node (k, n) to bit-line node (k, n); bit line n ends in a virtual-ground integrator below
   row K-1.
 * **gated-source**: each column n has a supply line (source at the top, next to row 0) and a bit
-  line (integrator at the bottom); a selected cell connects the two with a series drive ``b[k]``.
+  line (integrator at the bottom); a selected cell connects the two with a series drive `b[k]`.
 
 Both are two families of resistive lines ("A-lines": row lines or supply lines; "B-lines": bit
 lines) coupled through the cells. The node equations are solved by block Gauss-Seidel, starting
@@ -14,37 +14,37 @@ from the bit lines solved with ideal A-lines (the bit-line drop is the large eff
 solve along every A-line given the bit-line voltages, then along every B-line given the A-line
 voltages, with adaptive over-relaxation (block SOR, optimal for this 2-cyclic system) when the
 sweeps converge slowly. Each line solve is the exact O(L) elimination written in physical
-admittance form (see :func:`_line_factor`), so zero resistances (also a line shorted behind a
+admittance form (see `_line_factor`), so zero resistances (also a line shorted behind a
 terminal resistance) need no special case and nothing is divided by a resistance. Sweeps stop on
 an error estimate of the output currents built from their relative change per sweep and the
-observed contraction rate (see :class:`SolveInfo`).
+observed contraction rate (see `SolveInfo`).
 
-Input-source circuits do not depend on the inputs. With at least ``N`` input vectors the solver
-therefore computes the transfer matrix ``M`` (``I = v @ M.T``) from ``N`` adjoint solves
-(reciprocity: row j of ``M`` is the set of driver currents when column j is driven) and applies it
+Input-source circuits do not depend on the inputs. With at least `N` input vectors the solver
+therefore computes the transfer matrix `M` (`I = v @ M.T`) from `N` adjoint solves
+(reciprocity: row j of `M` is the set of driver currents when column j is driven) and applies it
 with one matrix product, converging on the currents of the given vectors. Lowered for a CPU, a
-float32 transfer matrix is computed by the numba kernel of :mod:`jaxbar.core.ir_cpu` (the same
+float32 transfer matrix is computed by the numba kernel of `jaxbar.core.ir_cpu` (the same
 block Gauss-Seidel iteration, fused into one pass over the rows per sweep, 16 adjoint circuits per
 SIMD vector), which falls back to this solver where Gauss-Seidel sweeps converge slowly.
 
 Gated-source columns do not touch each other: each is a ladder (its supply and bit lines, the
-cells as rungs), eliminated exactly per input vector (``_ladder_xla``; on CPUs the kernel of
-:mod:`jaxbar.core._ir_ladder`, which skips rows whose bit is 0). Their forward solve needs no
+cells as rungs), eliminated exactly per input vector (`_ladder_xla`; on CPUs the kernel of
+`jaxbar.core._ir_ladder`, which skips rows whose bit is 0). Their forward solve needs no
 sweeps; their gradients use the sweeps above.
 
-Gradients use implicit differentiation (:func:`jax.custom_vjp`): the adjoint of the linear
+Gradients use implicit differentiation (`jax.custom_vjp`): the adjoint of the linear
 circuit is the same circuit driven by the output cotangents, solved by the same solver, and
 resistance sensitivities are products of forward and adjoint segment currents. Only reverse-mode
 differentiation is supported.
 
-Precision: the iteration error is controlled by ``tol``; float32 rounding adds about
-``sqrt(K) * eps`` relative (~1e-6 for K = 1152), more when most of the current is lost to IR drop.
+Precision: the iteration error is controlled by `tol`; float32 rounding adds about
+`sqrt(K) * eps` relative (~1e-6 for K = 1152), more when most of the current is lost to IR drop.
 An interleaved pair's output is a difference: the rounding is that of the two polarities'
-currents, which can exceed ``tol`` relative to a small difference (``error_scale="cells"``
+currents, which can exceed `tol` relative to a small difference (`error_scale="cells"`
 converges relative to them). Use float64 where that matters.
 
-All voltages and currents are normalized (PHYSICS.md §0, §6): conductances ``g = G/Gmax``,
-resistances ``r = R*Gmax``, currents in array output units (the ideal result is ``v @ g``).
+All voltages and currents are normalized (PHYSICS.md §0, §6): conductances `g = G/Gmax`,
+resistances `r = R*Gmax`, currents in array output units (the ideal result is `v @ g`).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ __all__ = [
 
 Array = jax.Array
 
-# Working-set budget of one batch chunk when ``batch_chunk=None`` (bytes of solver fields).
+# Working-set budget of one batch chunk when `batch_chunk=None` (bytes of solver fields).
 _CHUNK_BYTES = 384 * 2**20
 # A vector whose output change has not halved for this many sweeps has stalled (rounding
 # noise): the solve stops early and reports it unconverged instead of running max_iters.
@@ -107,20 +107,20 @@ class SolveInfo(NamedTuple):
     Attributes:
       iterations: sweeps used (int32; the maximum over batch chunks).
       error: estimated relative error of the output currents at exit, the maximum over input
-        vectors. Per vector, ``d = max_n |dI_n| / max_n |I_n|`` is the relative change of its
-        currents in the last sweep (``error_scale="cells"``: relative to the currents of both
-        polarities' cells added) and ``q`` the observed contraction (ratio of the last two
-        changes); the estimate is the geometric tail ``4 d q / (1 - q)`` for monotone
-        (Gauss-Seidel) sweeps and ``d max(1, q / (1 - q))`` for over-relaxed ones. A change of
-        a few ulps (``noise``) is rounding: its estimate is ``d``, or, right after a larger
-        change ``d_prev``, the smaller tail with ``q = (d + noise) / d_prev`` and ``d + noise``.
-      converged: ``error <= tol``.
+        vectors. Per vector, `d = max_n |dI_n| / max_n |I_n|` is the relative change of its
+        currents in the last sweep (`error_scale="cells"`: relative to the currents of both
+        polarities' cells added) and `q` the observed contraction (ratio of the last two
+        changes); the estimate is the geometric tail `4 d q / (1 - q)` for monotone
+        (Gauss-Seidel) sweeps and `d max(1, q / (1 - q))` for over-relaxed ones. A change of
+        a few ulps (`noise`) is rounding: its estimate is `d`, or, right after a larger
+        change `d_prev`, the smaller tail with `q = (d + noise) / d_prev` and `d + noise`.
+      converged: `error <= tol`.
       tol: the tolerance that was asked for (for messages).
       path: how the currents were computed (int32): `PATH_DIRECT` (a solve per input
         vector), `PATH_TRANSFER` (the XLA transfer-matrix solve), `PATH_KERNEL` (the CPU
         kernel's transfer matrix) or `PATH_KERNEL_THEN_XLA` (the kernel gave up and XLA
         computed it), `PATH_LADDER` (gated-source: exact elimination in XLA, no sweeps:
-        ``iterations`` 0, ``error`` 0) or `PATH_LADDER_KERNEL` (the same by the CPU kernel);
+        `iterations` 0, `error` 0) or `PATH_LADDER_KERNEL` (the same by the CPU kernel);
         under vmap, per array.
     """
 
@@ -144,7 +144,7 @@ class NodeVoltages(NamedTuple):
         (gated-source); P = 2 when interleaved (index 1: the negative cells' lines).
       bit: (B, K, N) bit-line node voltages.
       currents: (B, N) integrator currents.
-      info: the :class:`SolveInfo`.
+      info: the `SolveInfo`.
     """
 
     line: Array
@@ -154,7 +154,7 @@ class NodeVoltages(NamedTuple):
 
 
 class ConvergenceError(RuntimeError):
-    """Raised by :func:`check_convergence` when an IR-drop solve did not converge."""
+    """Raised by `check_convergence` when an IR-drop solve did not converge."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,14 +165,14 @@ class ConvergenceError(RuntimeError):
 
 
 def _index(x, j, axis):
-    """Slice ``x`` at position ``j`` of ``axis`` (broadcast axes of size 1 are just squeezed)."""
+    """Slice `x` at position `j` of `axis` (broadcast axes of size 1 are just squeezed)."""
     if x.shape[axis] == 1:
         return lax.index_in_dim(x, 0, axis, keepdims=False)
     return lax.dynamic_index_in_dim(x, j, axis, keepdims=False)
 
 
 def _scan_axis(body, init, inputs, axis, length, reverse, out_shape, dtype):
-    """Sequential loop along ``axis``: ``carry, y_j = body(carry, j, slices_j)``; y stacked."""
+    """Sequential loop along `axis`: `carry, y_j = body(carry, j, slices_j)`; y stacked."""
 
     def step(i, state):
         carry, out = state
@@ -188,16 +188,16 @@ def _scan_axis(body, init, inputs, axis, length, reverse, out_shape, dtype):
 def _line_factor(G, axis, boundary_first, r_end, r_seg):
     """Admittance factors of a family of lines (the O(L) elimination, done once per circuit).
 
-    Each line has L nodes along ``axis``; node j connects through a cell of conductance ``G_j``
+    Each line has L nodes along `axis`; node j connects through a cell of conductance `G_j`
     to a node of known voltage, through segment resistances to its neighbours, and through the
-    boundary segment ``r_end`` to its source or integrator (at index 0 if ``boundary_first``,
+    boundary segment `r_end` to its source or integrator (at index 0 if `boundary_first`,
     else at L-1); the other end is open. Eliminating from the open end, the rest of the line seen
-    from node j is an admittance ``Y_j = G_j + rho_{j+1} Y_{j+1}`` with ``rho_j = 1 / (1 + R_j
-    Y_j)`` (a series segment R_j in front of it). All quantities are non-negative sums and
+    from node j is an admittance `Y_j = G_j + rho_{j+1} Y_{j+1}` with `rho_j = 1 / (1 + R_j
+    Y_j)` (a series segment R_j in front of it). All quantities are non-negative sums and
     products, so the elimination is stable, exact for R = 0 and never divides by a resistance.
 
     Returns:
-      rho: same shape as ``G``.
+      rho: same shape as `G`.
     """
     L = G.shape[axis]
     b_idx = 0 if boundary_first else L - 1
@@ -219,20 +219,20 @@ def _line_solve(rho, c_fn, c_inputs, c_shape, axis, boundary_first, r_end, r_seg
                 acc_fn=None, acc_inputs=()):
     """Exact solve of a family of lines for given cell current injections.
 
-    ``c_fn(*slices)`` returns the current injected at node j of every line (e.g. ``G (e - w)``),
-    which is reduced by ``G_j`` times the node's own drop. A first pass from the open end
-    accumulates Norton currents ``H_j = c_j + rho_{j+1} H_{j+1}``; a second pass from the boundary
-    recovers the drops ``d_j = rho_j (d_{j-1} + R_j H_j)`` (``d`` = voltage drop measured from
+    `c_fn(*slices)` returns the current injected at node j of every line (e.g. `G (e - w)`),
+    which is reduced by `G_j` times the node's own drop. A first pass from the open end
+    accumulates Norton currents `H_j = c_j + rho_{j+1} H_{j+1}`; a second pass from the boundary
+    recovers the drops `d_j = rho_j (d_{j-1} + R_j H_j)` (`d` = voltage drop measured from
     the boundary: row/supply drop for A-lines, bit-line voltage for B-lines).
 
     Args:
-      relax: ``(old, omega)``: the returned field is ``old + omega (d - old)`` (block SOR);
-        None: ``d`` (Gauss-Seidel, without reading the old field).
-      acc_fn: optional ``acc_fn(out_j, *acc_slices)`` summed over the line during the second
+      relax: `(old, omega)`: the returned field is `old + omega (d - old)` (block SOR);
+        None: `d` (Gauss-Seidel, without reading the old field).
+      acc_fn: optional `acc_fn(out_j, *acc_slices)` summed over the line during the second
         pass (fused reduction of the new field).
 
     Returns:
-      (out, J, acc): the relaxed drops (shape ``c_shape``), the (unrelaxed) boundary currents
+      (out, J, acc): the relaxed drops (shape `c_shape`), the (unrelaxed) boundary currents
       (the current through the boundary segment: integrator currents for bit lines) and the
       reduction (None if no acc_fn).
     """
@@ -316,18 +316,18 @@ def _cell_g(g, m):
 def _sweep(cir, e_row, e_col, a, w, omega, with_loss):
     """One block-SOR sweep (omega = 1: Gauss-Seidel).
 
-    The unknowns are drops: ``a`` (K, N, P, Bc) along the A-lines (row lines: drive minus node
-    voltage; supply lines: minus the node voltage) and ``w`` (K, N, 1, Bc), the bit-line node
-    voltages; a cell sees ``e - a - w``. ``e_row`` (K, 1, P, Bc) and ``e_col`` (1, N, 1, Bc)
-    are the cell drives per row and per column (either may be None); a cell's drive ``e`` is
+    The unknowns are drops: `a` (K, N, P, Bc) along the A-lines (row lines: drive minus node
+    voltage; supply lines: minus the node voltage) and `w` (K, N, 1, Bc), the bit-line node
+    voltages; a cell sees `e - a - w`. `e_row` (K, 1, P, Bc) and `e_col` (1, N, 1, Bc)
+    are the cell drives per row and per column (either may be None); a cell's drive `e` is
     their sum.
 
     Returns:
       (a, w, J_a, J_b, loss): new fields; the boundary currents of the A-lines (driver / source
       currents: (K, P, Bc) input-source, (N, P, Bc) gated) and of the bit lines (integrator
-      currents, (N, 1, Bc)); ``loss`` (N, 1, Bc) = sum over rows and polarities of
-      ``G (a + w)`` (the output currents are also the ideal ones minus this loss), None unless
-      ``with_loss``.
+      currents, (N, 1, Bc)); `loss` (N, 1, Bc) = sum over rows and polarities of
+      `G (a + w)` (the output currents are also the ideal ones minus this loss), None unless
+      `with_loss`.
     """
     mask = () if cir.mask is None else (cir.mask,)
     has_mask = cir.mask is not None
@@ -407,7 +407,7 @@ def _control_init(n, dtype):
 
 
 def _control_step(ctl, t, d):
-    """Update the control after sweep ``t`` (0-based) whose readout changed by ``d``."""
+    """Update the control after sweep `t` (0-based) whose readout changed by `d`."""
     # Observed contraction per sweep (-> spectral radius of the iteration): inflates the change
     # into an error estimate when convergence is slow, and tunes the relaxation.
     rate = jnp.where(t > 0, _safe_div(d, ctl.d), 0.0)
@@ -454,19 +454,19 @@ def _control_step(ctl, t, d):
 
 
 def _start(cir, e_row, e_col, n_vec, with_loss, cols=None):
-    """Bit lines solved first, with ideal A-lines (``a = 0``): the starting fields of the sweeps.
+    """Bit lines solved first, with ideal A-lines (`a = 0`): the starting fields of the sweeps.
 
     The bit-line drop is the large effect (a bit line collects the currents of every row), the
     A-line drop a correction to it; starting from zero instead makes the first A-line solve see
     grounded bit lines, which costs a sweep or more.
 
     Args:
-      cols: for transfer-matrix chunks (``e_col`` = -1 in column ``cols[c]`` of vector c, no
-        ``e_row``), the driven column of each vector: only that bit line carries current with
+      cols: for transfer-matrix chunks (`e_col` = -1 in column `cols[c]` of vector c, no
+        `e_row`), the driven column of each vector: only that bit line carries current with
         ideal A-lines, so all of them are solved as one (K, N) family instead of (K, N, n_vec).
 
     Returns:
-      (a, w, J_a, J_b, lost): as :func:`_sweep`; ``J_a`` is the sum of the cell currents of each
+      (a, w, J_a, J_b, lost): as `_sweep`; `J_a` is the sum of the cell currents of each
       A-line (its boundary current when it has no drop).
     """
     dtype = cir.rho_b.dtype
@@ -506,9 +506,9 @@ def _sweep_loop(cir, e_row, e_col, tol, max_iters, n_vec, readout, readout_init,
                 cols=None):
     """Block-SOR sweeps until every vector's readout converged or stalled, or max_iters.
 
-    ``readout(r_state, a, w, J_a, J_b, lost, omega) -> (r_state, d)`` turns the fields after a
-    sweep into the quantity whose relative change ``d`` (per vector) is the convergence measure.
-    The sweeps start from :func:`_start` (whose readout is the reference of the first change).
+    `readout(r_state, a, w, J_a, J_b, lost, omega) -> (r_state, d)` turns the fields after a
+    sweep into the quantity whose relative change `d` (per vector) is the convergence measure.
+    The sweeps start from `_start` (whose readout is the reference of the first change).
 
     Returns:
       (r_state, a, w, iterations, err).
@@ -541,11 +541,11 @@ def _iterate(cir, e_row, e_col, tol, max_iters, cells=False):
     """Solve one chunk of input vectors to tolerance on the integrator currents.
 
     Args:
-      cir: the :class:`_Circuit`.
+      cir: the `_Circuit`.
       e_row: (K, 1, P, Bc) cell drive per row (sign of the polarity included).
       e_col: None or (1, N, 1, Bc) cell drive per column (the adjoint sources).
       cells: converge relative to each vector's largest ideal current of the cells of both
-        polarities added (``error_scale="cells"``), not to its largest output current.
+        polarities added (`error_scale="cells"`), not to its largest output current.
 
     Returns:
       (I, a, w, iterations, error): I (Bc, N) integrator currents; a (K, N, P, Bc) A-line drops;
@@ -581,15 +581,15 @@ def _iterate(cir, e_row, e_col, tol, max_iters, cells=False):
 
 
 def _iterate_transfer(cir, e_col, cols, x, signs, tol, max_iters, cells=False):
-    """Rows of the transfer matrix ``M`` (I = x @ M.T) for a chunk of output columns.
+    """Rows of the transfer matrix `M` (I = x @ M.T) for a chunk of output columns.
 
-    By reciprocity, row j of ``M`` (the response of integrator j to every input) is the set of
-    driver currents of the adjoint circuit driven by -1 in every cell of column j (``e_col``).
-    Converges on the currents of the actual inputs ``x`` (B, K): ``max_b |dY_bj| / S_b`` with
-    ``Y = x @ M_chunk.T`` and ``S_b`` the largest |Y_bj| in the chunk (at most the largest
-    current of vector b, so the test is conservative). ``cols`` (Nc,) are the driven columns
-    (N or more: padding, not driven). ``cells``: ``S_b`` from the currents of both polarities
-    added instead (``error_scale="cells"``).
+    By reciprocity, row j of `M` (the response of integrator j to every input) is the set of
+    driver currents of the adjoint circuit driven by -1 in every cell of column j (`e_col`).
+    Converges on the currents of the actual inputs `x` (B, K): `max_b |dY_bj| / S_b` with
+    `Y = x @ M_chunk.T` and `S_b` the largest |Y_bj| in the chunk (at most the largest
+    current of vector b, so the test is conservative). `cols` (Nc,) are the driven columns
+    (N or more: padding, not driven). `cells`: `S_b` from the currents of both polarities
+    added instead (`error_scale="cells"`).
 
     Returns:
       (M (Nc, K), iterations, error (Nc,)).
@@ -635,11 +635,11 @@ def _rows(J, signs):
 
 
 def _ladder_segment(st, pa, pb):
-    """Adds the supply segments ``pa`` and the bit-line segment ``pb`` above a ladder's top.
+    """Adds the supply segments `pa` and the bit-line segment `pb` above a ladder's top.
 
-    ``st`` = (Y, A, Z, h, z): the part of the ladder below, seen from its top nodes, as
-    ``J = Y s + A C + h`` (currents into its supply lines for supply voltages s and the current
-    C entering its bit line) and ``w = -A.T s + Z C + z`` (its top bit-line voltage). Y is a
+    `st` = (Y, A, Z, h, z): the part of the ladder below, seen from its top nodes, as
+    `J = Y s + A C + h` (currents into its supply lines for supply voltages s and the current
+    C entering its bit line) and `w = -A.T s + Z C + z` (its top bit-line voltage). Y is a
     tuple (y00,) or (y00, y01, y11); A and h are tuples of P entries.
     """
     Y, A, Z, h, z = st
@@ -688,7 +688,7 @@ def _ladder_xla(g_stack, x, res):
 
     Each column is a ladder (its supply lines and its bit line, the cells as rungs), solved from
     the integrator up to the sources; a row whose bit is 0 has G = 0 and only adds its
-    segments. One ``lax.scan`` step per row, vectorized over vectors and columns. ``g_stack``
+    segments. One `lax.scan` step per row, vectorized over vectors and columns. `g_stack`
     is (P, K, N), or (B, P, K, N) with one set of conductances per vector.
     """
     P, K, N = g_stack.shape[-3:]
@@ -850,7 +850,7 @@ def _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs, cells=F
 def _uses_cpu_kernel(cpu_kernel, dtype):
     """Whether the numba kernel may compute float32 transfer matrices.
 
-    It runs where the computation is lowered for a CPU (``lax.platform_dependent``).
+    It runs where the computation is lowered for a CPU (`lax.platform_dependent`).
     """
     return cpu_kernel and dtype == jnp.float32 and ir_cpu.available()
 
@@ -859,7 +859,7 @@ def _uses_cpu_kernel(cpu_kernel, dtype):
 def _kernel_or_xla(tol, max_iters, batch_chunk, cells):
     """Transfer matrix by the CPU kernel, falling back to the XLA solver where it gives up.
 
-    Under vmap the fallback must stay a real branch (a batched ``cond`` would run both), so
+    Under vmap the fallback must stay a real branch (a batched `cond` would run both), so
     batches are mapped sequentially (the kernel runs one array at a time anyway).
     """
 
@@ -971,7 +971,7 @@ def _core_bwd(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, saved, c
 def _pair_grads(topology, tol, max_iters, batch_chunk, g_stack, x, I_bar, scalars, cells=False):
     """Gradients of sum(I_bar * I(x)) by pairs of forward and adjoint solves (chunked).
 
-    ``cells``: the solves converge relative to both polarities' currents (as the forward).
+    `cells`: the solves converge relative to both polarities' currents (as the forward).
 
     Returns:
       (g_bar (P, K, N), x_bar (B, K), (r_row_bar, r_col_bar, r_driver_bar, r_integrator_bar)).
@@ -1127,48 +1127,48 @@ def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
                        cpu_kernel=True, error_scale="output"):
     """Column currents of an input-source (full crossbar) array with IR drop (PHYSICS.md §6).
 
-    Input k drives row line k at its column-0 end through ``r_row + r_driver``; ``r_row`` lies
-    between adjacent cells (none after the last column); bit line n has ``r_col`` after each
-    cell, the last one (plus ``extra_rows * r_col + r_integrator``) into a virtual-ground
-    integrator. With at least ``N`` input vectors the currents are computed through the
-    array's transfer matrix (N adjoint solves, then ``v @ M.T``; same tolerance on the currents).
-    Differentiable (reverse mode) in ``g``, ``g_neg``, ``v`` and the resistances by implicit
+    Input k drives row line k at its column-0 end through `r_row + r_driver`; `r_row` lies
+    between adjacent cells (none after the last column); bit line n has `r_col` after each
+    cell, the last one (plus `extra_rows * r_col + r_integrator`) into a virtual-ground
+    integrator. With at least `N` input vectors the currents are computed through the
+    array's transfer matrix (N adjoint solves, then `v @ M.T`; same tolerance on the currents).
+    Differentiable (reverse mode) in `g`, `g_neg`, `v` and the resistances by implicit
     differentiation; jit- and vmap-compatible.
 
     Args:
-      g: (K, N) normalized cell conductances ``G / Gmax`` of one array (vmap for more arrays).
+      g: (K, N) normalized cell conductances `G / Gmax` of one array (vmap for more arrays).
       v: (..., K) normalized input voltages, one row per input vector (any sign).
-      r_row: normalized segment resistance ``Rp * Gmax`` of the row lines (scalar >= 0, may be
+      r_row: normalized segment resistance `Rp * Gmax` of the row lines (scalar >= 0, may be
         traced, e.g. swept with vmap).
       r_col: normalized segment resistance of the bit lines (scalar >= 0).
       g_neg: optional (K, N) conductances of interleaved negative cells: each shares the bit-line
-        node of its positive partner and sits on its own row line, driven by ``-v``. The output
-        is then the net bit-line current (ideal: ``v @ (g - g_neg)``). (Non-interleaved pairs
+        node of its positive partner and sits on its own row line, driven by `-v`. The output
+        is then the net bit-line current (ideal: `v @ (g - g_neg)`). (Non-interleaved pairs
         are two calls.)
       r_driver: terminal resistance added to the driver-side segment of every row line.
       r_integrator: terminal resistance added to the last bit-line segment.
       extra_rows: unused physical rows below the used ones: the last bit-line segment becomes
-        ``(extra_rows + 1) * r_col``.
+        `(extra_rows + 1) * r_col`.
       tol: stop when the estimated relative error of each vector's currents (see
-        :class:`SolveInfo`) is at most ``tol``. None: :func:`default_tol` of the dtype (1e-6 in
+        `SolveInfo`) is at most `tol`. None: `default_tol` of the dtype (1e-6 in
         float64, 1e-5 in float32).
       max_iters: maximum number of sweeps.
       batch_chunk: input vectors (transfer path: adjoint columns) solved together; memory is
-        about ``chunk * K * N * (4 P + 4)`` values. None: about 384 MiB of solver state.
+        about `chunk * K * N * (4 P + 4)` values. None: about 384 MiB of solver state.
       cpu_kernel: on the CPU backend, compute the transfer matrix with the numba kernel of
-        :mod:`jaxbar.core.ir_cpu` (falling back to this solver where its Gauss-Seidel passes
+        `jaxbar.core.ir_cpu` (falling back to this solver where its Gauss-Seidel passes
         converge slowly); False: always this XLA solver.
-      error_scale: what the error of each vector's currents is relative to: ``"output"`` its
-        largest output current; ``"cells"`` its largest current of the cells of both polarities
-        added (the same without ``g_neg``). With interleaved cells the output is a difference,
+      error_scale: what the error of each vector's currents is relative to: `"output"` its
+        largest output current; `"cells"` its largest current of the cells of both polarities
+        added (the same without `g_neg`). With interleaved cells the output is a difference,
         which float32 rounding of the two polarities' currents limits to about 1e-5 of their
         sum: where the differences are small (e.g. `program`'s single-row probes of a layer
-        with zero-mean weights), ``"output"`` can be out of reach while ``"cells"`` is not.
+        with zero-mean weights), `"output"` can be out of reach while `"cells"` is not.
 
     Returns:
       (currents, info): currents (..., N) into the integrators in array output units (ideal:
-      ``v @ g``); ``info`` a :class:`SolveInfo`. Non-convergence is only reported in ``info``:
-      pass it to :func:`check_convergence`.
+      `v @ g`); `info` a `SolveInfo`. Non-convergence is only reported in `info`:
+      pass it to `check_convergence`.
     """
     return _solve("input_source", g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
                   tol, max_iters, batch_chunk, cpu_kernel, error_scale)
@@ -1179,42 +1179,42 @@ def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
                        cpu_kernel=True):
     """Column currents of a gated-source array with IR drop (PHYSICS.md §6).
 
-    Each column has a supply line (ideal source at the top, ``r_row + r_driver`` to row 0,
-    ``r_row`` between rows) and a bit line (``r_col`` after each cell, the last one plus
-    ``extra_rows * r_col + r_integrator`` into the integrator). A cell whose bit is non-zero
-    connects the two lines with a series drive: ``i = |b| g (b + s - v)``; a cell whose bit is 0
+    Each column has a supply line (ideal source at the top, `r_row + r_driver` to row 0,
+    `r_row` between rows) and a bit line (`r_col` after each cell, the last one plus
+    `extra_rows * r_col + r_integrator` into the integrator). A cell whose bit is non-zero
+    connects the two lines with a series drive: `i = |b| g (b + s - v)`; a cell whose bit is 0
     is off. One call is one input bit slice (PHYSICS.md §3). Every column is a ladder (its
     supply and bit lines, the cells as rungs) and is eliminated exactly, per input vector: the
     currents need no sweeps and carry no iteration error. Differentiable (reverse mode) in
-    ``g``, ``g_neg`` and the resistances (the gradient's adjoint solves are block Gauss-Seidel
-    sweeps to ``tol``); the gradient in ``b`` is the formal one of ``|b| g (b + s - v)``. jit-
+    `g`, `g_neg` and the resistances (the gradient's adjoint solves are block Gauss-Seidel
+    sweeps to `tol`); the gradient in `b` is the formal one of `|b| g (b + s - v)`. jit-
     and vmap-compatible.
 
     Args:
-      g: (K, N) normalized cell conductances ``G / Gmax`` of one array (vmap for more arrays).
+      g: (K, N) normalized cell conductances `G / Gmax` of one array (vmap for more arrays).
       b: (..., K) input bits in {-1, 0, +1}, one row per input vector.
-      r_row: normalized segment resistance ``Rp * Gmax`` of the supply lines (scalar >= 0, may
+      r_row: normalized segment resistance `Rp * Gmax` of the supply lines (scalar >= 0, may
         be traced).
       r_col: normalized segment resistance of the bit lines (scalar >= 0).
       g_neg: optional (K, N) conductances of interleaved negative cells: each shares the bit-line
-        node of its positive partner, driven by ``-b`` from its own supply line. The output is
-        then the net bit-line current (ideal: ``b @ (g - g_neg)``).
+        node of its positive partner, driven by `-b` from its own supply line. The output is
+        then the net bit-line current (ideal: `b @ (g - g_neg)`).
       r_driver: terminal resistance added to the first supply-line segment of every column.
       r_integrator: terminal resistance added to the last bit-line segment.
       extra_rows: unused physical rows below the used ones: the last bit-line segment becomes
-        ``(extra_rows + 1) * r_col``.
-      tol: of the gradient's adjoint sweeps (see :class:`SolveInfo`). None:
-        :func:`default_tol` of the dtype (1e-6 in float64, 1e-5 in float32).
+        `(extra_rows + 1) * r_col`.
+      tol: of the gradient's adjoint sweeps (see `SolveInfo`). None:
+        `default_tol` of the dtype (1e-6 in float64, 1e-5 in float32).
       max_iters: maximum number of adjoint sweeps.
       batch_chunk: input vectors of one adjoint solve; memory is about
-        ``chunk * K * N * (6 P + 6)`` values. None: about 384 MiB of solver state.
-      cpu_kernel: on a CPU, eliminate with the numba kernel of :mod:`jaxbar.core.ir_cpu`
+        `chunk * K * N * (6 P + 6)` values. None: about 384 MiB of solver state.
+      cpu_kernel: on a CPU, eliminate with the numba kernel of `jaxbar.core.ir_cpu`
         (rows whose bit is 0 skipped) where numba is installed; False: always the XLA scan.
 
     Returns:
       (currents, info): currents (..., N) into the integrators in array output units (ideal:
-      ``b @ g``); ``info`` a :class:`SolveInfo`. Non-convergence is only reported in ``info``:
-      pass it to :func:`check_convergence`.
+      `b @ g`); `info` a `SolveInfo`. Non-convergence is only reported in `info`:
+      pass it to `check_convergence`.
     """
     return _solve("gated_source", g, b, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
                   tol, max_iters, batch_chunk, cpu_kernel)
@@ -1239,20 +1239,20 @@ _per_read.defvjp(_per_read_fwd, _per_read_bwd)
 
 def solve_gated_source_per_read(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0,
                                 r_integrator=0.0, extra_rows=0, cpu_kernel=True):
-    """As :func:`solve_gated_source` with one set of conductances per input vector.
+    """As `solve_gated_source` with one set of conductances per input vector.
 
     For reads whose conductances differ (read noise, PHYSICS.md §2): every vector's columns are
     eliminated exactly with its own cells. Not differentiable (forward only).
 
     Args:
-      g: (..., K, N) conductances of each read (the leading axes of ``b``).
+      g: (..., K, N) conductances of each read (the leading axes of `b`).
       b: (..., K) input bits in {-1, 0, +1}.
       r_row, r_col, r_driver, r_integrator, extra_rows, cpu_kernel: as
-        :func:`solve_gated_source`.
+        `solve_gated_source`.
       g_neg: optional (..., K, N) conductances of the interleaved negative cells of each read.
 
     Returns:
-      (currents (..., N), info): ``info`` as :func:`solve_gated_source` reports it.
+      (currents (..., N), info): `info` as `solve_gated_source` reports it.
     """
     b = jnp.asarray(b)
     g = jnp.asarray(g)
@@ -1312,10 +1312,10 @@ def _nodes_jit(topology, tol, max_iters, batch_chunk, g_stack, x, *scalars):
 
 def input_source_nodes(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
                        extra_rows=0, tol=None, max_iters=1000, batch_chunk=None):
-    """Node voltages of :func:`solve_input_source` (same arguments; not differentiable).
+    """Node voltages of `solve_input_source` (same arguments; not differentiable).
 
     Returns:
-      :class:`NodeVoltages` with ``line`` the row-line node voltages (..., P, K, N).
+      `NodeVoltages` with `line` the row-line node voltages (..., P, K, N).
     """
     return _nodes("input_source", g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
                   tol, max_iters, batch_chunk)
@@ -1323,10 +1323,10 @@ def input_source_nodes(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
 
 def gated_source_nodes(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
                        extra_rows=0, tol=None, max_iters=1000, batch_chunk=None):
-    """Node voltages of :func:`solve_gated_source` (same arguments; not differentiable).
+    """Node voltages of `solve_gated_source` (same arguments; not differentiable).
 
     Returns:
-      :class:`NodeVoltages` with ``line`` the supply-line node voltages (..., P, K, N) (<= 0 for
+      `NodeVoltages` with `line` the supply-line node voltages (..., P, K, N) (<= 0 for
       positive bits: the drop from the ideal source).
     """
     return _nodes("gated_source", g, b, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
@@ -1379,7 +1379,7 @@ def solving(where: str) -> Iterator[None]:
     The name is read when a solve is traced and starts its non-convergence message.
 
     Args:
-      where: the name, e.g. ``"layer 'stage1.block0.conv1'"``.
+      where: the name, e.g. `"layer 'stage1.block0.conv1'"`.
     """
     token = _WHERE.set(_label(where))
     try:
@@ -1390,15 +1390,15 @@ def solving(where: str) -> Iterator[None]:
 
 def check_convergence(info: SolveInfo, mode: str = "error",
                       values: Mapping[str, Any] | None = None) -> None:
-    """Raise or warn if an IR-drop solve did not converge; usable inside ``jit``.
+    """Raise or warn if an IR-drop solve did not converge; usable inside `jit`.
 
     Args:
-      info: the :class:`SolveInfo` returned by a solve (any batch shape, e.g. under vmap).
-      mode: "error" raises :class:`ConvergenceError` (under ``jit`` it surfaces as a
-        ``JaxRuntimeError`` carrying the same message, when the computation runs;
-        :func:`convergence_error` recovers it), "warn" issues a ``RuntimeWarning``,
+      info: the `SolveInfo` returned by a solve (any batch shape, e.g. under vmap).
+      mode: "error" raises `ConvergenceError` (under `jit` it surfaces as a
+        `JaxRuntimeError` carrying the same message, when the computation runs;
+        `convergence_error` recovers it), "warn" issues a `RuntimeWarning`,
         "ignore" does nothing.
-      values: settings named in the message (e.g. ``{"parasitics.r_row": r}``; may be traced).
+      values: settings named in the message (e.g. `{"parasitics.r_row": r}`; may be traced).
     """
     if mode not in ("error", "warn", "ignore"):
         raise ValueError(f"mode must be 'error', 'warn' or 'ignore', got {mode!r}")
@@ -1417,10 +1417,10 @@ _CARRIED = re.compile(r"ConvergenceError: (.+)")
 
 
 def convergence_error(exc: BaseException) -> ConvergenceError | None:
-    """The :class:`ConvergenceError` an exception is or carries, if any.
+    """The `ConvergenceError` an exception is or carries, if any.
 
-    Under ``jit`` the error raised in the host callback reaches the caller wrapped in a
-    ``JaxRuntimeError`` whose text holds the callback's traceback; this finds it there.
+    Under `jit` the error raised in the host callback reaches the caller wrapped in a
+    `JaxRuntimeError` whose text holds the callback's traceback; this finds it there.
 
     Args:
       exc: the exception caught.
