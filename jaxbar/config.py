@@ -117,6 +117,16 @@ def _concrete(v: Any) -> bool:
     return not isinstance(v, jax.core.Tracer)
 
 
+def _check_nonnegative(obj: Any, path: str, *names: str) -> None:
+    """Each named field of `obj` a finite number >= 0 (traced values are skipped)."""
+    for name in names:
+        v = getattr(obj, name)
+        if _concrete(v):
+            _check_real(f"{path}.{name}", v, "a finite number >= 0")
+            if v < 0:
+                _fail(f"{path}.{name}", v, "a finite number >= 0")
+
+
 def _check_int(path: str, v: Any, lo: int, hi: int | None = None) -> None:
     allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
     if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
@@ -267,12 +277,7 @@ class NoiseConfig:
 
     def _validate(self, path: str) -> None:
         _check_choice(f"{path}.model", self.model, NOISE_MODELS)
-        for name in ("sigma", "scale"):
-            v = getattr(self, name)
-            if _concrete(v):
-                _check_real(f"{path}.{name}", v, "a finite number >= 0")
-                if v < 0:
-                    _fail(f"{path}.{name}", v, "a finite number >= 0")
+        _check_nonnegative(self, path, "sigma", "scale")
         _check_choice(f"{path}.distribution", self.distribution, DISTRIBUTIONS)
         c = self.coeffs
         if not isinstance(c, tuple):
@@ -700,14 +705,10 @@ class ADCConfig:
                   "circuit model converts to bits; 0 is only the ideal quantizer)")
         if model != "quantizer" and self.bits > 24:
             _fail(f"{path}.bits", self.bits, f"an integer in [2, 24] with model {model!r}")
+        _check_nonnegative(self, path, *_ALL_ADC_SIGMAS)
         for name in _ALL_ADC_SIGMAS:
             v = getattr(self, name)
-            if not _concrete(v):
-                continue
-            _check_real(f"{path}.{name}", v, "a finite number >= 0")
-            if v < 0:
-                _fail(f"{path}.{name}", v, "a finite number >= 0")
-            if v != 0 and name not in _ADC_SIGMAS[model]:
+            if _concrete(v) and v != 0 and name not in _ADC_SIGMAS[model]:
                 users = [m for m, names in _ADC_SIGMAS.items() if name in names]
                 _fail(f"{path}.{name}", v, f"0 with model {model!r} (it is a parameter of "
                       f"{' and '.join(repr(m) for m in users)})")
@@ -817,13 +818,7 @@ class ParasiticsConfig:
 
     def _validate(self, path: str) -> None:
         _check_choice(f"{path}.topology", self.topology, TOPOLOGIES)
-        for name in ("r_row", "r_col", "r_driver", "r_integrator"):
-            v = getattr(self, name)
-            if not _concrete(v):
-                continue
-            _check_real(f"{path}.{name}", v, "a finite number >= 0")
-            if v < 0:
-                _fail(f"{path}.{name}", v, "a finite number >= 0")
+        _check_nonnegative(self, path, "r_row", "r_col", "r_driver", "r_integrator")
         if not isinstance(self.interleaved, bool):
             _fail(f"{path}.interleaved", self.interleaved, "true or false")
         if self.tol is not None:
