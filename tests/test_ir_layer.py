@@ -239,8 +239,8 @@ def test_interleaved_transfer_converges_where_single_rows_cancel():
     few percent of its cells' currents, below their float32 rounding relative to it: the probes
     converge relative to both polarities' currents, so the CPU kernel finishes (it used to give
     up and leave it to the slower XLA solver), and real inputs get float32-accurate currents."""
-    from jaxbar.core import ir_cpu
-    from jaxbar.core import parasitics as par
+    from jaxbar.core import ir as par
+    from jaxbar.core.ir import cpu_kernel as ir_cpu
 
     K, N, r = 576, 64, 3e-4
     rng = np.random.default_rng(8)
