@@ -62,7 +62,7 @@ def _noisy_reads(gt, v, key, config, extra_rows, g_neg=None):
         return ir.solve_gated_source_per_read(
             gs[0], vc, p.r_row, p.r_col, g_neg=gs[1] if len(gs) == 2 else None,
             r_driver=p.r_driver, r_integrator=p.r_integrator, extra_rows=extra_rows,
-            cpu_kernel=p.cpu_kernel)
+            cpu_kernel=config.ir_solver.cpu_kernel)
 
     y, info = jax.lax.map(one, (jnp.arange(n_chunks), vs))
     return y.reshape(-1, N)[:B], jax.tree_util.tree_map(lambda a: a[0], info)  # exact: alike
@@ -76,7 +76,7 @@ def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
     Args:
       u: input slices (J, *batch, K) (im2col patches for convolutions).
       g: tiles (pr, rows, S, P, M) from `program`.
-      config: the crossbar config (its parasitics section is used).
+      config: the crossbar config (its parasitics and ir_solver sections are used).
       lay: the layer's layout.
       error_scale: of input-source solves (see `ir.solve_input_source`).
       key: the read key (read noise on gated-source arrays).
@@ -101,9 +101,10 @@ def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
     has_unit = M > pc * lay.cols
     extra = 0 if config.array.rows is None else max(config.array.rows - rows, 0)
     solve = _solver(config)
+    s = config.ir_solver
     kwargs = dict(r_driver=p.r_driver, r_integrator=p.r_integrator, extra_rows=extra,
-                  tol=p.tol, max_iters=p.max_iters, batch_chunk=p.batch_chunk)
-    kwargs.update(cpu_kernel=p.cpu_kernel)
+                  tol=s.tol, max_iters=s.max_iters, batch_chunk=s.batch_chunk)
+    kwargs.update(cpu_kernel=s.cpu_kernel)
     if p.topology == "input_source":
         kwargs.update(error_scale=error_scale)
 
@@ -128,7 +129,7 @@ def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
         if noisy:
             return _noisy_reads(gt, v, k, config, extra, g_neg)
         y, info = solve(gt, v, p.r_row, p.r_col, g_neg=g_neg, **kwargs)
-        ir.check_convergence(info, p.on_nonconvergence,
+        ir.check_convergence(info, s.on_nonconvergence,
                              {"parasitics.r_row": p.r_row, "parasitics.r_col": p.r_col})
         return y, info
 
