@@ -32,6 +32,8 @@ solver's default tolerance (``ir.default_tol``: 1e-5 in float32; ``--tol`` sets 
 
 Run: ``python benchmarks/parasitics.py [--quick] [--tol TOL] [--plot PNG]`` (``--quick``: 64
 vectors, r in {1e-5, 1e-3}; ``--plot``: also draw the time ratios and errors against r).
+``--kernel-only`` times the 1,024-vector rows of the CPU kernel and the layer path only (the
+figures the targets are set on), without the 64-vector and the XLA rows.
 """
 
 from __future__ import annotations
@@ -159,8 +161,10 @@ def main():
                         help="solver tolerance (default: ir.default_tol, 1e-5 in float32)")
     parser.add_argument("--plot", metavar="PNG", default=None,
                         help="write a figure of the ratios and errors against r")
+    parser.add_argument("--kernel-only", action="store_true",
+                        help="only the 1,024-vector kernel rows and the layer path")
     args = parser.parse_args()
-    batches = (64,) if args.quick else (64, 1024)
+    batches = (64,) if args.quick else (1024,) if args.kernel_only else (64, 1024)
     rs = (1e-5, 1e-3) if args.quick else (1e-6, 1e-5, 1e-4, 1e-3)
     repeats = args.repeats or (2 if args.quick else 3)
     tol = args.tol
@@ -193,7 +197,7 @@ def main():
         t_stream = _stream_pass(B)
         print(f"  B={B}: one streaming read+write pass over {B}x{K}x{N} float32 values: "
               f"{1e3 * t_stream:.1f} ms = {t_stream / t_ideal:.1f}x ideal ({1e3 * t_ideal:.3f} ms)")
-        kernels = (True, False) if B >= N else (True,)
+        kernels = (True, False) if B >= N and not args.kernel_only else (True,)
         for layout, kernel, r in [(lay, k, r) for k in kernels for lay in LAYOUTS for r in rs]:
             solve32 = solvers[layout, kernel]
             r32 = jnp.float32(r)
@@ -223,7 +227,7 @@ def main():
                   f"{row['rss_mb']:>7.0f}{flag}", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(f"process peak RSS (ru_maxrss, all of the above incl. float64 references): {peak:.0f} MB")
-    if not args.quick:
+    if not (args.quick or args.kernel_only):
         finite_on_off(w, tol, repeats, rng)
     layer_rows = layer_path(w, rs, repeats, rng)
     if args.plot:
