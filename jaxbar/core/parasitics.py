@@ -63,11 +63,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxbar.core import ir_cpu
+from jaxbar.core import ir_cpu, line_scan
 from jaxbar.core.ir_constants import MAX_MU2, MAX_RATE, NOISE_ULPS, SAFETY, SOR_THRESHOLD, SOR_WAIT
 
 __all__ = [
     "ConvergenceError",
+    "LINES_PARALLEL",
+    "LINES_SEQUENTIAL",
     "NodeVoltages",
     "PATH_DIRECT",
     "PATH_KERNEL",
@@ -122,6 +124,9 @@ class SolveInfo(NamedTuple):
         computed it), `PATH_LADDER` (gated-source: exact elimination in XLA, no sweeps:
         `iterations` 0, `error` 0) or `PATH_LADDER_KERNEL` (the same by the CPU kernel);
         under vmap, per array.
+      lines: the form of the XLA line eliminations that ran (int32): `LINES_SEQUENTIAL` (a
+        loop step per node), `LINES_PARALLEL` (associative scans), -1 when none ran (the CPU
+        kernels, the gated-source ladder).
     """
 
     iterations: Array
@@ -129,11 +134,14 @@ class SolveInfo(NamedTuple):
     converged: Array
     tol: Array = float("nan")
     path: Array = -1
+    lines: Array = -1
 
 
 #: `SolveInfo.path` codes.
 PATH_DIRECT, PATH_TRANSFER, PATH_KERNEL, PATH_KERNEL_THEN_XLA = 0, 1, 2, 3
 PATH_LADDER, PATH_LADDER_KERNEL = 4, 5
+#: `SolveInfo.lines` codes.
+LINES_SEQUENTIAL, LINES_PARALLEL = 0, 1
 
 
 class NodeVoltages(NamedTuple):
@@ -185,7 +193,7 @@ def _scan_axis(body, init, inputs, axis, length, reverse, out_shape, dtype):
     return lax.fori_loop(0, length, step, (init, out))
 
 
-def _line_factor(G, axis, boundary_first, r_end, r_seg):
+def _line_factor(G, axis, boundary_first, r_end, r_seg, lines):
     """Admittance factors of a family of lines (the O(L) elimination, done once per circuit).
 
     Each line has L nodes along `axis`; node j connects through a cell of conductance `G_j`
@@ -195,10 +203,13 @@ def _line_factor(G, axis, boundary_first, r_end, r_seg):
     from node j is an admittance `Y_j = G_j + rho_{j+1} Y_{j+1}` with `rho_j = 1 / (1 + R_j
     Y_j)` (a series segment R_j in front of it). All quantities are non-negative sums and
     products, so the elimination is stable, exact for R = 0 and never divides by a resistance.
+    `lines`: "sequential" (a loop step per node) or "parallel" (`line_scan`: log-depth scans).
 
     Returns:
       rho: same shape as `G`.
     """
+    if lines == "parallel":
+        return line_scan.line_factor(G, axis, boundary_first, r_end, r_seg)
     L = G.shape[axis]
     b_idx = 0 if boundary_first else L - 1
     slice_shape = G.shape[:axis] + G.shape[axis + 1 :]
@@ -215,7 +226,7 @@ def _line_factor(G, axis, boundary_first, r_end, r_seg):
     return rho
 
 
-def _line_solve(rho, c_fn, c_inputs, c_shape, axis, boundary_first, r_end, r_seg, relax,
+def _line_solve(rho, c_fn, c_inputs, c_shape, axis, boundary_first, r_end, r_seg, relax, lines,
                 acc_fn=None, acc_inputs=()):
     """Exact solve of a family of lines for given cell current injections.
 
@@ -228,6 +239,8 @@ def _line_solve(rho, c_fn, c_inputs, c_shape, axis, boundary_first, r_end, r_seg
     Args:
       relax: `(old, omega)`: the returned field is `old + omega (d - old)` (block SOR);
         None: `d` (Gauss-Seidel, without reading the old field).
+      lines: "sequential" (loops) or "parallel" (`line_scan`; `c_fn` and `acc_fn` then see
+        whole fields instead of slices, and the reduction is a sum after the scans).
       acc_fn: optional `acc_fn(out_j, *acc_slices)` summed over the line during the second
         pass (fused reduction of the new field).
 
@@ -236,6 +249,12 @@ def _line_solve(rho, c_fn, c_inputs, c_shape, axis, boundary_first, r_end, r_seg
       (the current through the boundary segment: integrator currents for bit lines) and the
       reduction (None if no acc_fn).
     """
+    if lines == "parallel":
+        c = jnp.broadcast_to(c_fn(*c_inputs), c_shape)
+        d, J = line_scan.line_solve(rho, c, axis, boundary_first, r_end, r_seg)
+        out = d if relax is None else relax[0] + relax[1] * (d - relax[0])
+        acc = None if acc_fn is None else jnp.sum(acc_fn(out, *acc_inputs), axis=axis)
+        return out, J, acc
     L = c_shape[axis]
     b_idx = 0 if boundary_first else L - 1
     slice_shape = c_shape[:axis] + c_shape[axis + 1 :]
@@ -299,13 +318,13 @@ class _Circuit(NamedTuple):
         return 1 if self.mask is None else 0
 
 
-def _make_circuit(topology, g_l, mask, res):
+def _make_circuit(topology, g_l, mask, res, lines):
     """Factor the A- and B-lines of a circuit (g_l: (K, N, P, 1); mask: None or (K,1,1,Bc))."""
     assert (mask is None) == (topology == "input_source")
     r_a, r_a_end, r_b, r_b_end = res
     G = g_l if mask is None else g_l * mask
-    rho_a = _line_factor(G, 1 if mask is None else 0, True, r_a_end, r_a)
-    rho_b = _line_factor(jnp.sum(G, axis=2, keepdims=True), 0, False, r_b_end, r_b)
+    rho_a = _line_factor(G, 1 if mask is None else 0, True, r_a_end, r_a, lines)
+    rho_b = _line_factor(jnp.sum(G, axis=2, keepdims=True), 0, False, r_b_end, r_b, lines)
     return _Circuit(g_l, mask, rho_a, rho_b, r_a, r_a_end, r_b, r_b_end)
 
 
@@ -313,8 +332,8 @@ def _cell_g(g, m):
     return g if m is None else g * m
 
 
-def _sweep(cir, e_row, e_col, a, w, omega, with_loss):
-    """One block-SOR sweep (omega = 1: Gauss-Seidel).
+def _sweep(cir, e_row, e_col, a, w, omega, with_loss, lines):
+    """One block-SOR sweep (omega = 1: Gauss-Seidel); `lines`: the line solves' form.
 
     The unknowns are drops: `a` (K, N, P, Bc) along the A-lines (row lines: drive minus node
     voltage; supply lines: minus the node voltage) and `w` (K, N, 1, Bc), the bit-line node
@@ -356,11 +375,11 @@ def _sweep(cir, e_row, e_col, a, w, omega, with_loss):
     # omega (Bc,) broadcasts against every line slice (..., Bc).
     a, J_a, _ = _line_solve(
         cir.rho_a, c_a, (cir.g, *mask, *drives, w), a.shape, cir.a_axis, True, cir.r_a_end,
-        cir.r_a, (a, omega),
+        cir.r_a, (a, omega), lines,
     )
     w, J_b, lost = _line_solve(
         cir.rho_b, c_b, (cir.g, *mask, *drives, a), w.shape, 0, False, cir.r_b_end, cir.r_b,
-        (w, omega), loss if with_loss else None, (cir.g, a, *mask) if with_loss else (),
+        (w, omega), lines, loss if with_loss else None, (cir.g, a, *mask) if with_loss else (),
     )
     return a, w, J_a, J_b, lost
 
@@ -453,7 +472,7 @@ def _control_step(ctl, t, d):
     )
 
 
-def _start(cir, e_row, e_col, n_vec, with_loss, cols=None):
+def _start(cir, e_row, e_col, n_vec, with_loss, lines, cols=None):
     """Bit lines solved first, with ideal A-lines (`a = 0`): the starting fields of the sweeps.
 
     The bit-line drop is the large effect (a bit line collects the currents of every row), the
@@ -489,7 +508,7 @@ def _start(cir, e_row, e_col, n_vec, with_loss, cols=None):
         return jnp.sum(_cell_g(g, m[0] if m else None) * w_j, axis=-2, keepdims=True)
 
     w, J_b, lost = _line_solve(
-        cir.rho_b, c_b, (Ge,), (K, N, 1, n_lines), 0, False, cir.r_b_end, cir.r_b, None,
+        cir.rho_b, c_b, (Ge,), (K, N, 1, n_lines), 0, False, cir.r_b_end, cir.r_b, None, lines,
         loss if with_loss else None, (cir.g, *mask) if with_loss else (),
     )
     if cols is None:
@@ -503,7 +522,7 @@ def _start(cir, e_row, e_col, n_vec, with_loss, cols=None):
 
 
 def _sweep_loop(cir, e_row, e_col, tol, max_iters, n_vec, readout, readout_init, with_loss,
-                cols=None):
+                lines, cols=None):
     """Block-SOR sweeps until every vector's readout converged or stalled, or max_iters.
 
     `readout(r_state, a, w, J_a, J_b, lost, omega) -> (r_state, d)` turns the fields after a
@@ -515,7 +534,7 @@ def _sweep_loop(cir, e_row, e_col, tol, max_iters, n_vec, readout, readout_init,
     """
     dtype = cir.rho_b.dtype
     ones = jnp.ones((n_vec,), dtype)
-    a0, w0, J_a, J_b, lost = _start(cir, e_row, e_col, n_vec, with_loss, cols)
+    a0, w0, J_a, J_b, lost = _start(cir, e_row, e_col, n_vec, with_loss, lines, cols)
     readout_init, _ = readout(readout_init, a0, w0, J_a, J_b, lost, ones)
 
     def running(state):
@@ -528,7 +547,7 @@ def _sweep_loop(cir, e_row, e_col, tol, max_iters, n_vec, readout, readout_init,
 
     def body(state):
         t, a, w, r_state, ctl = state
-        a, w, J_a, J_b, lost = _sweep(cir, e_row, e_col, a, w, ctl.omega, with_loss)
+        a, w, J_a, J_b, lost = _sweep(cir, e_row, e_col, a, w, ctl.omega, with_loss, lines)
         r_state, d = readout(r_state, a, w, J_a, J_b, lost, ctl.omega)
         return t + 1, a, w, r_state, _control_step(ctl, t, d)
 
@@ -537,13 +556,14 @@ def _sweep_loop(cir, e_row, e_col, tol, max_iters, n_vec, readout, readout_init,
     return r_state, a, w, t, ctl.err
 
 
-def _iterate(cir, e_row, e_col, tol, max_iters, cells=False):
+def _iterate(cir, e_row, e_col, tol, max_iters, lines, cells=False):
     """Solve one chunk of input vectors to tolerance on the integrator currents.
 
     Args:
       cir: the `_Circuit`.
       e_row: (K, 1, P, Bc) cell drive per row (sign of the polarity included).
       e_col: None or (1, N, 1, Bc) cell drive per column (the adjoint sources).
+      lines: the form of the line solves ("sequential" or "parallel").
       cells: converge relative to each vector's largest ideal current of the cells of both
         polarities added (`error_scale="cells"`), not to its largest output current.
 
@@ -575,12 +595,12 @@ def _iterate(cir, e_row, e_col, tol, max_iters, cells=False):
 
     zero = jnp.zeros((Bc, N), dtype)
     (I, _), a, w, t, err = _sweep_loop(
-        cir, e_row, e_col, tol, max_iters, Bc, readout, (zero, zero), True
+        cir, e_row, e_col, tol, max_iters, Bc, readout, (zero, zero), True, lines
     )
     return I, a, w, t, err
 
 
-def _iterate_transfer(cir, e_col, cols, x, signs, tol, max_iters, cells=False):
+def _iterate_transfer(cir, e_col, cols, x, signs, tol, max_iters, lines, cells=False):
     """Rows of the transfer matrix `M` (I = x @ M.T) for a chunk of output columns.
 
     By reciprocity, row j of `M` (the response of integrator j to every input) is the set of
@@ -620,7 +640,7 @@ def _iterate_transfer(cir, e_col, cols, x, signs, tol, max_iters, cells=False):
 
     init = (jnp.zeros((K, P, Nc), dtype), jnp.zeros((x.shape[0], Nc), dtype))
     (J, _), _, _, t, err = _sweep_loop(
-        cir, None, e_col, tol, max_iters, Nc, readout, init, False, cols
+        cir, None, e_col, tol, max_iters, Nc, readout, init, False, lines, cols
     )
     return _rows(J, signs), t, err
 
@@ -739,18 +759,18 @@ def _to_layout(topology, g_stack, x, signs):
     return g_l, e_row, mask
 
 
-def _shared_circuit(topology, g_stack, res):
+def _shared_circuit(topology, g_stack, res, lines):
     """Circuit factors shared by all vectors (input-source only; gated depends on the bits)."""
     if topology != "input_source":
         return None
     g_l = jnp.transpose(g_stack, (1, 2, 0))[..., None]
-    return _make_circuit(topology, g_l, None, res)
+    return _make_circuit(topology, g_l, None, res, lines)
 
 
-def _chunk_circuit(topology, shared, g_l, mask, res):
+def _chunk_circuit(topology, shared, g_l, mask, res, lines):
     if shared is not None:
         return shared
-    return _make_circuit(topology, g_l, mask, res)
+    return _make_circuit(topology, g_l, mask, res, lines)
 
 
 def _split_chunks(x, n_chunks, chunk):
@@ -774,8 +794,8 @@ def _per_vector_bytes(topology, K, N, P, itemsize):
     return fields * K * N * itemsize
 
 
-def _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, with_states,
-                 cells=False):
+def _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, lines,
+                 with_states, cells=False):
     """Forward solve of all vectors x (B, K), chunked. Returns I (B, N), info, [states]."""
     B, K = x.shape
     P, _, N = g_stack.shape
@@ -783,13 +803,13 @@ def _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, 
     n_chunks, chunk = _chunking(
         B, _per_vector_bytes(topology, K, N, P, dtype.itemsize), batch_chunk
     )
-    shared = _shared_circuit(topology, g_stack, res)
+    shared = _shared_circuit(topology, g_stack, res, lines)
     xs = _split_chunks(x, n_chunks, chunk)
 
     def one(xc):
         g_l, e_row, mask = _to_layout(topology, g_stack, xc, signs)
-        cir = _chunk_circuit(topology, shared, g_l, mask, res)
-        I, a, w, t, err = _iterate(cir, e_row, None, tol, max_iters, cells)
+        cir = _chunk_circuit(topology, shared, g_l, mask, res, lines)
+        I, a, w, t, err = _iterate(cir, e_row, None, tol, max_iters, lines, cells)
         out = (I, t, jnp.max(err))
         if with_states:
             out = out + (jnp.moveaxis(a, -1, 0), jnp.moveaxis(w[:, :, 0, :], -1, 0))
@@ -797,7 +817,7 @@ def _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, 
 
     outs = _map_chunks(one, xs)
     I = outs[0].reshape(n_chunks * chunk, N)[:B]
-    info = _make_info(jnp.max(outs[1]), jnp.max(outs[2]), tol, dtype)
+    info = _make_info(jnp.max(outs[1]), jnp.max(outs[2]), tol, dtype, PATH_DIRECT, lines)
     if not with_states:
         return I, info
     a = outs[3].reshape((n_chunks * chunk,) + outs[3].shape[2:])[:B]  # (B, K, N, P)
@@ -805,7 +825,8 @@ def _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, 
     return I, info, a, w
 
 
-def _make_info(iterations, error, tol, dtype, path=PATH_DIRECT):
+def _make_info(iterations, error, tol, dtype, path=PATH_DIRECT, lines=None):
+    """The `SolveInfo`; `lines`: the line form that ran ("sequential", "parallel", None, a code)."""
     error = error.astype(dtype)
     return SolveInfo(
         iterations=iterations.astype(jnp.int32),
@@ -813,7 +834,32 @@ def _make_info(iterations, error, tol, dtype, path=PATH_DIRECT):
         converged=error <= tol,
         tol=jnp.asarray(tol, dtype),
         path=jnp.asarray(path, jnp.int32),
+        lines=jnp.asarray(
+            _LINES_CODES[lines] if lines is None or isinstance(lines, str) else lines, jnp.int32),
     )
+
+
+# The line forms: "auto" resolves per platform when lowering (`_per_platform`).
+_LINES = ("auto", "sequential", "parallel")
+_LINES_CODES = {None: -1, "sequential": LINES_SEQUENTIAL, "parallel": LINES_PARALLEL}
+
+
+def _platform_forms(lines):
+    """The line forms (on CPUs, elsewhere) for `lines`.
+
+    "auto": the loops on CPUs (less work), the log-depth scans on accelerators (less sequential
+    depth); a forced form applies everywhere.
+    """
+    return ("sequential", "parallel") if lines == "auto" else (lines, lines)
+
+
+def _per_platform(lines, fn, *args):
+    """`fn(form, *args)`, the form chosen by `lax.platform_dependent` when lowering."""
+    cpu, other = _platform_forms(lines)
+    if cpu == other:
+        return fn(cpu, *args)
+    return lax.platform_dependent(*args, cpu=functools.partial(fn, cpu),
+                                 default=functools.partial(fn, other))
 
 
 def _use_transfer(topology, B, N):
@@ -826,25 +872,26 @@ def _use_transfer(topology, B, N):
     return topology == "input_source" and B >= _TRANSFER_RATIO * N
 
 
-def _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs, cells=False):
+def _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs, lines, cells=False):
     """Transfer matrix M (N, K) of an input-source array (I = x @ M.T), chunked over columns."""
     P, K, N = g_stack.shape
     dtype = g_stack.dtype
     n_chunks, chunk = _chunking(
         N, _per_vector_bytes("input_source", K, N, P, dtype.itemsize), batch_chunk
     )
-    shared = _shared_circuit("input_source", g_stack, res)
+    shared = _shared_circuit("input_source", g_stack, res, lines)
     cols = jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk)
 
     def one(cols_c):
         # Adjoint drive of output column j: -1 in every cell of column j (padding: none).
         e_col = -(jnp.arange(N)[:, None] == cols_c[None, :]).astype(dtype)[None, :, None, :]
-        M, t, err = _iterate_transfer(shared, e_col, cols_c, x, signs, tol, max_iters, cells)
+        M, t, err = _iterate_transfer(shared, e_col, cols_c, x, signs, tol, max_iters, lines,
+                                      cells)
         return M, t, jnp.max(err)
 
     Ms, ts, errs = _map_chunks(one, cols)
     M = Ms.reshape(n_chunks * chunk, K)[:N]
-    return M, _make_info(jnp.max(ts), jnp.max(errs), tol, dtype, PATH_TRANSFER)
+    return M, _make_info(jnp.max(ts), jnp.max(errs), tol, dtype, PATH_TRANSFER, lines)
 
 
 def _uses_cpu_kernel(cpu_kernel, dtype):
@@ -856,8 +903,8 @@ def _uses_cpu_kernel(cpu_kernel, dtype):
 
 
 @functools.cache
-def _kernel_or_xla(tol, max_iters, batch_chunk, cells):
-    """Transfer matrix by the CPU kernel, falling back to the XLA solver where it gives up.
+def _kernel_or_xla(tol, max_iters, batch_chunk, cells, lines):
+    """Transfer matrix by the CPU kernel, falling back to the XLA solver (line form `lines`).
 
     Under vmap the fallback must stay a real branch (a batched `cond` would run both), so
     batches are mapped sequentially (the kernel runs one array at a time anyway).
@@ -870,17 +917,17 @@ def _kernel_or_xla(tol, max_iters, batch_chunk, cells):
         def xla(_):
             signs = jnp.asarray([1.0, -1.0][: g_stack.shape[0]], g_stack.dtype)
             M2, info = _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs,
-                                       cells)
-            return M2, info.iterations, info.error, jnp.int32(PATH_KERNEL_THEN_XLA)
+                                       lines, cells)
+            return M2, info.iterations, info.error, jnp.int32(PATH_KERNEL_THEN_XLA), info.lines
 
-        return lax.cond(ok, lambda _: (M, iterations, error, jnp.int32(PATH_KERNEL)), xla,
-                        None)
+        kernel = (M, iterations, error, jnp.int32(PATH_KERNEL), jnp.int32(_LINES_CODES[None]))
+        return lax.cond(ok, lambda _: kernel, xla, None)
 
     @transfer.def_vmap
     def _rule(axis_size, in_batched, *args):
         args = [a if b else jnp.broadcast_to(a, (axis_size, *jnp.shape(a)))
                 for a, b in zip(args, in_batched, strict=True)]
-        return lax.map(lambda a: transfer(*a), tuple(args)), (True, True, True, True)
+        return lax.map(lambda a: transfer(*a), tuple(args)), (True,) * 5
 
     return transfer
 
@@ -903,7 +950,8 @@ def _ladder(cpu_kernel, g_stack, x, res):
     return lax.platform_dependent(g_stack, x, *res, cpu=kernel, default=xla)
 
 
-def _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x, scalars):
+def _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, lines, g_stack, x,
+             scalars):
     P, _, N = g_stack.shape
     signs = jnp.asarray([1.0, -1.0][:P], g_stack.dtype)
     res = _resistances(*scalars)
@@ -912,55 +960,64 @@ def _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, 
         zero = jnp.zeros((), g_stack.dtype)
         return (I, _make_info(jnp.int32(0), zero, tol, g_stack.dtype, path)), None
     if _use_transfer(topology, x.shape[0], N):
-        def xla(g_stack, x, *res):
+        def xla(form, g_stack, x, *res):
             M, info = _transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs,
-                                      cells)
-            return M, info.iterations, info.error, info.path
+                                      form, cells)
+            return M, info.iterations, info.error, info.path, info.lines
 
         if _uses_cpu_kernel(cpu_kernel, g_stack.dtype):
             # Chosen when lowering: the kernel on a CPU, the XLA solver on accelerators.
-            M, t, err, path = lax.platform_dependent(
-                g_stack, x, *res, cpu=_kernel_or_xla(tol, max_iters, batch_chunk, cells),
-                default=xla)
+            cpu_form, other_form = _platform_forms(lines)
+            M, t, err, path, form = lax.platform_dependent(
+                g_stack, x, *res,
+                cpu=_kernel_or_xla(tol, max_iters, batch_chunk, cells, cpu_form),
+                default=functools.partial(xla, other_form))
         else:
-            M, t, err, path = xla(g_stack, x, *res)
-        info = _make_info(t, err, tol, g_stack.dtype, path)
+            M, t, err, path, form = _per_platform(lines, xla, g_stack, x, *res)
+        info = _make_info(t, err, tol, g_stack.dtype, path, form)
         return (jnp.matmul(x, M.T, precision=_HIGHEST), info), M
-    out = _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, False,
-                       cells)
-    return out, None
+
+    def direct(form, g_stack, x, *res):
+        return _solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, form,
+                            False, cells)
+
+    return _per_platform(lines, direct, g_stack, x, *res), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
-def _core(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x, *scalars):
-    return _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _core(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, lines, g_stack, x,
+          *scalars):
+    return _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, lines, g_stack, x,
                     scalars)[0]
 
 
-def _core_fwd(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x, *scalars):
-    out, M = _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x,
-                      scalars)
+def _core_fwd(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, lines, g_stack, x,
+              *scalars):
+    out, M = _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, lines, g_stack,
+                      x, scalars)
     # Node states are recomputed in the backward pass (together with the adjoint): storing them
     # would cost B*K*N*P values.
     return out, (g_stack, x, scalars, M)
 
 
-def _core_bwd(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, saved, cotangents):
+def _core_bwd(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, lines, saved,
+              cotangents):
     g_stack, x, scalars, M = saved
     I_bar = cotangents[0].astype(g_stack.dtype)
+
+    def pair_grads(form, g_stack, x, I_bar, *scalars):
+        return _pair_grads(topology, tol, max_iters, batch_chunk, form, g_stack, x, I_bar,
+                           scalars, cells)
+
     if M is None:
-        grads = _pair_grads(topology, tol, max_iters, batch_chunk, g_stack, x, I_bar, scalars,
-                            cells)
-        g_bar, x_bar, r_bars = grads
+        g_bar, x_bar, r_bars = _per_platform(lines, pair_grads, g_stack, x, I_bar, *scalars)
     else:
         # L = sum(I_bar * (x @ M.T)) is bilinear in the fields of forward and adjoint solves:
         # sum_b v(x_b) vhat(I_bar_b) = sum_j v(x~_j) vhat(e_j) with x~ = I_bar.T @ x, so N pairs
         # replace B; and dL/dx = I_bar @ M exactly.
         x_tilde = jnp.matmul(I_bar.T, x, precision=_HIGHEST)
         eye = jnp.eye(I_bar.shape[1], dtype=I_bar.dtype)
-        g_bar, _, r_bars = _pair_grads(
-            topology, tol, max_iters, batch_chunk, g_stack, x_tilde, eye, scalars, cells
-        )
+        g_bar, _, r_bars = _per_platform(lines, pair_grads, g_stack, x_tilde, eye, *scalars)
         x_bar = jnp.matmul(I_bar, M, precision=_HIGHEST)
     cast = lambda v, ref: jnp.asarray(v).astype(jnp.result_type(ref))  # noqa: E731
     r_bars = tuple(cast(v, ref) for v, ref in zip(r_bars, scalars[:4], strict=True))
@@ -968,10 +1025,12 @@ def _core_bwd(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, saved, c
             jnp.zeros_like(scalars[4]))
 
 
-def _pair_grads(topology, tol, max_iters, batch_chunk, g_stack, x, I_bar, scalars, cells=False):
+def _pair_grads(topology, tol, max_iters, batch_chunk, lines, g_stack, x, I_bar, scalars,
+                cells=False):
     """Gradients of sum(I_bar * I(x)) by pairs of forward and adjoint solves (chunked).
 
-    `cells`: the solves converge relative to both polarities' currents (as the forward).
+    `lines`: the line solves' form. `cells`: the solves converge relative to both polarities'
+    currents (as the forward).
 
     Returns:
       (g_bar (P, K, N), x_bar (B, K), (r_row_bar, r_col_bar, r_driver_bar, r_integrator_bar)).
@@ -985,7 +1044,7 @@ def _pair_grads(topology, tol, max_iters, batch_chunk, g_stack, x, I_bar, scalar
     n_chunks, chunk = _chunking(
         B, 2 * _per_vector_bytes(topology, K, N, P, dtype.itemsize), batch_chunk
     )
-    shared = _shared_circuit(topology, g_stack, res)
+    shared = _shared_circuit(topology, g_stack, res, lines)
     xs = _split_chunks(x, n_chunks, chunk)
     bars = _split_chunks(I_bar, n_chunks, chunk)
     gated = topology == "gated_source"
@@ -1001,8 +1060,8 @@ def _pair_grads(topology, tol, max_iters, batch_chunk, g_stack, x, I_bar, scalar
             [jnp.zeros((1, N, 1, chunk), dtype), -barc.T[None, :, None, :]], axis=-1
         )
         mask2 = None if mask is None else jnp.concatenate([mask, mask], axis=-1)
-        cir = _chunk_circuit(topology, shared, g_l, mask2, res)
-        _, a, w, t, err = _iterate(cir, e_row2, e_col2, tol, max_iters, cells)
+        cir = _chunk_circuit(topology, shared, g_l, mask2, res, lines)
+        _, a, w, t, err = _iterate(cir, e_row2, e_col2, tol, max_iters, lines, cells)
         G = g_l if mask is None else g_l * mask  # (K, N, P, Bc) or (K, N, P, 1)
         a_f, a_b = a[..., :chunk], a[..., chunk:]
         w_f, w_b = w[..., :chunk], w[..., chunk:]
@@ -1101,10 +1160,16 @@ def default_tol(dtype) -> float:
     return 1e-6 if jnp.finfo(dtype).eps < 1e-10 else 1e-5
 
 
+def _check_lines(lines):
+    if lines not in _LINES:
+        raise ValueError(f"lines must be one of {_LINES}, got {lines!r}")
+
+
 def _solve(topology, g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows, tol,
-           max_iters, batch_chunk, cpu_kernel=True, error_scale="output"):
+           max_iters, batch_chunk, cpu_kernel=True, error_scale="output", lines="auto"):
     if error_scale not in _ERROR_SCALES:
         raise ValueError(f"error_scale must be one of {_ERROR_SCALES}, got {error_scale!r}")
+    _check_lines(lines)
     g_stack, x, scalars, lead, N = _prepare(
         g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows
     )
@@ -1113,18 +1178,18 @@ def _solve(topology, g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_ro
         z = jnp.zeros((), g_stack.dtype)
         return jnp.zeros(lead + (N,), g_stack.dtype), _make_info(jnp.int32(0), z, tol, z.dtype)
     I, info = _core_jit(topology, float(tol), int(max_iters), batch_chunk, bool(cpu_kernel),
-                        error_scale == "cells", g_stack, x, *scalars)
+                        error_scale == "cells", lines, g_stack, x, *scalars)
     return I.reshape(lead + (N,)), info
 
 
 # Compiled once per configuration, also for eager (un-jitted) callers; inlined under jit.
-_core_jit = jax.jit(_core, static_argnums=(0, 1, 2, 3, 4, 5))
+_core_jit = jax.jit(_core, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 _ERROR_SCALES = ("output", "cells")
 
 
 def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
                        extra_rows=0, tol=None, max_iters=1000, batch_chunk=None,
-                       cpu_kernel=True, error_scale="output"):
+                       cpu_kernel=True, error_scale="output", lines="auto"):
     """Column currents of an input-source (full crossbar) array with IR drop (PHYSICS.md §6).
 
     Input k drives row line k at its column-0 end through `r_row + r_driver`; `r_row` lies
@@ -1164,6 +1229,10 @@ def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
         which float32 rounding of the two polarities' currents limits to about 1e-5 of their
         sum: where the differences are small (e.g. `program`'s single-row probes of a layer
         with zero-mean weights), `"output"` can be out of reach while `"cells"` is not.
+      lines: the form of the XLA solver's line eliminations: `"sequential"` (a loop step
+        per node), `"parallel"` (associative scans: logarithmic depth, more work), or
+        `"auto"`: sequential where the computation is lowered for a CPU, parallel elsewhere.
+        `SolveInfo.lines` reports the form that ran.
 
     Returns:
       (currents, info): currents (..., N) into the integrators in array output units (ideal:
@@ -1171,12 +1240,12 @@ def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       pass it to `check_convergence`.
     """
     return _solve("input_source", g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
-                  tol, max_iters, batch_chunk, cpu_kernel, error_scale)
+                  tol, max_iters, batch_chunk, cpu_kernel, error_scale, lines)
 
 
 def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
                        extra_rows=0, tol=None, max_iters=1000, batch_chunk=None,
-                       cpu_kernel=True):
+                       cpu_kernel=True, lines="auto"):
     """Column currents of a gated-source array with IR drop (PHYSICS.md §6).
 
     Each column has a supply line (ideal source at the top, `r_row + r_driver` to row 0,
@@ -1210,6 +1279,8 @@ def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
         `chunk * K * N * (6 P + 6)` values. None: about 384 MiB of solver state.
       cpu_kernel: on a CPU, eliminate with the numba kernel of `jaxbar.core.ir_cpu`
         (rows whose bit is 0 skipped) where numba is installed; False: always the XLA scan.
+      lines: the form of the line eliminations of the gradient's sweeps, as
+        `solve_input_source`.
 
     Returns:
       (currents, info): currents (..., N) into the integrators in array output units (ideal:
@@ -1217,7 +1288,7 @@ def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       pass it to `check_convergence`.
     """
     return _solve("gated_source", g, b, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
-                  tol, max_iters, batch_chunk, cpu_kernel)
+                  tol, max_iters, batch_chunk, cpu_kernel, lines=lines)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -1277,14 +1348,15 @@ def solve_gated_source_per_read(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0,
 
 
 def _nodes(topology, g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows, tol,
-           max_iters, batch_chunk):
+           max_iters, batch_chunk, lines):
+    _check_lines(lines)
     g_stack, x, scalars, lead, N = _prepare(
         g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows
     )
     g_stack, x, scalars = jax.lax.stop_gradient((g_stack, x, scalars))
     tol = default_tol(g_stack.dtype) if tol is None else tol
-    I, info, line, w = _nodes_jit(topology, float(tol), int(max_iters), batch_chunk, g_stack, x,
-                                  *scalars)
+    I, info, line, w = _nodes_jit(topology, float(tol), int(max_iters), batch_chunk, lines,
+                                  g_stack, x, *scalars)
     P, K = g_stack.shape[:2]
     return NodeVoltages(
         line=line.reshape(lead + (P, K, N)),
@@ -1294,14 +1366,16 @@ def _nodes(topology, g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_ro
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _nodes_jit(topology, tol, max_iters, batch_chunk, g_stack, x, *scalars):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _nodes_jit(topology, tol, max_iters, batch_chunk, lines, g_stack, x, *scalars):
     P = g_stack.shape[0]
     signs = jnp.asarray([1.0, -1.0][:P], g_stack.dtype)
-    res = _resistances(*scalars)
-    I, info, a, w = _solve_batch(
-        topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, True
-    )
+
+    def solve(form, g_stack, x, *scalars):
+        return _solve_batch(topology, g_stack, x, _resistances(*scalars), tol, max_iters,
+                            batch_chunk, signs, form, True)
+
+    I, info, a, w = _per_platform(lines, solve, g_stack, x, *scalars)
     a = jnp.moveaxis(a, -1, 1)  # (B, P, K, N)
     if topology == "input_source":
         line = signs[None, :, None, None] * x[:, None, :, None] - a
@@ -1311,18 +1385,20 @@ def _nodes_jit(topology, tol, max_iters, batch_chunk, g_stack, x, *scalars):
 
 
 def input_source_nodes(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
-                       extra_rows=0, tol=None, max_iters=1000, batch_chunk=None):
+                       extra_rows=0, tol=None, max_iters=1000, batch_chunk=None,
+                       lines="auto"):
     """Node voltages of `solve_input_source` (same arguments; not differentiable).
 
     Returns:
       `NodeVoltages` with `line` the row-line node voltages (..., P, K, N).
     """
     return _nodes("input_source", g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
-                  tol, max_iters, batch_chunk)
+                  tol, max_iters, batch_chunk, lines)
 
 
 def gated_source_nodes(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
-                       extra_rows=0, tol=None, max_iters=1000, batch_chunk=None):
+                       extra_rows=0, tol=None, max_iters=1000, batch_chunk=None,
+                       lines="auto"):
     """Node voltages of `solve_gated_source` (same arguments; not differentiable).
 
     Returns:
@@ -1330,7 +1406,7 @@ def gated_source_nodes(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       positive bits: the drop from the ideal source).
     """
     return _nodes("gated_source", g, b, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
-                  tol, max_iters, batch_chunk)
+                  tol, max_iters, batch_chunk, lines)
 
 
 # --------------------------------------------------------------------------------------------
