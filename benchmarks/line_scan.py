@@ -17,7 +17,11 @@ to the largest current) against a float64 solve with the loops to `tol = 1e-10`.
 the scans cost more (more work, no parallel hardware to use the lower depth); they are meant
 for accelerators, where `lines="auto"` picks them.
 
-Run: ``python benchmarks/line_scan.py [--vectors B] [--r R] [--repeats N]``.
+``--floor``: instead, the float32 rounding floor of each form: input-source solves of a
+1152 x 32 array (4 vectors) run to `tol = 1e-12` (they stop when the changes stall), their
+error against float64, at r = 1e-5 and 1e-3.
+
+Run: ``python benchmarks/line_scan.py [--vectors B] [--r R] [--repeats N] [--floor]``.
 """
 
 from __future__ import annotations
@@ -75,13 +79,35 @@ def _solvers(r, vectors):
     return {"input_source": input_source, "gated_source": gated_source}
 
 
+def _floor():
+    rng = np.random.default_rng(0)
+    g = rng.uniform(0.0, 1.0, (K, 32))
+    v = rng.uniform(0.0, 1.0, (4, K))
+    print(f"float32 floor: {K} x 32, 4 vectors, input-source, XLA solver, tol = 1e-12")
+    print(f"{'r':>6} {'lines':<11} {'sweeps':>6} {'err vs f64':>10}")
+    for r in (1e-5, 1e-3):
+        ref, _ = par.solve_input_source(g, v, r, r, cpu_kernel=False, tol=1e-11,
+                                        lines="sequential")
+        ref = np.asarray(ref)
+        for lines in FORMS:
+            I, info = par.solve_input_source(
+                g.astype(np.float32), v.astype(np.float32), np.float32(r), np.float32(r),
+                cpu_kernel=False, tol=1e-12, max_iters=24, lines=lines)
+            err = np.max(np.abs(np.asarray(I) - ref)) / np.max(np.abs(ref))
+            print(f"{r:6.0e} {lines:<11} {int(info.iterations):6d} {err:10.2e}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vectors", type=int, default=8, help="input vectors per solve")
     ap.add_argument("--r", type=float, default=1e-5, help="r_row = r_col (normalized)")
     ap.add_argument("--repeats", type=int, default=3, help="timed solves per form")
+    ap.add_argument("--floor", action="store_true", help="the float32 floors instead")
     args = ap.parse_args()
     jax.config.update("jax_enable_x64", True)  # the float64 reference; timed solves are float32
+    if args.floor:
+        _floor()
+        return
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {K} x {N}, "
           f"B = {args.vectors}, r = {args.r:g}, float32, XLA solver")
     print(f"{'topology':<13} {'lines':<11} {'compile s':>9} {'solve ms':>9} {'sweeps':>6} "
