@@ -124,7 +124,17 @@ def line_factor(G, axis, boundary_first, r_end, r_seg):
     one = jnp.ones_like(G)
     mats = (one + G * r_prev, G, r_prev, one)
     _, p01, _, p11 = lax.associative_scan(_compose_moebius, mats, reverse=reverse, axis=axis)
-    return p11 / (p11 + R * p01)
+    Y = p01 / p11
+    # One step of iterative refinement. A partial product is shared by every node after it,
+    # so its rounding shifts many admittances alike; in float32 that error accumulates in the
+    # products of rho along the line. The local residuals of the recurrence carry only each
+    # node's own rounding, and the error follows the linearized recurrence
+    # e_t = res_t + rho_(t-1)^2 e_(t-1): an affine scan.
+    Y_prev = _previous(Y, axis, reverse)
+    rho_prev = 1.0 / (1.0 + r_prev * Y_prev)
+    res = G + rho_prev * Y_prev - Y
+    Y = Y + affine_recurrence(rho_prev * rho_prev, res, axis, reverse)
+    return 1.0 / (1.0 + R * Y)
 
 
 def line_solve(rho, c, axis, boundary_first, r_end, r_seg):
