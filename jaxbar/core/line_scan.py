@@ -8,15 +8,17 @@ loop with one step per node does less work and suits CPUs.
 - The admittance seen from node j towards the open end, `Y_j = G_j + rho_{j+1} Y_{j+1}`
   with `rho_j = 1 / (1 + R_j Y_j)`, is a Moebius map of `Y_{j+1}`: a product of 2 x 2
   matrices with non-negative entries, each partial product scaled by its largest entry
-  (`Y` is a ratio of two entries, so the scale cancels and nothing overflows).
+  (`Y` is a ratio of two entries, so the scale cancels and nothing overflows), refined by
+  one step on the recurrence's local residuals.
 - The Norton currents `H_j = c_j + rho_{j+1} H_{j+1}` and the drops
   `d_j = rho_j (d_{j-1} + R_j H_j)` are first-order linear recurrences: compositions of affine
   maps `x -> a x + b`, whose products of `rho` in (0, 1] stay bounded.
 
-Every entry is a sum or product of non-negative terms (only `c`, and with it `H` and `d`, may
-carry either sign, as in the loop): no cancellation, exact for R = 0, no division by a
-resistance. Functions take the line's axis and whether the boundary (driver or integrator)
-is its first node; the open end is the other one.
+Every entry of the scans is a sum or product of non-negative terms (only `c`, and with it
+`H` and `d`, may carry either sign, as in the loop; the refinement's residuals are small
+differences): exact for R = 0, no division by a resistance. Functions take the line's axis
+and whether the boundary (driver or integrator) is its first node; the open end is the other
+one.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ def line_factor(G, axis, boundary_first, r_end, r_seg):
     From the open end, `Y_t = G_t + Y_(t-1) / (1 + R_(t-1) Y_(t-1))` (t in elimination
     order): `[Y_t, 1]` is proportional to `M_t [Y_(t-1), 1]` with
     `M_t = [[1 + G_t R_(t-1), G_t], [R_(t-1), 1]]`, and `Y_(-1) = 0` picks the second column
-    of the product `M_t ... M_0`: `Y_t = P_01 / P_11`, `rho_t = P_11 / (P_11 + R_t P_01)`.
+    of the product `M_t ... M_0`: `Y_t = P_01 / P_11`, refined once (see the comment), and
+    `rho_t = 1 / (1 + R_t Y_t)`.
 
     Args:
       G: (..., L, ...) node conductances (cells to nodes of known voltage), >= 0.
