@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbar.core import parasitics as par
+from jaxbar.core import ir as par
 
 K, N = 1152, 256
 FORMS = ("sequential", "parallel")

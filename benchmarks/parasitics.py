@@ -1,4 +1,4 @@
-"""Benchmark of the IR-drop solver (jaxbar.core.parasitics) on a realistic differential array.
+"""Benchmark of the IR-drop solver (jaxbar.core.ir) on a realistic differential array.
 
 A 1152 x 256 differential array (input-source topology) holds Laplace-distributed weights mapped
 one-sided, ``g+- = max(+-w, 0) / max|w|`` (infinite on/off ratio); inputs are unsigned, uniform in
@@ -6,7 +6,7 @@ one-sided, ``g+- = max(+-w, 0) / max|w|`` (infinite on/off ratio); inputs are un
 subtracted after the solves) and ``interleaved`` (the + and - cells of a weight on one node of
 the same bit line, fed by row lines driven with +v and -v: one circuit, analog subtraction). For
 each layout, batch size and ``r = r_row = r_col`` the table reports, in float32, with the
-solver's default tolerance (``parasitics.default_tol``: 1e-5 in float32; ``--tol`` sets another):
+solver's default tolerance (``ir.default_tol``: 1e-5 in float32; ``--tol`` sets another):
 
 * ``solve ms`` / ``ideal ms`` / ``x ideal``: median wall time (after compilation and a one-second
   warm-up) of the IR solve(s) giving the differential currents, of the ideal product
@@ -37,9 +37,7 @@ vectors, r in {1e-5, 1e-3}; ``--plot``: also draw the time ratios and errors aga
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import pathlib
 import resource
 import threading
 import time
@@ -48,25 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbar.core import ir as par
+
 jax.config.update("jax_enable_x64", True)  # for the float64 reference; the timed runs are float32
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _load_parasitics():
-    try:
-        from jaxbar.core import parasitics
-
-        return parasitics
-    except Exception:  # package __init__ not ready: load the module standalone
-        path = ROOT / "jaxbar" / "core" / "parasitics.py"
-        spec = importlib.util.spec_from_file_location("_jaxbar_core_parasitics", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-
-par = _load_parasitics()
 K, N = 1152, 256
 # Millisecond references are timed often: their median moved by up to 1.6x between runs at 10.
 _REFERENCE_REPEATS = 40
@@ -173,7 +156,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="64 vectors, r in {1e-5, 1e-3}")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
     parser.add_argument("--tol", type=float, default=None,
-                        help="solver tolerance (default: parasitics.default_tol, 1e-5 in float32)")
+                        help="solver tolerance (default: ir.default_tol, 1e-5 in float32)")
     parser.add_argument("--plot", metavar="PNG", default=None,
                         help="write a figure of the ratios and errors against r")
     args = parser.parse_args()
@@ -277,7 +260,7 @@ def finite_on_off(w, tol, repeats, rng, on_off=100.0, r=1e-5, B=1024):
 def layer_path(w, rs, repeats, rng, B=1024, batches=(1, 10, 100)):
     """The same array through `jaxbar.program` + `jaxbar.matmul` (parasitics.precompute).
 
-    The config's default tolerance applies (`parasitics.default_tol`: 1e-5 in float32).
+    The config's default tolerance applies (`jaxbar.core.ir.default_tol`: 1e-5 in float32).
 
     An input-source array is linear in its inputs, so `program` solves its transfer matrix
     once per trial (N adjoint solves) and every MVM after that is an ideal product with it.

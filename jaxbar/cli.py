@@ -191,7 +191,7 @@ def input_error(e: BaseException) -> str | None:
     if isinstance(e, ValueError | OSError):
         return _one_line(str(e) or type(e).__name__)
     if isinstance(e, RuntimeError):
-        from jaxbar.core.parasitics import convergence_error
+        from jaxbar.core.ir import convergence_error
 
         carried = convergence_error(e)
         if carried is not None:
@@ -217,7 +217,7 @@ def _reporting(command: str, debug: bool):
 
         warnings.showwarning = show
         if not debug:
-            from jaxbar.core.parasitics import quiet_callback_logs
+            from jaxbar.core.ir import quiet_callback_logs
 
             stack.enter_context(quiet_callback_logs())
         yield

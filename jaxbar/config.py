@@ -1,8 +1,8 @@
 """The crossbar configuration tree: frozen, validated, hashable dataclasses.
 
 A `CrossbarConfig` describes one analog core (array size, weight and input
-encoding, device non-idealities, converters, parasitics). It is hashable, so it
-can be a static argument under `jax.jit`, and round-trips through plain dicts,
+encoding, device non-idealities, converters, parasitics and their solver). It is
+hashable, so it can be a static argument under `jax.jit`, and round-trips through plain dicts,
 JSON and YAML. Every field is validated on construction; a bad value raises
 `ConfigError` naming the dotted field path and the allowed values.
 """
@@ -29,14 +29,18 @@ __all__ = [
     "DeviceConfig",
     "DriftConfig",
     "IVConfig",
+    "IRSolverConfig",
     "InputsConfig",
     "MappingConfig",
     "NoiseConfig",
     "ParasiticsConfig",
     "WeightsConfig",
     "PRESETS",
+    "SOLVER_KEYS",
     "load_yaml",
+    "move_solver_keys",
     "parse_override",
+    "solver_key",
 ]
 
 
@@ -775,7 +779,9 @@ TOPOLOGIES = ("none", "input_source", "gated_source")
 
 @dataclasses.dataclass(frozen=True)
 class ParasiticsConfig:
-    """Wire resistance (PHYSICS §6); resistances normalized, r = Rp·Gmax.
+    """Wire resistance (PHYSICS §6): the circuit; resistances normalized, r = Rp·Gmax.
+
+    How the circuit is solved is set in `IRSolverConfig` (section `ir_solver`).
 
     Attributes:
       topology: "none" | "input_source" | "gated_source".
@@ -784,20 +790,6 @@ class ParasiticsConfig:
       interleaved: differential pairs share one bit line.
       r_driver: terminal resistance at the driver end.
       r_integrator: terminal resistance at the integrator end.
-      tol: relative tolerance of the output currents; None (default): 1e-5 for float32
-        solves, 1e-6 for float64 (`parasitics.default_tol`: float32 resolves a few 1e-6 on
-        arrays of a thousand rows).
-      max_iters: iteration limit of the solver.
-      on_nonconvergence: "error" | "warn" | "ignore".
-      batch_chunk: input vectors solved at a time (None = automatic).
-      precompute: "input_source" arrays are linear in their inputs, so `program` solves
-        each array's transfer matrix once (N adjoint solves) and every MVM is then an
-        exact ideal product with it; false solves the circuit on every MVM instead
-        (cheaper only for very few input vectors). "gated_source" always solves per MVM:
-        its input bits switch cells on and off.
-      cpu_kernel: on the CPU backend, "input_source" transfer matrices are computed by the
-        numba kernel of `jaxbar.core.ir_cpu` (many times faster than the XLA solver; it falls
-        back to it where its Gauss-Seidel passes converge slowly); false: always the XLA solver.
     """
 
     topology: str = "none"
@@ -806,6 +798,42 @@ class ParasiticsConfig:
     interleaved: bool = False
     r_driver: float = 0.0
     r_integrator: float = 0.0
+
+    def __post_init__(self):
+        _floats(self, "r_row", "r_col", "r_driver", "r_integrator")
+
+    def _validate(self, path: str) -> None:
+        _check_choice(f"{path}.topology", self.topology, TOPOLOGIES)
+        _check_nonnegative(self, path, "r_row", "r_col", "r_driver", "r_integrator")
+        if not isinstance(self.interleaved, bool):
+            _fail(f"{path}.interleaved", self.interleaved, "true or false")
+
+
+@dataclasses.dataclass(frozen=True)
+class IRSolverConfig:
+    """Settings of the IR-drop solver (`jaxbar.core.ir`) for the `parasitics` circuit.
+
+    Each field is also read under its `parasitics.` key (`parasitics.tol` is `ir_solver.tol`;
+    see `SOLVER_KEYS`); one setting given both ways with different values is a `ConfigError`.
+
+    Attributes:
+      tol: relative tolerance of the output currents; None (default): 1e-5 for float32
+        solves, 1e-6 for float64 (`jaxbar.core.ir.default_tol`: float32 resolves a few 1e-6
+        on arrays of a thousand rows).
+      max_iters: iteration limit of the solver.
+      on_nonconvergence: "error" | "warn" | "ignore".
+      batch_chunk: input vectors solved at a time (None = automatic).
+      precompute: "input_source" arrays are linear in their inputs, so `program` solves
+        each array's transfer matrix once (N adjoint solves) and every MVM is then an
+        exact ideal product with it; false solves the circuit on every MVM instead
+        (cheaper only for very few input vectors). "gated_source" always solves per MVM:
+        its input bits switch cells on and off.
+      cpu_kernel: on the CPU backend, "input_source" transfer matrices and "gated_source"
+        ladders are computed by the numba kernels of `jaxbar.core.ir` (many times faster than
+        the XLA solver; the transfer kernel falls back to it where its Gauss-Seidel passes
+        converge slowly); false: always the XLA solver.
+    """
+
     tol: float | None = None
     max_iters: int = 1000
     on_nonconvergence: str = "error"
@@ -814,13 +842,9 @@ class ParasiticsConfig:
     cpu_kernel: bool = True
 
     def __post_init__(self):
-        _floats(self, "r_row", "r_col", "r_driver", "r_integrator", "tol")
+        _floats(self, "tol")
 
     def _validate(self, path: str) -> None:
-        _check_choice(f"{path}.topology", self.topology, TOPOLOGIES)
-        _check_nonnegative(self, path, "r_row", "r_col", "r_driver", "r_integrator")
-        if not isinstance(self.interleaved, bool):
-            _fail(f"{path}.interleaved", self.interleaved, "true or false")
         if self.tol is not None:
             _check_real(f"{path}.tol", self.tol, "a number in (0, 1) or null")
             if not 0 < self.tol < 1:
@@ -836,6 +860,49 @@ class ParasiticsConfig:
             _fail(f"{path}.cpu_kernel", self.cpu_kernel, "true or false")
 
 
+#: The `ir_solver` fields that are also read as `parasitics.<field>`.
+SOLVER_KEYS = tuple(f.name for f in dataclasses.fields(IRSolverConfig))
+_MISSING = object()
+
+
+def move_solver_keys(d: Mapping[str, Any]) -> dict[str, Any]:
+    """A crossbar dict with the solver settings under `parasitics` moved to `ir_solver`.
+
+    Args:
+      d: a (possibly partial) crossbar config dict (anything else is returned as it is).
+
+    Returns:
+      A copy in which `parasitics.<key>` for every key of `SOLVER_KEYS` is `ir_solver.<key>`
+      (`d` itself when there is nothing to move).
+
+    Raises:
+      ConfigError: a setting given in both places with different values, naming both.
+    """
+    par = d.get("parasitics") if isinstance(d, Mapping) else None
+    if not isinstance(par, Mapping) or not set(par) & set(SOLVER_KEYS):
+        return d  # type: ignore[return-value]
+    solver = d.get("ir_solver", {})
+    if not isinstance(solver, Mapping):
+        _fail("ir_solver", solver, "a mapping")
+    solver = dict(solver)
+    for k in SOLVER_KEYS:
+        v = par.get(k, _MISSING)
+        if v is _MISSING:
+            continue
+        if solver.get(k, v) != v:
+            raise ConfigError(f"parasitics.{k} = {v!r} and ir_solver.{k} = {solver[k]!r} "
+                              f"disagree: set ir_solver.{k} only")
+        solver[k] = v
+    return {**d, "parasitics": {k: v for k, v in par.items() if k not in SOLVER_KEYS},
+            "ir_solver": solver}
+
+
+def solver_key(key: str) -> str:
+    """The dotted key a setting is stored under: `parasitics.tol` -> `ir_solver.tol`."""
+    section, _, leaf = key.partition(".")
+    return f"ir_solver.{leaf}" if section == "parasitics" and leaf in SOLVER_KEYS else key
+
+
 _SECTIONS = {
     "array": ArrayConfig,
     "weights": WeightsConfig,
@@ -844,6 +911,7 @@ _SECTIONS = {
     "inputs": InputsConfig,
     "adc": ADCConfig,
     "parasitics": ParasiticsConfig,
+    "ir_solver": IRSolverConfig,
 }
 
 
@@ -858,6 +926,7 @@ class CrossbarConfig:
     inputs: InputsConfig = InputsConfig()
     adc: ADCConfig = ADCConfig()
     parasitics: ParasiticsConfig = ParasiticsConfig()
+    ir_solver: IRSolverConfig = IRSolverConfig()
 
     def __post_init__(self):
         for name, cls in _SECTIONS.items():
@@ -925,6 +994,7 @@ class CrossbarConfig:
             preset = changes.pop("device.preset")
             d["device"] = (_device_preset("device.preset", preset) if preset is not None
                            else _asdict(DeviceConfig()))
+        changes = _solver_changes(changes)
         for key, value in changes.items():
             if isinstance(value, _DATACLASSES):
                 value = _asdict(value)
@@ -948,11 +1018,20 @@ class CrossbarConfig:
         if not isinstance(d, Mapping):
             raise ConfigError(f"config must be a mapping, got {type(d).__name__}")
         _reject_unknown("", d, _SECTIONS)
-        kwargs = {}
-        for name, sec_cls in _SECTIONS.items():
-            if name in d:
-                kwargs[name] = _section_from_dict(name, sec_cls, d[name])
-        return cls(**kwargs)
+        par = d.get("parasitics")
+        moved = [k for k in SOLVER_KEYS if isinstance(par, Mapping) and k in par]
+        d = move_solver_keys(d)
+        try:
+            kwargs = {}
+            for name, sec_cls in _SECTIONS.items():
+                if name in d:
+                    kwargs[name] = _section_from_dict(name, sec_cls, d[name])
+            return cls(**kwargs)
+        except ConfigError as e:  # name a setting the way it is written
+            key = next((k for k in moved if str(e).startswith(f"ir_solver.{k} ")), None)
+            if key is None:
+                raise
+            raise ConfigError(f"{e} (given as parasitics.{key})") from None
 
     def to_dict(self, _keep_callables: bool = False) -> dict[str, Any]:
         """The config as plain JSON-compatible dicts and lists."""
@@ -1040,6 +1119,31 @@ PRESETS: dict[str, Callable[[], CrossbarConfig]] = {
 }
 
 _DATACLASSES = (CrossbarConfig, NoiseConfig, DriftConfig, IVConfig, *_SECTIONS.values())
+
+
+def _solver_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """`replace` changes with the solver settings under `parasitics` renamed to `ir_solver`.
+
+    Raises:
+      ConfigError: one setting given twice with different values, naming both keys.
+    """
+    out: dict[str, Any] = {}
+    given: dict[str, str] = {}
+
+    def put(key: str, value: Any, as_given: str) -> None:
+        if key in out and out[key] != value:
+            raise ConfigError(f"{given[key]} = {out[key]!r} and {as_given} = {value!r} "
+                              f"disagree: set {key} only")
+        out[key], given[key] = value, as_given
+
+    for key, value in changes.items():
+        if key == "parasitics" and isinstance(value, Mapping):
+            value = dict(value)
+            for k in SOLVER_KEYS:
+                if k in value:
+                    put(f"ir_solver.{k}", value.pop(k), f"parasitics.{k}")
+        put(solver_key(key), value, key)
+    return out
 
 
 def _asdict(obj: Any) -> Any:

@@ -91,6 +91,71 @@ def adc_architectures_figure(path: Path, out: Path) -> None:
     plt.close(fig)
 
 
+#: Study 07: one curve per mapping and ADC; input-source results of 05/05b for comparison.
+GATED_CURVES = (
+    ("differential, interleaved",
+     {"mapping.scheme": "differential", "parasitics.interleaved": True}),
+    ("differential, separate",
+     {"mapping.scheme": "differential", "parasitics.interleaved": False}),
+    ("offset", {"mapping.scheme": "offset"}),
+)
+
+
+def _curve(rows, match, x="parasitics.r_row"):
+    pts = sorted((r["overrides"][x], r) for r in rows
+                 if r["overrides"].get(x) and all(r["overrides"].get(k) == v
+                                                  for k, v in match.items()))
+    return [v for v, _ in pts], [100 * r["mean"] for _, r in pts]
+
+
+def gated_parasitics_figure(path: Path, out: Path) -> None:
+    """Study 07: accuracy vs r on gated-source, bit-serial arrays, beside input-source 05/05b."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_results(path)
+    digital = [r for r in rows if r["overrides"].get("config") == "digital"]
+    panels = ((None, "arrays fitted to each layer", "05b_parasitics_fitted_arrays"),
+              (1152, "1152-row arrays", "05_parasitics"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    for ax, (rows_n, label, input_source) in zip(axes, panels, strict=True):
+        for i, (name, match) in enumerate(GATED_CURVES):
+            for bits, ls in ((0, "-"), (8, "--")):
+                xs, ys = _curve(rows, {**match, "array.rows": rows_n, "adc.bits": bits})
+                if xs:
+                    ax.plot(xs, ys, ls, marker="o", color=f"C{i}",
+                            label=f"{name}, {'ideal' if bits == 0 else '8-bit'} ADC")
+        for i, (name, match) in enumerate(GATED_CURVES[:2]):  # bit lines only (r_row = 0)
+            xs, ys = _curve(rows, {**match, "array.rows": rows_n, "adc.bits": 0,
+                                   "parasitics.r_row": 0.0}, x="parasitics.r_col")
+            if xs:
+                ax.plot(xs, ys, "-.", marker="x", color=f"C{i}", alpha=0.7,
+                        label=f"{name}, bit lines only (r_row = 0)")
+        ref = HERE / "results" / f"{input_source}.jsonl"
+        if ref.exists():
+            ref_rows = read_results(ref)
+            for scheme, marker in (("differential", "s"), ("offset", "^")):
+                xs, ys = _curve(ref_rows, {"mapping.scheme": scheme})
+                if xs:
+                    ax.plot(xs, ys, ":", marker=marker, color="gray", alpha=0.8,
+                            label=f"input-source {scheme} (study {input_source[:3].strip('_')})")
+        if digital:
+            ax.axhline(100 * digital[0]["mean"], color="black", ls=":", lw=0.8, label="digital")
+        ax.set_xscale("log")
+        ax.set_xlabel("r = Rp·Gmax (row and bit lines)")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 accuracy (%)")
+    axes[1].legend(fontsize=7)
+    n = rows[0]["n_images"] if rows else 0
+    fig.suptitle(f"Gated-source cells, 8-bit bit-serial inputs, ResNet20 ({n} test images)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     out_dir = HERE / "figures"
     out_dir.mkdir(exist_ok=True)
@@ -107,6 +172,10 @@ def main() -> None:
     if path.exists():
         adc_architectures_figure(path, out_dir / "08_adc_architectures.png")
         print(f"wrote {out_dir / '08_adc_architectures.png'}")
+    path = HERE / "results" / "07_parasitics_gated.jsonl"
+    if path.exists():
+        gated_parasitics_figure(path, out_dir / "07_parasitics_gated.png")
+        print(f"wrote {out_dir / '07_parasitics_gated.png'}")
     for name in ("01_exactness",):
         path = HERE / "results" / f"{name}.jsonl"
         if path.exists():

@@ -6,9 +6,12 @@ import math
 import jax
 import jax.numpy as jnp
 import pytest
+import yaml
 
 import jaxbar
-from jaxbar import ConfigError, CrossbarConfig
+from jaxbar import ConfigError, CrossbarConfig, IRSolverConfig, ParasiticsConfig
+from jaxbar.config import SOLVER_KEYS
+from jaxbar.nn.network_config import NetworkConfig
 
 SCHEMA_DEFAULTS = {
     "array": {"rows": None, "cols": None},
@@ -37,7 +40,8 @@ def test_defaults_match_documented_schema():
             assert _contains(d[section][k], v), (section, k)
     p = d["parasitics"]
     assert (p["topology"], p["r_row"], p["r_col"], p["interleaved"]) == ("none", 0.0, 0.0, False)
-    assert (p["tol"], p["max_iters"]) == (None, 1000)  # tol: parasitics.default_tol
+    s = d["ir_solver"]
+    assert (s["tol"], s["max_iters"]) == (None, 1000)  # tol: jaxbar.core.ir.default_tol
 
 
 def test_schema_dict_round_trip():
@@ -205,3 +209,70 @@ def test_custom_function_not_serializable():
     assert cfg.device.programming_error.fn is sigma
     with pytest.raises(ConfigError, match="cannot be serialized"):
         cfg.to_json()
+
+
+# ---- solver settings: their own section, also read under their parasitics. keys ----------
+
+SOLVER_DEFAULTS = {"tol": None, "max_iters": 1000, "on_nonconvergence": "error",
+                   "batch_chunk": None, "precompute": True, "cpu_kernel": True}
+
+
+def test_solver_settings_are_a_section_of_their_own_with_unchanged_defaults():
+    d = CrossbarConfig().to_dict()
+    assert d["ir_solver"] == SOLVER_DEFAULTS
+    assert set(d["parasitics"]) == {"topology", "r_row", "r_col", "interleaved", "r_driver",
+                                    "r_integrator"}
+    assert set(SOLVER_KEYS) == set(SOLVER_DEFAULTS)
+
+
+@pytest.mark.parametrize("old, new", [
+    ({"tol": 1e-4, "on_nonconvergence": "warn"}, {"tol": 1e-4, "on_nonconvergence": "warn"}),
+    ({"max_iters": 7, "batch_chunk": 3, "precompute": False, "cpu_kernel": False},
+     {"max_iters": 7, "batch_chunk": 3, "precompute": False, "cpu_kernel": False}),
+])
+def test_old_solver_keys_are_read(old, new):
+    want = CrossbarConfig(parasitics=ParasiticsConfig(topology="input_source", r_row=1e-5),
+                          ir_solver=IRSolverConfig(**new))
+    physics = {"topology": "input_source", "r_row": 1e-5}
+    assert CrossbarConfig.from_dict({"parasitics": {**physics, **old}}) == want
+    assert CrossbarConfig.from_dict({"parasitics": physics, "ir_solver": new}) == want
+    # The same setting in both places with the same value is no conflict.
+    assert CrossbarConfig.from_dict({"parasitics": {**physics, **old}, "ir_solver": new}) == want
+    text = yaml.safe_dump({"parasitics": {**physics, **old}})
+    assert CrossbarConfig.from_yaml(text) == want
+    dotted = {f"parasitics.{k}": v for k, v in {**physics, **old}.items()}
+    assert CrossbarConfig().replace(**dotted) == want
+    assert CrossbarConfig().replace(parasitics={**physics, **old}) == want
+    assert CrossbarConfig().replace(**{f"ir_solver.{k}": v for k, v in new.items()},
+                                    parasitics=physics) == want
+    # Network configs: `--set`-style changes and per-layer overrides.
+    net = NetworkConfig().replace(**dotted)
+    assert net.crossbar == want
+    layered = NetworkConfig.from_dict({"crossbar": {"parasitics": physics},
+                                       "layers": {"conv*": {"parasitics": old}}})
+    assert layered.crossbar_for("conv1") == want
+    assert layered.crossbar_for("dense") == want.replace(ir_solver=IRSolverConfig())
+
+
+def test_solver_key_given_twice_is_an_error_naming_both():
+    with pytest.raises(ConfigError, match=r"parasitics\.tol = 0\.0001 and ir_solver\.tol = "
+                                          r"0\.001"):
+        CrossbarConfig.from_dict({"parasitics": {"tol": 1e-4}, "ir_solver": {"tol": 1e-3}})
+    with pytest.raises(ConfigError, match=r"parasitics\.max_iters = 5 and ir_solver\.max_iters"):
+        CrossbarConfig().replace(**{"parasitics.max_iters": 5, "ir_solver.max_iters": 6})
+    with pytest.raises(ConfigError, match=r"parasitics\.cpu_kernel .* ir_solver\.cpu_kernel"):
+        NetworkConfig.from_dict({"layers": {"*": {"parasitics": {"cpu_kernel": False},
+                                                  "ir_solver": {"cpu_kernel": True}}}})
+
+
+@pytest.mark.parametrize("patch, field", [
+    ({"ir_solver": {"max_iters": 0}}, "ir_solver.max_iters"),
+    ({"ir_solver": {"tol": 1.5}}, "ir_solver.tol"),
+    ({"ir_solver": {"on_nonconvergence": "shout"}}, "ir_solver.on_nonconvergence"),
+    ({"ir_solver": {"batch_chunk": 0}}, "ir_solver.batch_chunk"),
+    ({"ir_solver": {"precompute": "no"}}, "ir_solver.precompute"),
+    ({"ir_solver": {"r_row": 1e-5}}, "unknown config key 'ir_solver.r_row'"),
+])
+def test_solver_validation_errors_name_the_field(patch, field):
+    with pytest.raises(ConfigError, match=field):
+        CrossbarConfig.from_dict(patch)

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbar.core import ir_cpu
-from jaxbar.core import parasitics as par
+from jaxbar.core import ir as par
+from jaxbar.core.ir import circuit, convergence
+from jaxbar.core.ir import cpu_kernel as ir_cpu
 
 from .circuit_reference import reference_currents
 
@@ -39,8 +40,8 @@ def _problem(k, n, interleaved, signed, seed, b=None):
 def _kernel(g, g_neg, v, r_row, r_col, tol=1e-6, max_iters=200, **terminals):
     """The host side of the kernel: (currents, iterations, error, ok)."""
     g_stack = np.stack([g] if g_neg is None else [g, g_neg]).astype(np.float32)
-    res = par._resistances(r_row, r_col, terminals["r_driver"], terminals["r_integrator"],
-                           terminals["extra_rows"])
+    res = circuit.resistances(r_row, r_col, terminals["r_driver"], terminals["r_integrator"],
+                              terminals["extra_rows"])
     v32 = v.astype(np.float32)
     M, iterations, error, ok = ir_cpu._host_transfer(
         g_stack, v32, *res, tol=tol, max_iters=max_iters)
@@ -53,7 +54,7 @@ def test_generated_kernel_module_is_up_to_date():
                                                   "gen_ir_kernel.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
-    common = gen.target().parent / "_ir_common.py"
+    common = gen.target().parent / "kernel_common.py"
     assert common.read_text() == gen.common_stamped(), "run python tools/gen_ir_kernel.py"
     assert gen.target().read_text() == gen.generate(), "run python tools/gen_ir_kernel.py"
 
@@ -283,18 +284,18 @@ def test_scratch_is_reused_aligned_and_shape_independent():
 
 def test_error_estimate_matches_the_xla_control():
     """The kernel's error estimate is the XLA solver's, also at the rounding level."""
-    from jaxbar.core import _ir_common
+    from jaxbar.core.ir import kernel_common
 
     eps = float(np.finfo(np.float32).eps)
     noise = 16 * eps
     for d_prev, d in [(1e-3, 0.5 * noise), (1.1 * noise, 0.9 * noise), (0.9 * noise, 0.5 * noise),
                       (1e-2, 1e-4), (1e-3, 0.0)]:
-        ctl = par._control_init(1, np.float32)
+        ctl = convergence.control_init(1, np.float32)
         for t, change in enumerate((d_prev, d)):
-            ctl = par._control_step(ctl, t, jnp.asarray([change], np.float32))
+            ctl = convergence.control_step(ctl, t, jnp.asarray([change], np.float32))
         err = np.zeros(1)
         rate = np.asarray([d / d_prev])
-        _ir_common._estimate(np.asarray([d]), rate, 2, eps, err, True)
+        kernel_common._estimate(np.asarray([d]), rate, 2, eps, err, True)
         assert err[0] == pytest.approx(float(ctl.err[0]), rel=1e-4, abs=1e-12)
 
 
@@ -428,24 +429,24 @@ def test_first_at_least():
     common, _ = ir_cpu._kernels()
     col = np.asarray([0, 3, 3, 7, 9], np.int32)
     for n, want in [(-1, 1), (0, 1), (3, 1), (4, 3), (8, 4), (9, 4), (10, 5)]:
-        assert common._first_at_least(col, 1, 5, n) == want
+        assert common.first_at_least(col, 1, 5, n) == want
 
 
 def test_a_pass_predicted_last_is_run_again_when_it_does_not_converge(monkeypatch):
     """A pass predicted to converge skips the bit-line elimination; when the prediction fails
     it is run again in full. Forcing the prediction (a contraction estimate of 0) must then give
     exactly the solve that never predicts (an estimate of 1)."""
-    from jaxbar.core import _ir_common
+    from jaxbar.core.ir import kernel_common
 
     g, _, v = _problem(30, 16, False, False, seed=41)
-    real = _ir_common.prepare_compact
+    real = kernel_common.prepare_compact
     runs = {}
     for qhat in (0.0, 1.0):
         def forced(*args, q=qhat, **kwargs):
             est = real(*args, **kwargs)
             return q if np.isfinite(est) else est
 
-        monkeypatch.setattr(_ir_common, "prepare_compact", forced)
+        monkeypatch.setattr(kernel_common, "prepare_compact", forced)
         runs[qhat] = _kernel(g, None, v, 0.004, 0.004, **NONE)
     assert runs[0.0][3] and runs[0.0][1] >= 4  # slow enough that the forced prediction fails
     np.testing.assert_array_equal(runs[0.0][0], runs[1.0][0])

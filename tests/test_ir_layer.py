@@ -33,7 +33,7 @@ def test_partitioned_differential_layer(interleaved, precompute):
     W, x = rng.normal(size=(K, N)), rng.uniform(-1, 1, size=(3, K))
     cfg = layer({"array": {"rows": rows, "cols": cols}})
     cfg = cfg.replace(**{"parasitics.interleaved": interleaved,
-                         "parasitics.precompute": precompute})
+                         "ir_solver.precompute": precompute})
     w_max = np.abs(W).max()
     gp, gn = np.maximum(W, 0) / w_max, np.maximum(-W, 0) / w_max
     expected = np.zeros((3, N))
@@ -115,7 +115,7 @@ def test_nonconvergence_is_reported():
                                                    "r_col": 1.0, "max_iters": 1}})
     with pytest.raises(Exception, match="converge"):
         jax.block_until_ready(jaxbar.analog_matmul(x, W, cfg))
-    cfg = cfg.replace(**{"parasitics.on_nonconvergence": "warn"})
+    cfg = cfg.replace(**{"ir_solver.on_nonconvergence": "warn"})
     with pytest.warns(RuntimeWarning, match="converge"):
         jax.block_until_ready(jaxbar.analog_matmul(x, W, cfg))
 
@@ -182,7 +182,7 @@ def test_precomputed_transfer_equals_per_mvm_solves_in_conv_layers(mapping):
     with jax.enable_x64(True):
         ys = []
         for precompute in (True, False):
-            cfg = layer(d).replace(**{"parasitics.precompute": precompute})
+            cfg = layer(d).replace(**{"ir_solver.precompute": precompute})
             p = jaxbar.program(jnp.asarray(kernel.reshape(27, 5)), cfg)
             assert (p.effective is not None) == precompute
             ys.append(np.asarray(jaxbar.core.conv(jnp.asarray(x), p, cfg, *conv_args)))
@@ -227,7 +227,7 @@ def test_precomputed_transfer_converges_in_float32_with_strongly_attenuated_rows
     assert attenuation.min() < 1e-3 * attenuation.max()  # the hard case is really there
     y = np.asarray(jaxbar.matmul(jnp.asarray(x), p, cfg), np.float64)
     with jax.enable_x64(True):
-        c64 = cfg.replace(**{"parasitics.tol": 1e-10, "parasitics.precompute": False})
+        c64 = cfg.replace(**{"ir_solver.tol": 1e-10, "ir_solver.precompute": False})
         y64 = np.asarray(jaxbar.analog_matmul(jnp.asarray(x, jnp.float64),
                                               jnp.asarray(W, jnp.float64), c64))
     assert np.abs(y - y64).max() <= 1e-4 * np.abs(y64).max()
@@ -239,8 +239,8 @@ def test_interleaved_transfer_converges_where_single_rows_cancel():
     few percent of its cells' currents, below their float32 rounding relative to it: the probes
     converge relative to both polarities' currents, so the CPU kernel finishes (it used to give
     up and leave it to the slower XLA solver), and real inputs get float32-accurate currents."""
-    from jaxbar.core import ir_cpu
-    from jaxbar.core import parasitics as par
+    from jaxbar.core import ir as par
+    from jaxbar.core.ir import cpu_kernel as ir_cpu
 
     K, N, r = 576, 64, 3e-4
     rng = np.random.default_rng(8)
@@ -255,6 +255,6 @@ def test_interleaved_transfer_converges_where_single_rows_cancel():
     assert bool(np.all(p.ir_info.converged))
     y = np.asarray(jaxbar.matmul(jnp.asarray(x, jnp.float32), p, cfg), np.float64)
     with jax.enable_x64(True):
-        c64 = cfg.replace(**{"parasitics.tol": 1e-10, "parasitics.precompute": False})
+        c64 = cfg.replace(**{"ir_solver.tol": 1e-10, "ir_solver.precompute": False})
         y64 = np.asarray(jaxbar.analog_matmul(jnp.asarray(x), jnp.asarray(W), c64))
     assert np.max(np.abs(y - y64).max(axis=1) / np.abs(y64).max(axis=1)) <= 2e-5

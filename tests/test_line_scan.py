@@ -1,4 +1,4 @@
-"""Tests of the low-depth line eliminations (`jaxbar.core.line_scan`) and their use in the solver.
+"""Tests of the low-depth line eliminations (`jaxbar.core.ir.line_scan`) and their use.
 
 The scans are checked against NumPy loops written here from the recurrences of
 docs/ir_solver.md ("Line solves"); the solver forced to the scans against the same solver with
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from jax.extend.core import jaxprs_in_params
 
-from jaxbar.core import line_scan
-from jaxbar.core import parasitics as par
+from jaxbar.core import ir as par
+from jaxbar.core.ir import line_scan
 
 from .circuit_reference import reference_currents
 from .ir_problems import TERMINALS, problem, rel_err

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbar.core import parasitics as par
+from jaxbar.core import ir as par
+from jaxbar.core.ir import circuit, convergence, sweeps
 
 from .circuit_reference import reference_currents
 from .ir_problems import NO_TERMINALS, TERMINALS, B, K, N
@@ -127,12 +128,12 @@ def test_transfer_start_equals_general_start(lines):
     general start (bit lines solved with ideal row lines) of the same one-hot column drives."""
     g, g_neg, _ = _problem("input_source", signed=True, seed=29)
     g_stack = jnp.stack([jnp.asarray(g), jnp.asarray(g_neg)])
-    res = par._resistances(0.05, 0.1, 0.04, 0.06, 2.0)
-    cir = par._shared_circuit("input_source", g_stack, res, lines)
+    res = circuit.resistances(0.05, 0.1, 0.04, 0.06, 2.0)
+    cir = circuit.shared_circuit("input_source", g_stack, res, lines)
     cols = jnp.array([4, 0, 5, N])  # N: a padding vector, not driven
     e_col = -(jnp.arange(N)[:, None] == cols[None, :]).astype(g_stack.dtype)[None, :, None, :]
-    fast = par._start(cir, None, e_col, cols.size, True, lines, cols)
-    general = par._start(cir, None, e_col, cols.size, True, lines)
+    fast = sweeps.start_fields(cir, None, e_col, cols.size, True, lines, cols)
+    general = sweeps.start_fields(cir, None, e_col, cols.size, True, lines)
     for a, b in zip(fast, general, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
     assert float(jnp.max(jnp.abs(general[1][..., 3]))) == 0.0  # padding: no drive, no voltage
@@ -463,10 +464,10 @@ def test_float32(topology):
 
 def _errors_after(changes, dtype=np.float32):
     """The control's error estimate after each of the given readout changes (Gauss-Seidel)."""
-    ctl = par._control_init(1, dtype)
+    ctl = convergence.control_init(1, dtype)
     errs = []
     for t, d in enumerate(changes):
-        ctl = par._control_step(ctl, t, jnp.asarray([d], dtype))
+        ctl = convergence.control_step(ctl, t, jnp.asarray([d], dtype))
         errs.append(float(ctl.err[0]))
     return errs
 

@@ -175,6 +175,38 @@ def test_study_parsing_and_overrides(tiny, tmp_path, monkeypatch):
         expand_path("$NOPE_Y/x", tmp_path)
 
 
+def test_solver_settings_keep_point_ids_and_calibration_keys(tiny):
+    """Solver settings enter ids under their `parasitics.` keys, wherever they are written."""
+    net = NetworkConfig().replace(**{"ir_solver.tol": 1e-4, "ir_solver.on_nonconvergence": "warn",
+                                     "parasitics.r_row": 1e-5})
+    assert config_identity(net) == {"crossbar": {"parasitics": {
+        "r_row": 1e-5, "tol": 1e-4, "on_nonconvergence": "warn"}}}
+    old = {"parasitics.tol": [1e-4], "parasitics.on_nonconvergence": ["warn"]}
+    new = {"ir_solver.tol": [1e-4], "ir_solver.on_nonconvergence": ["warn"]}
+    studies = [load_study(_study(tiny, grid={**g, "weights.bits": [0, 6]})) for g in (old, new)]
+    a, b = (plan(s) for s in studies)
+    assert [p.point_id for p in a] == [p.point_id for p in b]
+    assert a[0].net == b[0].net and a[0].net.crossbar.ir_solver.tol == 1e-4
+    assert [calibration_key(studies[0], p.net) for p in a] == [
+        calibration_key(studies[1], p.net) for p in b]
+    base = {**_study(tiny)["config"], "crossbar": {"parasitics": {"tol": 1e-4}}}
+    moved = {**_study(tiny)["config"], "crossbar": {"ir_solver": {"tol": 1e-4}}}
+    assert ([p.point_id for p in plan(load_study(_study(tiny, config=base)))]
+            == [p.point_id for p in plan(load_study(_study(tiny, config=moved)))])
+    with pytest.raises(ConfigError, match=r"parasitics\.tol .* ir_solver\.tol"):
+        plan(load_study(_study(tiny, points=[{"parasitics.tol": 1e-3}],
+                               grid={"ir_solver.tol": [1e-4]})))
+
+
+def test_committed_parasitics_results_have_no_pending_points():
+    """Studies 05 and 05b set solver settings as `parasitics.` keys: their results are found."""
+    for name in ("05_parasitics", "05b_parasitics_fitted_arrays"):
+        rows = read_results(REPO / "studies" / "results" / f"{name}.jsonl")
+        points = plan(load_study(REPO / "studies" / f"{name}.yaml"))
+        assert len(points) == 11
+        assert {p.point_id for p in points} <= {r["point_id"] for r in rows}, name
+
+
 def test_plan_groups_structures():
     s = load_study({"model": "resnet14", "params": "p.npz", "data": "d", "config": "ideal",
                     "grid": {"device.programming_error.sigma": [0.0, 0.1],

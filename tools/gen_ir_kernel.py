@@ -1,4 +1,4 @@
-"""Generates jaxbar/core/_ir_lanes.py: the lane-unrolled CPU kernels of the transfer solve.
+"""Generates jaxbar/core/ir/kernel_lanes.py: the lane-unrolled CPU kernels of the transfer solve.
 
 A kernel solves a block of adjoint circuits (one per driven bit line) at once, one circuit per
 SIMD lane. Numba vectorizes straight-line code over scalars (LLVM's SLP vectorizer) but not loops
@@ -7,7 +7,7 @@ per lane here. One kernel per number of polarities: single arrays, and interleav
 two row lines share each row's bit-line nodes.
 
 Usage: ``python tools/gen_ir_kernel.py`` (rewrites the module, and the record of
-``ir_constants.py``'s hash in ``_ir_common.py``; a test checks both are up to date).
+``constants.py``'s hash in ``kernel_common.py``; a test checks both are up to date).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class _Code:
 
 
 def _kernel(P: int, L: int) -> list[str]:
-    """The kernel for P polarities (see ``_ir_common.prepare_compact`` for the factors).
+    """The kernel for P polarities (see ``kernel_common.prepare_compact`` for the factors).
 
     Rows are solved one at a time (their nodes differ): a row's recurrences (one multiply-add
     per node and polarity) are shorter than the loads and stores around them. A lane's drive
@@ -53,10 +53,10 @@ def block_p{P}(g, rp, col, gq, rho, rrp, jr, cab, ccd, w0, eye, xs, j0, tol, cx2
              max_passes, F, wbuf, fbuf, hbuf, ja, m_old, m_new, W, D, state, out, err):
     """Transfer rows of the driven bit lines j0 .. j0 + {L} - 1, float32, P = {P}.
 
-    See ``ir_cpu`` for the passes and ``ir_cpu._worker`` for the arrays; ``eye``: the {L} x {L}
-    identity (row b: lane b's drive). W, D: the relaxed bit-line and row-line voltages of the
-    previous pass at every node (read and written only once over-relaxation is on). Returns
-    (passes, status): status 0 converged, 1 not converged within max_passes, 2 too slow.
+    See ``cpu_kernel`` for the passes and ``cpu_kernel._worker`` for the arrays; ``eye``: the
+    {L} x {L} identity (row b: lane b's drive). W, D: the relaxed bit-line and row-line voltages
+    of the previous pass at every node (read and written only once over-relaxation is on).
+    Returns (passes, status): status 0 converged, 1 not converged within max_passes, 2 too slow.
     """
     K = rp.shape[0] - 1
     N = w0.shape[1]
@@ -69,7 +69,7 @@ def block_p{P}(g, rp, col, gq, rho, rrp, jr, cab, ccd, w0, eye, xs, j0, tol, cx2
     full_passes = 0
     done = 0
     relax = False  # W and D hold the previous pass's relaxed voltages
-    _start_rows(g, w0, j0, n_live, m_old)
+    start_rows(g, w0, j0, n_live, m_old)
     t = 0
     while t < max_passes:
         t += 1
@@ -87,7 +87,7 @@ def block_p{P}(g, rp, col, gq, rho, rrp, jr, cab, ccd, w0, eye, xs, j0, tol, cx2
         # A pass that is predicted to converge skips the bit-line elimination (which only the
         # next pass would read); when it does not converge it is run again in full (not with
         # relaxation: the rerun would relax the recorded voltages twice).
-        last = not relax and _worth_last(state, n_live, t - 1, qhat, tol)
+        last = not relax and worth_last(state, n_live, t - 1, qhat, tol)
         for attempt in range(2):
             full = attempt == 1 or not last
             desc = full_passes % 2 == 0
@@ -103,8 +103,8 @@ def block_p{P}(g, rp, col, gq, rho, rrp, jr, cab, ccd, w0, eye, xs, j0, tol, cx2
     for p in pols:
         c.lanes_(ind, f"e{p}_#", "zero")
     # Nodes [a, b) lie in the block's own columns, where the lanes' drives enter.
-    c(ind, "a = _first_at_least(col, i0, i1, j0)")
-    c(ind, "b = _first_at_least(col, a, i1, j0 + n_live)")
+    c(ind, "a = first_at_least(col, i0, i1, j0)")
+    c(ind, "b = first_at_least(col, a, i1, j0 + n_live)")
     # Row-line elimination from the open end, i = i1 - 1 - ii down to i0.
     segments = (("0", "i1 - b", False), ("i1 - b", "i1 - a", True), ("i1 - a", "i1 - i0", False))
     c(ind, "if start:  # the start: bit lines solved with ideal row lines (0 off the drives)")
@@ -191,8 +191,8 @@ def block_p{P}(g, rp, col, gq, rho, rrp, jr, cab, ccd, w0, eye, xs, j0, tol, cx2
             if attempt == 1:
                 break  # the pass run again in full: its readout was taken
             passes = t
-            _compact_readout(ja, n_live, m_new)
-            done = _control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err)
+            compact_readout(ja, n_live, m_new)
+            done = control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err)
             m_old[:, :] = m_new
             if done != 0 or full:
                 break
@@ -213,11 +213,11 @@ def generate() -> str:
         '"""',
         "",
         "# ruff: noqa",
-        f"# _ir_common.py sha256: {_helpers_hash()}",
+        f"# kernel_common.py sha256: {_helpers_hash()}",
         "import numba",
         "",
-        "from jaxbar.core._ir_common import (_compact_readout, _control, _first_at_least,",
-        "                                    _start_rows, _worth_last, prefetch)",
+        "from jaxbar.core.ir.kernel_common import (compact_readout, control, first_at_least,",
+        "                                          start_rows, worth_last, prefetch)",
         "",
         f"LANES = {LANES}",
     ]
@@ -227,34 +227,35 @@ def generate() -> str:
 
 
 def _helpers_hash() -> str:
-    path = target().parent / "_ir_common.py"
+    path = target().parent / "kernel_common.py"
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-_CONSTANTS_LINE = "# ir_constants.py sha256: "
+_CONSTANTS_LINE = "# constants.py sha256: "
 
 
 def common_stamped() -> str:
-    """``_ir_common.py`` with the current sha256 of ``ir_constants.py`` on its record line.
+    """``kernel_common.py`` with the current sha256 of ``constants.py`` on its record line.
 
-    numba's cache of ``_ir_common`` tracks only its own file; recording the constants' hash
+    numba's cache of ``kernel_common`` tracks only its own file; recording the constants' hash
     there makes a change of the constants change the file (and so recompile it and, through
     its hash, the generated kernels).
     """
     core = target().parent
-    digest = hashlib.sha256((core / "ir_constants.py").read_bytes()).hexdigest()
-    lines = (core / "_ir_common.py").read_text().split("\n")
+    digest = hashlib.sha256((core / "constants.py").read_bytes()).hexdigest()
+    lines = (core / "kernel_common.py").read_text().split("\n")
     at = next(i for i, line in enumerate(lines) if line.startswith(_CONSTANTS_LINE))
     lines[at] = _CONSTANTS_LINE + digest
     return "\n".join(lines)
 
 
 def target() -> pathlib.Path:
-    return pathlib.Path(__file__).resolve().parents[1] / "jaxbar" / "core" / "_ir_lanes.py"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    return root / "jaxbar" / "core" / "ir" / "kernel_lanes.py"
 
 
 if __name__ == "__main__":
-    common = target().parent / "_ir_common.py"
+    common = target().parent / "kernel_common.py"
     stamped = common_stamped()
     if common.read_text() != stamped:
         common.write_text(stamped)

@@ -15,15 +15,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxbar.config import CrossbarConfig
-from jaxbar.core import devices, mapping, parasitics
+from jaxbar.core import devices, ir, mapping
 
 __all__ = ["array_currents"]
 
 
 def _solver(config: CrossbarConfig):
     p = config.parasitics
-    return parasitics.solve_input_source if p.topology == "input_source" else (
-        parasitics.solve_gated_source)
+    return ir.solve_input_source if p.topology == "input_source" else (
+        ir.solve_gated_source)
 
 
 # Bytes of per-read conductances drawn at a time (read noise): vectors are solved in chunks.
@@ -42,7 +42,7 @@ def _noisy_reads(gt, v, key, config, extra_rows, g_neg=None):
       g_neg: (K, N) conductances of the interleaved negative cells, or None.
 
     Returns:
-      (B, N) integrator currents and the `parasitics.SolveInfo` of the solves.
+      (B, N) integrator currents and the `ir.SolveInfo` of the solves.
     """
     p = config.parasitics
     noise = config.device.read_noise
@@ -59,10 +59,10 @@ def _noisy_reads(gt, v, key, config, extra_rows, g_neg=None):
         keys = jax.random.split(jax.random.fold_in(key, i), len(cells))
         gs = [a + s * jax.random.normal(k, (chunk, K, N), a.dtype)
               for a, s, k in zip(cells, stds, keys, strict=True)]
-        return parasitics.solve_gated_source_per_read(
+        return ir.solve_gated_source_per_read(
             gs[0], vc, p.r_row, p.r_col, g_neg=gs[1] if len(gs) == 2 else None,
             r_driver=p.r_driver, r_integrator=p.r_integrator, extra_rows=extra_rows,
-            cpu_kernel=p.cpu_kernel)
+            cpu_kernel=config.ir_solver.cpu_kernel)
 
     y, info = jax.lax.map(one, (jnp.arange(n_chunks), vs))
     return y.reshape(-1, N)[:B], jax.tree_util.tree_map(lambda a: a[0], info)  # exact: alike
@@ -76,16 +76,16 @@ def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
     Args:
       u: input slices (J, *batch, K) (im2col patches for convolutions).
       g: tiles (pr, rows, S, P, M) from `program`.
-      config: the crossbar config (its parasitics section is used).
+      config: the crossbar config (its parasitics and ir_solver sections are used).
       lay: the layer's layout.
-      error_scale: of input-source solves (see `parasitics.solve_input_source`).
+      error_scale: of input-source solves (see `ir.solve_input_source`).
       key: the read key (read noise on gated-source arrays).
-      with_info: also return the arrays' `parasitics.SolveInfo`.
+      with_info: also return the arrays' `ir.SolveInfo`.
 
     Returns:
       (J, *batch, pr, S, P', M): P' = 1 after analog differential subtraction (of two
       separate arrays, or of one interleaved array), else P. With `with_info`, also the
-      `parasitics.SolveInfo` of every array, leaves of shape (pr, S, pc) for an interleaved
+      `ir.SolveInfo` of every array, leaves of shape (pr, S, pc) for an interleaved
       pair, (pr, S, 2, pc) for separate pairs and (pr, S, P, pc) otherwise (pc: column
       partitions; the unit column of an offset layer shares its partition's arrays).
     """
@@ -101,9 +101,10 @@ def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
     has_unit = M > pc * lay.cols
     extra = 0 if config.array.rows is None else max(config.array.rows - rows, 0)
     solve = _solver(config)
+    s = config.ir_solver
     kwargs = dict(r_driver=p.r_driver, r_integrator=p.r_integrator, extra_rows=extra,
-                  tol=p.tol, max_iters=p.max_iters, batch_chunk=p.batch_chunk)
-    kwargs.update(cpu_kernel=p.cpu_kernel)
+                  tol=s.tol, max_iters=s.max_iters, batch_chunk=s.batch_chunk)
+    kwargs.update(cpu_kernel=s.cpu_kernel)
     if p.topology == "input_source":
         kwargs.update(error_scale=error_scale)
 
@@ -128,8 +129,8 @@ def array_currents(u: jax.Array, g: jax.Array, config: CrossbarConfig,
         if noisy:
             return _noisy_reads(gt, v, k, config, extra, g_neg)
         y, info = solve(gt, v, p.r_row, p.r_col, g_neg=g_neg, **kwargs)
-        parasitics.check_convergence(info, p.on_nonconvergence,
-                                     {"parasitics.r_row": p.r_row, "parasitics.r_col": p.r_col})
+        ir.check_convergence(info, s.on_nonconvergence,
+                             {"parasitics.r_row": p.r_row, "parasitics.r_col": p.r_col})
         return y, info
 
     def split(k, n):  # read keys of n arrays (placeholders without read noise)

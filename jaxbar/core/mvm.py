@@ -96,7 +96,7 @@ def _effective(g: jax.Array, config: CrossbarConfig,
     The info is that of the transfer solves, None without them.
     """
     topology = config.parasitics.topology
-    if topology == "input_source" and config.parasitics.precompute:
+    if topology == "input_source" and config.ir_solver.precompute:
         return _ir_transfer(g, config, shape)
     if topology == "none" and _analog_diff(config):
         return _subtracted(g, config), None

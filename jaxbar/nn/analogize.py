@@ -37,7 +37,7 @@ from flax import nnx
 
 from jaxbar import calibration as cal
 from jaxbar.config import ConfigError, CrossbarConfig
-from jaxbar.core import mapping, mvm, parasitics
+from jaxbar.core import ir, mapping, mvm
 from jaxbar.nn.graph import modules
 from jaxbar.nn.network_config import CalibrationSettings, NetworkConfig
 from jaxbar.nn.ranges import LearnedRanges, host_ranges, init_ranges, learned_product, range_spec
@@ -221,7 +221,7 @@ class AnalogOp(nnx.Module):
         """A context naming this layer in IR-drop non-convergence errors."""
         if self.config.parasitics.topology == "none":
             return contextlib.nullcontext()
-        return parasitics.solving(f"layer {self.path!r}")
+        return ir.solving(f"layer {self.path!r}")
 
     # ---- the analog product of (G, ..., K) inputs ----------------------------------------
     def product(self, x: jax.Array, kernel: jax.Array, make_op, core) -> jax.Array:

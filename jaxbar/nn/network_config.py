@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from jaxbar.config import ConfigError, CrossbarConfig, load_yaml
+from jaxbar.config import ConfigError, CrossbarConfig, load_yaml, move_solver_keys
 
 __all__ = ["CalibrationSettings", "NetworkConfig", "NETWORK_PRESETS"]
 
@@ -100,7 +100,7 @@ class NetworkConfig:
             if text == "digital":
                 return None
             try:
-                d = _merge(d, json.loads(text))
+                d = _merge(d, move_solver_keys(json.loads(text)))
             except ConfigError as e:
                 raise ConfigError(f"layers[{pattern!r}]: {e}") from e
         try:
@@ -117,7 +117,7 @@ class NetworkConfig:
         if unknown:
             # A bare crossbar config is accepted too.
             if unknown <= {"array", "weights", "mapping", "device", "inputs", "adc",
-                           "parasitics"} and not set(d) & known:
+                           "parasitics", "ir_solver"} and not set(d) & known:
                 return cls(crossbar=CrossbarConfig.from_dict(d))
             raise ConfigError(f"unknown network config keys {sorted(unknown)}; allowed: "
                               f"{sorted(known)} (or a bare crossbar config)")

@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jaxbar.config import ConfigError
-from jaxbar.core import parasitics
+from jaxbar.core import ir
 from jaxbar.nn.analogize import ReadCount, analog_layers, map_batches, program_model, stack_batches
 
 __all__ = ["default_strategy", "monte_carlo", "monte_carlo_stacked", "shard_layout"]
@@ -261,7 +261,7 @@ def monte_carlo_stacked(analog: nnx.Module, keys: jax.Array, fn: Callable[..., A
             try:
                 res = run(state, place_keys(ks), batches, args)
             except Exception as e:  # a ConvergenceError of a callback arrives wrapped
-                carried = parasitics.convergence_error(e)
+                carried = ir.convergence_error(e)
                 if carried is None or carried is e:
                     raise
                 raise carried from e

@@ -55,7 +55,7 @@ from typing import Any
 
 import yaml
 
-from jaxbar.config import ConfigError, load_yaml
+from jaxbar.config import SOLVER_KEYS, ConfigError, load_yaml
 from jaxbar.nn.network_config import CalibrationSettings, NetworkConfig
 
 __all__ = [
@@ -452,7 +452,8 @@ def plan(study: Study) -> list[Point]:
             raise ConfigError(f"point {i} {over}: {e}") from e
         if net.crossbar is None:  # a digital point: crossbar settings mean nothing
             over = {k: v for k, v in over.items() if not _is_crossbar_key(k)}
-        pid = _digest({"study": sid, "overrides": over})
+        ident = {_identity_key(k): v for k, v in over.items()}
+        pid = _digest({"study": sid, "overrides": ident})
         if pid in seen:
             continue
         seen.add(pid)
@@ -480,9 +481,21 @@ def config_identity(net: NetworkConfig) -> dict[str, Any]:
     """A network config as it enters point ids and calibration keys.
 
     Only what differs from the defaults enters, so a new config field, whose default keeps
-    the behaviour, leaves the ids of existing results (and their resumption) intact.
+    the behaviour, leaves the ids of existing results (and their resumption) intact. The
+    solver settings (`ir_solver`) enter under their `parasitics.` keys (`SOLVER_KEYS`), so
+    ids do not depend on the section a setting is written in.
     """
-    return _without_defaults(net.to_dict(), NetworkConfig().to_dict())
+    d = _without_defaults(net.to_dict(), NetworkConfig().to_dict())
+    xbar = d.get("crossbar")
+    if isinstance(xbar, dict) and "ir_solver" in xbar:
+        xbar["parasitics"] = {**xbar.get("parasitics", {}), **xbar.pop("ir_solver")}
+    return d
+
+
+def _identity_key(key: str) -> str:
+    """An override key as it enters point ids: `ir_solver.tol` as `parasitics.tol`."""
+    section, _, leaf = key.partition(".")
+    return f"parasitics.{leaf}" if section == "ir_solver" and leaf in SOLVER_KEYS else key
 
 
 # ---- calibration cache ---------------------------------------------------------------------

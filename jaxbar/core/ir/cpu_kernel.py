@@ -1,6 +1,6 @@
 """CPU kernel of the input-source transfer solve (numba): the IR-drop solver's fast path on CPUs.
 
-`jaxbar.core.parasitics` finds the transfer matrix `M` of an input-source array (`I = v @
+`jaxbar.core.ir.transfer` finds the transfer matrix `M` of an input-source array (`I = v @
 M.T`) from N adjoint circuits, one per bit line `j` (driven by -1 in its own cells). In XLA
 every sweep streams (K, N, N)-sized fields through memory several times. This kernel solves 16
 adjoint circuits at once in float32, one per SIMD lane, and fuses a whole Gauss-Seidel sweep into
@@ -20,7 +20,7 @@ estimate of the output currents: a cheap bound on their change (`min(|x|_2 |dM|_
 |dM|_1)` relative to each vector's largest current) gives the contraction rate, and near
 convergence the exact change replaces it.
 
-The kernel works on the bit-line nodes that have a conducting cell (`_ir_common.
+The kernel works on the bit-line nodes that have a conducting cell (`kernel_common.
 prepare_compact`): a cell with g = 0 joins its row segments (and, alone at its node, its bit-line
 segments) in series, so the line factors are those of the merged segments and the field holds 16
 values per node. Half of each array of a one-sided differential pair is off with an infinite
@@ -57,9 +57,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbar.core.ir_constants import SOR_WAIT
+from jaxbar.core.ir.constants import SOR_WAIT
 
-__all__ = ["available", "ladder", "release_scratch", "transfer"]
+__all__ = ["available", "release_scratch", "threads", "transfer"]
 
 # Sampled columns of the start transfer matrix that set each vector's current scale.
 _SCALE_COLUMNS = 32
@@ -87,8 +87,8 @@ def _kernels():
     # Straight-line lane code is vectorized by LLVM's SLP pass, which numba leaves off by
     # default; it is read when a function is compiled (see _slp).
     with _slp(numba):
-        from jaxbar.core import _ir_common, _ir_lanes
-    return _ir_common, _ir_lanes
+        from jaxbar.core.ir import kernel_common, kernel_lanes
+    return kernel_common, kernel_lanes
 
 
 @functools.cache
@@ -126,7 +126,8 @@ def _slp(numba):
         numba.config.SLP_VECTORIZE = old
 
 
-def _threads() -> int:
+def threads() -> int:
+    """The CPU cores this process may run on (the kernels' worker threads)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
@@ -134,7 +135,7 @@ def _threads() -> int:
 
 
 def _control_state(lanes, relax=True):
-    """The kernel's control state (see `_ir_common._control`).
+    """The kernel's control state (see `kernel_common.control`).
 
     `relax` False: Gauss-Seidel passes only (no factor update ever; the factor stays 1).
     """
@@ -270,7 +271,7 @@ def _solve_blocks(common, lanes, g, x, r_a, r_a_end, r_b, r_b_end, tol, max_iter
     L = lanes.LANES
     signs = np.asarray([1.0, -1.0][:P])
     # One pool for the setup (two independent halves at a time) and the workers.
-    with ThreadPoolExecutor(max(2, _threads())) as pool:
+    with ThreadPoolExecutor(max(2, threads())) as pool:
         nnz = int(np.count_nonzero(np.any(g != 0, axis=0)))  # nodes with a conducting cell
         rp, col, gq, rho, rrp, jr, cab, ccd, w0, tmp = _scratch_views(
             0, [(K + 1,), (nnz + 1,), (P, nnz), (P, nnz), (P, nnz), (P, K), (2, 2, nnz),
@@ -299,7 +300,7 @@ def _solve_blocks(common, lanes, g, x, r_a, r_a_end, r_b, r_b_end, tol, max_iter
         results = {}
         queue = iter(starts)
         # Each worker holds one block's elimination field; more workers only while they fit.
-        n_workers = max(1, min(_threads(), len(starts), _WORKER_BYTES // max(field_bytes, 1)))
+        n_workers = max(1, min(threads(), len(starts), _WORKER_BYTES // max(field_bytes, 1)))
         lock = threading.Lock()
         # Interleaved pairs keep Gauss-Seidel passes: relaxed, the 1152 x 256 benchmark pair
         # at r = 1e-3 stopped converging (rate near 1 after 14 passes; not understood yet).
@@ -342,60 +343,3 @@ def transfer(g_stack, x, res, tol, max_iters, cells=False):
     host = functools.partial(_host_transfer, tol=tol, max_iters=max_iters, cells=cells)
     return jax.pure_callback(host, shapes, g_stack.astype(f32), x.astype(f32),
                              *(jnp.asarray(r, f32) for r in res), vmap_method="sequential")
-
-
-@functools.cache
-def _ladder_kernels():
-    from jaxbar.core import _ir_ladder
-
-    return _ir_ladder
-
-
-def _host_ladder(g, x, res):
-    """Numpy in, numpy out: the integrator currents (B, N) of a gated-source array."""
-    kernels = _ladder_kernels()
-    g = np.ascontiguousarray(g)
-    g = g[None] if g.ndim == 3 else g
-    x = np.ascontiguousarray(x, g.dtype)
-    res = np.ascontiguousarray(res, g.dtype)
-    _, P, _, N = g.shape
-    B = x.shape[0]
-    out = np.empty((B, N), g.dtype)
-    fn = kernels.ladder_p1 if P == 1 else kernels.ladder_p2
-    n_threads = max(1, min(_threads(), B // 64))
-
-    def part(lo, hi):
-        fn(g, x, res, out, lo, hi, np.zeros((5 if P == 1 else 9, N), g.dtype))
-
-    if n_threads == 1:
-        part(0, B)
-        return out
-    bounds = np.linspace(0, B, n_threads + 1).astype(int)
-    with ThreadPoolExecutor(n_threads) as pool:
-        for f in [pool.submit(part, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:],
-                                                                   strict=True)]:
-            f.result()
-    return out
-
-
-def ladder(g_stack, x, res):
-    """Integrator currents of a gated-source array by the CPU ladder kernel (inside jit).
-
-    Every column is eliminated exactly, once per input vector (`_ir_ladder`); rows whose bit
-    is 0 are skipped. float32 and float64.
-
-    Args:
-      g_stack: (P, K, N) conductances (P = 2: interleaved negative cells, driven by -b), or
-        (B, P, K, N): one set per input vector.
-      x: (B, K) input bits in {-1, 0, 1}.
-      res: (r_a, r_a_end, r_b, r_b_end) supply segment, first supply segment (with the source),
-        bit-line segment, last bit-line segment (with unused rows and the integrator).
-
-    Returns:
-      (B, N) integrator currents.
-    """
-    dtype = g_stack.dtype
-    shape = jax.ShapeDtypeStruct((x.shape[0], g_stack.shape[-1]), dtype)
-    r = jnp.stack([jnp.asarray(v, dtype) for v in res])
-    return jax.pure_callback(_host_ladder, shape, g_stack, x.astype(dtype), r,
-                             vmap_method="sequential")
