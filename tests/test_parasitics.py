@@ -12,6 +12,9 @@ from jaxbar.core import ir as par
 from jaxbar.core.ir import circuit, convergence, sweeps
 
 from .circuit_reference import reference_currents
+from .ir_problems import NO_TERMINALS, TERMINALS, B, K, N
+from .ir_problems import problem as _problem
+from .ir_problems import rel_err as _rel_err
 
 
 @pytest.fixture(autouse=True)
@@ -22,21 +25,6 @@ def _float64():
 
 SOLVERS = {"input_source": par.solve_input_source, "gated_source": par.solve_gated_source}
 NODES = {"input_source": par.input_source_nodes, "gated_source": par.gated_source_nodes}
-K, N, B = 8, 6, 3
-TERMINALS = dict(r_driver=0.04, r_integrator=0.06, extra_rows=2)
-NO_TERMINALS = dict(r_driver=0.0, r_integrator=0.0, extra_rows=0)
-
-
-def _problem(topology, signed, seed=0, k=K, n=N, b=B):
-    rng = np.random.default_rng(seed)
-    g = rng.uniform(0.0, 1.0, (k, n))
-    g_neg = rng.uniform(0.0, 1.0, (k, n))
-    if topology == "input_source":
-        inp = rng.uniform(-1.0 if signed else 0.0, 1.0, (b, k))
-    else:
-        inp = rng.integers(-1 if signed else 0, 2, (b, k)).astype(float)
-        inp[:, 0] = 1.0  # at least one active row
-    return g, g_neg, inp
 
 
 @jax.jit
@@ -69,12 +57,6 @@ JITTED = {
     ("gated_source", False): _jit_gated,
     ("gated_source", True): _jit_gated_tight,
 }
-
-
-def _rel_err(x, ref):
-    """Per input vector: max |x - ref| / max |ref|; the worst vector."""
-    x, ref = np.asarray(x), np.asarray(ref)
-    return float(np.max(np.max(np.abs(x - ref), -1) / np.max(np.abs(ref), -1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,17 +122,18 @@ def test_transfer_chunks_with_padding_match_reference():
     assert _rel_err(currents, ref) <= 1e-10
 
 
-def test_transfer_start_equals_general_start():
+@pytest.mark.parametrize("lines", ["sequential", "parallel"])
+def test_transfer_start_equals_general_start(lines):
     """The transfer path's start (one (K, N) bit-line family spread to the driven columns) is the
     general start (bit lines solved with ideal row lines) of the same one-hot column drives."""
     g, g_neg, _ = _problem("input_source", signed=True, seed=29)
     g_stack = jnp.stack([jnp.asarray(g), jnp.asarray(g_neg)])
     res = circuit.resistances(0.05, 0.1, 0.04, 0.06, 2.0)
-    cir = circuit.shared_circuit("input_source", g_stack, res)
+    cir = circuit.shared_circuit("input_source", g_stack, res, lines)
     cols = jnp.array([4, 0, 5, N])  # N: a padding vector, not driven
     e_col = -(jnp.arange(N)[:, None] == cols[None, :]).astype(g_stack.dtype)[None, :, None, :]
-    fast = sweeps.start_fields(cir, None, e_col, cols.size, True, cols)
-    general = sweeps.start_fields(cir, None, e_col, cols.size, True)
+    fast = sweeps.start_fields(cir, None, e_col, cols.size, True, lines, cols)
+    general = sweeps.start_fields(cir, None, e_col, cols.size, True, lines)
     for a, b in zip(fast, general, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
     assert float(jnp.max(jnp.abs(general[1][..., 3]))) == 0.0  # padding: no drive, no voltage

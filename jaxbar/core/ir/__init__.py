@@ -6,9 +6,10 @@ The public API is re-exported here; each concept lives in its own module:
   `solve_gated_source`, `solve_gated_source_per_read`), the node voltages
   (`input_source_nodes`, `gated_source_nodes`) and `default_tol`.
 * `circuit`: the circuit of each topology in solver layout, line segments, batch chunks.
-* `lines`: the exact O(L) line eliminations (`line_factor`, `line_solve`).
+* `lines`: the exact O(L) line eliminations (`line_factor`, `line_solve`); `line_scan`: the
+  same as associative scans (logarithmic sequential depth, for accelerators).
 * `sweeps`: the block Gauss-Seidel / SOR iteration and the per-vector (direct) solve.
-* `convergence`: the sweeps' convergence control, `SolveInfo` and its `PATH_*` codes,
+* `convergence`: the sweeps' convergence control, `SolveInfo` and its `PATH_*` and `LINES_*` codes,
   non-convergence reporting (`check_convergence`, `ConvergenceError`, ...); `constants`
   holds the convergence constants (hashed into the CPU kernel's numba cache).
 * `transfer`: transfer matrices of input-source arrays.
@@ -21,6 +22,8 @@ docs/ir_solver.md describes the design.
 """
 
 from jaxbar.core.ir.convergence import (
+    LINES_PARALLEL,
+    LINES_SEQUENTIAL,
     PATH_DIRECT,
     PATH_KERNEL,
     PATH_KERNEL_THEN_XLA,
@@ -46,6 +49,8 @@ from jaxbar.core.ir.solve import (
 
 __all__ = [
     "ConvergenceError",
+    "LINES_PARALLEL",
+    "LINES_SEQUENTIAL",
     "NodeVoltages",
     "PATH_DIRECT",
     "PATH_KERNEL",

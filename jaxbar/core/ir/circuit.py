@@ -56,13 +56,13 @@ class Circuit(NamedTuple):
         return 1 if self.mask is None else 0
 
 
-def make_circuit(topology, g_l, mask, res):
+def make_circuit(topology, g_l, mask, res, lines):
     """Factor the A- and B-lines of a circuit (g_l: (K, N, P, 1); mask: None or (K,1,1,Bc))."""
     assert (mask is None) == (topology == "input_source")
     r_a, r_a_end, r_b, r_b_end = res
     G = g_l if mask is None else g_l * mask
-    rho_a = line_factor(G, 1 if mask is None else 0, True, r_a_end, r_a)
-    rho_b = line_factor(jnp.sum(G, axis=2, keepdims=True), 0, False, r_b_end, r_b)
+    rho_a = line_factor(G, 1 if mask is None else 0, True, r_a_end, r_a, lines)
+    rho_b = line_factor(jnp.sum(G, axis=2, keepdims=True), 0, False, r_b_end, r_b, lines)
     return Circuit(g_l, mask, rho_a, rho_b, r_a, r_a_end, r_b, r_b_end)
 
 
@@ -99,19 +99,19 @@ def to_layout(topology, g_stack, x, signs):
     return g_l, e_row, mask
 
 
-def shared_circuit(topology, g_stack, res):
+def shared_circuit(topology, g_stack, res, lines):
     """Circuit factors shared by all vectors (input-source only; gated depends on the bits)."""
     if topology != "input_source":
         return None
     g_l = jnp.transpose(g_stack, (1, 2, 0))[..., None]
-    return make_circuit(topology, g_l, None, res)
+    return make_circuit(topology, g_l, None, res, lines)
 
 
-def chunk_circuit(topology, shared, g_l, mask, res):
+def chunk_circuit(topology, shared, g_l, mask, res, lines):
     """The circuit of one chunk: the shared one (input-source), else factored for its bits."""
     if shared is not None:
         return shared
-    return make_circuit(topology, g_l, mask, res)
+    return make_circuit(topology, g_l, mask, res, lines)
 
 
 def chunking(B, per_vector_bytes, batch_chunk):

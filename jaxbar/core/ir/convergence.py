@@ -55,6 +55,9 @@ class SolveInfo(NamedTuple):
         computed it), `PATH_LADDER` (gated-source: exact elimination in XLA, no sweeps:
         `iterations` 0, `error` 0) or `PATH_LADDER_KERNEL` (the same by the CPU kernel);
         under vmap, per array.
+      lines: the form of the XLA line eliminations that ran (int32): `LINES_SEQUENTIAL` (a
+        loop step per node), `LINES_PARALLEL` (associative scans), -1 when none ran (the CPU
+        kernels, the gated-source ladder).
     """
 
     iterations: Array
@@ -62,11 +65,15 @@ class SolveInfo(NamedTuple):
     converged: Array
     tol: Array = float("nan")
     path: Array = -1
+    lines: Array = -1
 
 
 #: `SolveInfo.path` codes.
 PATH_DIRECT, PATH_TRANSFER, PATH_KERNEL, PATH_KERNEL_THEN_XLA = 0, 1, 2, 3
 PATH_LADDER, PATH_LADDER_KERNEL = 4, 5
+#: `SolveInfo.lines` codes, by form ("sequential", "parallel"; None: no XLA line solve).
+LINES_SEQUENTIAL, LINES_PARALLEL = 0, 1
+LINES_CODES = {None: -1, "sequential": LINES_SEQUENTIAL, "parallel": LINES_PARALLEL}
 
 
 class ConvergenceError(RuntimeError):
@@ -148,8 +155,11 @@ def control_step(ctl, t, d):
     )
 
 
-def make_info(iterations, error, tol, dtype, path=PATH_DIRECT):
-    """The `SolveInfo` of a solve from its sweeps, error estimate, tolerance and path."""
+def make_info(iterations, error, tol, dtype, path=PATH_DIRECT, lines=None):
+    """The `SolveInfo` of a solve from its sweeps, error estimate, tolerance and path.
+
+    `lines`: the line form that ran ("sequential", "parallel", None) or its code.
+    """
     error = error.astype(dtype)
     return SolveInfo(
         iterations=iterations.astype(jnp.int32),
@@ -157,6 +167,8 @@ def make_info(iterations, error, tol, dtype, path=PATH_DIRECT):
         converged=error <= tol,
         tol=jnp.asarray(tol, dtype),
         path=jnp.asarray(path, jnp.int32),
+        lines=jnp.asarray(
+            LINES_CODES[lines] if lines is None or isinstance(lines, str) else lines, jnp.int32),
     )
 
 

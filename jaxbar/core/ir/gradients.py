@@ -23,10 +23,12 @@ from jaxbar.core.ir.convergence import make_info, warn_if_unconverged
 from jaxbar.core.ir.sweeps import iterate
 
 
-def pair_grads(topology, tol, max_iters, batch_chunk, g_stack, x, I_bar, scalars, cells=False):
+def pair_grads(topology, tol, max_iters, batch_chunk, lines, g_stack, x, I_bar, scalars,
+               cells=False):
     """Gradients of sum(I_bar * I(x)) by pairs of forward and adjoint solves (chunked).
 
-    `cells`: the solves converge relative to both polarities' currents (as the forward).
+    `lines`: the line solves' form. `cells`: the solves converge relative to both polarities'
+    currents (as the forward).
 
     Returns:
       (g_bar (P, K, N), x_bar (B, K), (r_row_bar, r_col_bar, r_driver_bar, r_integrator_bar)).
@@ -40,7 +42,7 @@ def pair_grads(topology, tol, max_iters, batch_chunk, g_stack, x, I_bar, scalars
     n_chunks, chunk = chunking(
         B, 2 * per_vector_bytes(topology, K, N, P, dtype.itemsize), batch_chunk
     )
-    shared = shared_circuit(topology, g_stack, res)
+    shared = shared_circuit(topology, g_stack, res, lines)
     xs = split_chunks(x, n_chunks, chunk)
     bars = split_chunks(I_bar, n_chunks, chunk)
     gated = topology == "gated_source"
@@ -56,8 +58,8 @@ def pair_grads(topology, tol, max_iters, batch_chunk, g_stack, x, I_bar, scalars
             [jnp.zeros((1, N, 1, chunk), dtype), -barc.T[None, :, None, :]], axis=-1
         )
         mask2 = None if mask is None else jnp.concatenate([mask, mask], axis=-1)
-        cir = chunk_circuit(topology, shared, g_l, mask2, res)
-        _, a, w, t, err = iterate(cir, e_row2, e_col2, tol, max_iters, cells)
+        cir = chunk_circuit(topology, shared, g_l, mask2, res, lines)
+        _, a, w, t, err = iterate(cir, e_row2, e_col2, tol, max_iters, lines, cells)
         G = g_l if mask is None else g_l * mask  # (K, N, P, Bc) or (K, N, P, 1)
         a_f, a_b = a[..., :chunk], a[..., chunk:]
         w_f, w_b = w[..., :chunk], w[..., chunk:]

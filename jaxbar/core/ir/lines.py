@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from jaxbar.core.ir import line_scan
+
 
 def _index(x, j, axis):
     """Slice `x` at position `j` of `axis` (broadcast axes of size 1 are just squeezed)."""
@@ -31,7 +33,7 @@ def _scan_axis(body, init, inputs, axis, length, reverse, out_shape, dtype):
     return lax.fori_loop(0, length, step, (init, out))
 
 
-def line_factor(G, axis, boundary_first, r_end, r_seg):
+def line_factor(G, axis, boundary_first, r_end, r_seg, lines):
     """Admittance factors of a family of lines (the O(L) elimination, done once per circuit).
 
     Each line has L nodes along `axis`; node j connects through a cell of conductance `G_j`
@@ -41,10 +43,13 @@ def line_factor(G, axis, boundary_first, r_end, r_seg):
     from node j is an admittance `Y_j = G_j + rho_{j+1} Y_{j+1}` with `rho_j = 1 / (1 + R_j
     Y_j)` (a series segment R_j in front of it). All quantities are non-negative sums and
     products, so the elimination is stable, exact for R = 0 and never divides by a resistance.
+    `lines`: "sequential" (a loop step per node) or "parallel" (`line_scan`: log-depth scans).
 
     Returns:
       rho: same shape as `G`.
     """
+    if lines == "parallel":
+        return line_scan.line_factor(G, axis, boundary_first, r_end, r_seg)
     L = G.shape[axis]
     b_idx = 0 if boundary_first else L - 1
     slice_shape = G.shape[:axis] + G.shape[axis + 1 :]
@@ -61,7 +66,7 @@ def line_factor(G, axis, boundary_first, r_end, r_seg):
     return rho
 
 
-def line_solve(rho, c_fn, c_inputs, c_shape, axis, boundary_first, r_end, r_seg, relax,
+def line_solve(rho, c_fn, c_inputs, c_shape, axis, boundary_first, r_end, r_seg, relax, lines,
                acc_fn=None, acc_inputs=()):
     """Exact solve of a family of lines for given cell current injections.
 
@@ -74,6 +79,8 @@ def line_solve(rho, c_fn, c_inputs, c_shape, axis, boundary_first, r_end, r_seg,
     Args:
       relax: `(old, omega)`: the returned field is `old + omega (d - old)` (block SOR);
         None: `d` (Gauss-Seidel, without reading the old field).
+      lines: "sequential" (loops) or "parallel" (`line_scan`; `c_fn` and `acc_fn` then see
+        whole fields instead of slices, and the reduction is a sum after the scans).
       acc_fn: optional `acc_fn(out_j, *acc_slices)` summed over the line during the second
         pass (fused reduction of the new field).
 
@@ -82,6 +89,12 @@ def line_solve(rho, c_fn, c_inputs, c_shape, axis, boundary_first, r_end, r_seg,
       (the current through the boundary segment: integrator currents for bit lines) and the
       reduction (None if no acc_fn).
     """
+    if lines == "parallel":
+        c = jnp.broadcast_to(c_fn(*c_inputs), c_shape)
+        d, J = line_scan.line_solve(rho, c, axis, boundary_first, r_end, r_seg)
+        out = d if relax is None else relax[0] + relax[1] * (d - relax[0])
+        acc = None if acc_fn is None else jnp.sum(acc_fn(out, *acc_inputs), axis=axis)
+        return out, J, acc
     L = c_shape[axis]
     b_idx = 0 if boundary_first else L - 1
     slice_shape = c_shape[:axis] + c_shape[axis + 1 :]

@@ -62,7 +62,35 @@ class NodeVoltages(NamedTuple):
     info: SolveInfo
 
 
-def _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x, scalars):
+# The line forms: "auto" resolves per platform when lowering (`_per_platform`).
+_LINES = ("auto", "sequential", "parallel")
+
+
+def _platform_forms(lines):
+    """The line forms (on CPUs, elsewhere) for `lines`.
+
+    "auto": the loops on CPUs (less work), the log-depth scans on accelerators (less sequential
+    depth); a forced form applies everywhere.
+    """
+    return ("sequential", "parallel") if lines == "auto" else (lines, lines)
+
+
+def _per_platform(lines, fn, *args):
+    """`fn(form, *args)`, the form chosen by `lax.platform_dependent` when lowering."""
+    cpu, other = _platform_forms(lines)
+    if cpu == other:
+        return fn(cpu, *args)
+    return lax.platform_dependent(*args, cpu=functools.partial(fn, cpu),
+                                 default=functools.partial(fn, other))
+
+
+def _check_lines(lines):
+    if lines not in _LINES:
+        raise ValueError(f"lines must be one of {_LINES}, got {lines!r}")
+
+
+def _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, lines, g_stack, x,
+             scalars):
     P, _, N = g_stack.shape
     signs = jnp.asarray([1.0, -1.0][:P], g_stack.dtype)
     res = resistances(*scalars)
@@ -71,55 +99,64 @@ def _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, 
         zero = jnp.zeros((), g_stack.dtype)
         return (I, make_info(jnp.int32(0), zero, tol, g_stack.dtype, path)), None
     if use_transfer(topology, x.shape[0], N):
-        def xla(g_stack, x, *res):
+        def xla(form, g_stack, x, *res):
             M, info = transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs,
-                                     cells)
-            return M, info.iterations, info.error, info.path
+                                     form, cells)
+            return M, info.iterations, info.error, info.path, info.lines
 
         if uses_cpu_kernel(cpu_kernel, g_stack.dtype):
             # Chosen when lowering: the kernel on a CPU, the XLA solver on accelerators.
-            M, t, err, path = lax.platform_dependent(
-                g_stack, x, *res, cpu=kernel_or_xla(tol, max_iters, batch_chunk, cells),
-                default=xla)
+            cpu_form, other_form = _platform_forms(lines)
+            M, t, err, path, form = lax.platform_dependent(
+                g_stack, x, *res,
+                cpu=kernel_or_xla(tol, max_iters, batch_chunk, cells, cpu_form),
+                default=functools.partial(xla, other_form))
         else:
-            M, t, err, path = xla(g_stack, x, *res)
-        info = make_info(t, err, tol, g_stack.dtype, path)
+            M, t, err, path, form = _per_platform(lines, xla, g_stack, x, *res)
+        info = make_info(t, err, tol, g_stack.dtype, path, form)
         return (jnp.matmul(x, M.T, precision=HIGHEST), info), M
-    out = solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, False,
-                      cells)
-    return out, None
+
+    def direct(form, g_stack, x, *res):
+        return solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, form,
+                           False, cells)
+
+    return _per_platform(lines, direct, g_stack, x, *res), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
-def _core(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x, *scalars):
-    return _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _core(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, lines, g_stack, x,
+          *scalars):
+    return _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, lines, g_stack, x,
                     scalars)[0]
 
 
-def _core_fwd(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x, *scalars):
-    out, M = _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, g_stack, x,
-                      scalars)
+def _core_fwd(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, lines, g_stack, x,
+              *scalars):
+    out, M = _forward(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, lines, g_stack,
+                      x, scalars)
     # Node states are recomputed in the backward pass (together with the adjoint): storing them
     # would cost B*K*N*P values.
     return out, (g_stack, x, scalars, M)
 
 
-def _core_bwd(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, saved, cotangents):
+def _core_bwd(topology, tol, max_iters, batch_chunk, cpu_kernel, cells, lines, saved,
+              cotangents):
     g_stack, x, scalars, M = saved
     I_bar = cotangents[0].astype(g_stack.dtype)
+
+    def grads(form, g_stack, x, I_bar, *scalars):
+        return pair_grads(topology, tol, max_iters, batch_chunk, form, g_stack, x, I_bar,
+                          scalars, cells)
+
     if M is None:
-        grads = pair_grads(topology, tol, max_iters, batch_chunk, g_stack, x, I_bar, scalars,
-                           cells)
-        g_bar, x_bar, r_bars = grads
+        g_bar, x_bar, r_bars = _per_platform(lines, grads, g_stack, x, I_bar, *scalars)
     else:
         # L = sum(I_bar * (x @ M.T)) is bilinear in the fields of forward and adjoint solves:
         # sum_b v(x_b) vhat(I_bar_b) = sum_j v(x~_j) vhat(e_j) with x~ = I_bar.T @ x, so N pairs
         # replace B; and dL/dx = I_bar @ M exactly.
         x_tilde = jnp.matmul(I_bar.T, x, precision=HIGHEST)
         eye = jnp.eye(I_bar.shape[1], dtype=I_bar.dtype)
-        g_bar, _, r_bars = pair_grads(
-            topology, tol, max_iters, batch_chunk, g_stack, x_tilde, eye, scalars, cells
-        )
+        g_bar, _, r_bars = _per_platform(lines, grads, g_stack, x_tilde, eye, *scalars)
         x_bar = jnp.matmul(I_bar, M, precision=HIGHEST)
     cast = lambda v, ref: jnp.asarray(v).astype(jnp.result_type(ref))  # noqa: E731
     r_bars = tuple(cast(v, ref) for v, ref in zip(r_bars, scalars[:4], strict=True))
@@ -176,9 +213,10 @@ def default_tol(dtype) -> float:
 
 
 def _solve(topology, g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows, tol,
-           max_iters, batch_chunk, cpu_kernel=True, error_scale="output"):
+           max_iters, batch_chunk, cpu_kernel=True, error_scale="output", lines="auto"):
     if error_scale not in _ERROR_SCALES:
         raise ValueError(f"error_scale must be one of {_ERROR_SCALES}, got {error_scale!r}")
+    _check_lines(lines)
     g_stack, x, scalars, lead, N = _prepare(
         g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows
     )
@@ -187,18 +225,18 @@ def _solve(topology, g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_ro
         z = jnp.zeros((), g_stack.dtype)
         return jnp.zeros(lead + (N,), g_stack.dtype), make_info(jnp.int32(0), z, tol, z.dtype)
     I, info = _core_jit(topology, float(tol), int(max_iters), batch_chunk, bool(cpu_kernel),
-                        error_scale == "cells", g_stack, x, *scalars)
+                        error_scale == "cells", lines, g_stack, x, *scalars)
     return I.reshape(lead + (N,)), info
 
 
 # Compiled once per configuration, also for eager (un-jitted) callers; inlined under jit.
-_core_jit = jax.jit(_core, static_argnums=(0, 1, 2, 3, 4, 5))
+_core_jit = jax.jit(_core, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 _ERROR_SCALES = ("output", "cells")
 
 
 def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
                        extra_rows=0, tol=None, max_iters=1000, batch_chunk=None,
-                       cpu_kernel=True, error_scale="output"):
+                       cpu_kernel=True, error_scale="output", lines="auto"):
     """Column currents of an input-source (full crossbar) array with IR drop (PHYSICS.md §6).
 
     Input k drives row line k at its column-0 end through `r_row + r_driver`; `r_row` lies
@@ -238,6 +276,10 @@ def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
         which float32 rounding of the two polarities' currents limits to about 1e-5 of their
         sum: where the differences are small (e.g. `program`'s single-row probes of a layer
         with zero-mean weights), `"output"` can be out of reach while `"cells"` is not.
+      lines: the form of the XLA solver's line eliminations: `"sequential"` (a loop step
+        per node), `"parallel"` (associative scans: logarithmic depth, more work), or
+        `"auto"`: sequential where the computation is lowered for a CPU, parallel elsewhere.
+        `SolveInfo.lines` reports the form that ran.
 
     Returns:
       (currents, info): currents (..., N) into the integrators in array output units (ideal:
@@ -245,12 +287,12 @@ def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       pass it to `check_convergence`.
     """
     return _solve("input_source", g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
-                  tol, max_iters, batch_chunk, cpu_kernel, error_scale)
+                  tol, max_iters, batch_chunk, cpu_kernel, error_scale, lines)
 
 
 def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
                        extra_rows=0, tol=None, max_iters=1000, batch_chunk=None,
-                       cpu_kernel=True):
+                       cpu_kernel=True, lines="auto"):
     """Column currents of a gated-source array with IR drop (PHYSICS.md §6).
 
     Each column has a supply line (ideal source at the top, `r_row + r_driver` to row 0,
@@ -284,6 +326,8 @@ def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
         `chunk * K * N * (6 P + 6)` values. None: about 384 MiB of solver state.
       cpu_kernel: on a CPU, eliminate with the numba kernel of `jaxbar.core.ir_cpu`
         (rows whose bit is 0 skipped) where numba is installed; False: always the XLA scan.
+      lines: the form of the line eliminations of the gradient's sweeps, as
+        `solve_input_source`.
 
     Returns:
       (currents, info): currents (..., N) into the integrators in array output units (ideal:
@@ -291,7 +335,7 @@ def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       pass it to `check_convergence`.
     """
     return _solve("gated_source", g, b, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
-                  tol, max_iters, batch_chunk, cpu_kernel)
+                  tol, max_iters, batch_chunk, cpu_kernel, lines=lines)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -351,14 +395,15 @@ def solve_gated_source_per_read(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0,
 
 
 def _nodes(topology, g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows, tol,
-           max_iters, batch_chunk):
+           max_iters, batch_chunk, lines):
+    _check_lines(lines)
     g_stack, x, scalars, lead, N = _prepare(
         g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows
     )
     g_stack, x, scalars = jax.lax.stop_gradient((g_stack, x, scalars))
     tol = default_tol(g_stack.dtype) if tol is None else tol
-    I, info, line, w = _nodes_jit(topology, float(tol), int(max_iters), batch_chunk, g_stack, x,
-                                  *scalars)
+    I, info, line, w = _nodes_jit(topology, float(tol), int(max_iters), batch_chunk, lines,
+                                  g_stack, x, *scalars)
     P, K = g_stack.shape[:2]
     return NodeVoltages(
         line=line.reshape(lead + (P, K, N)),
@@ -368,14 +413,16 @@ def _nodes(topology, g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_ro
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _nodes_jit(topology, tol, max_iters, batch_chunk, g_stack, x, *scalars):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _nodes_jit(topology, tol, max_iters, batch_chunk, lines, g_stack, x, *scalars):
     P = g_stack.shape[0]
     signs = jnp.asarray([1.0, -1.0][:P], g_stack.dtype)
-    res = resistances(*scalars)
-    I, info, a, w = solve_batch(
-        topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, True
-    )
+
+    def solve(form, g_stack, x, *scalars):
+        return solve_batch(topology, g_stack, x, resistances(*scalars), tol, max_iters,
+                           batch_chunk, signs, form, True)
+
+    I, info, a, w = _per_platform(lines, solve, g_stack, x, *scalars)
     a = jnp.moveaxis(a, -1, 1)  # (B, P, K, N)
     if topology == "input_source":
         line = signs[None, :, None, None] * x[:, None, :, None] - a
@@ -385,18 +432,20 @@ def _nodes_jit(topology, tol, max_iters, batch_chunk, g_stack, x, *scalars):
 
 
 def input_source_nodes(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
-                       extra_rows=0, tol=None, max_iters=1000, batch_chunk=None):
+                       extra_rows=0, tol=None, max_iters=1000, batch_chunk=None,
+                       lines="auto"):
     """Node voltages of `solve_input_source` (same arguments; not differentiable).
 
     Returns:
       `NodeVoltages` with `line` the row-line node voltages (..., P, K, N).
     """
     return _nodes("input_source", g, v, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
-                  tol, max_iters, batch_chunk)
+                  tol, max_iters, batch_chunk, lines)
 
 
 def gated_source_nodes(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integrator=0.0,
-                       extra_rows=0, tol=None, max_iters=1000, batch_chunk=None):
+                       extra_rows=0, tol=None, max_iters=1000, batch_chunk=None,
+                       lines="auto"):
     """Node voltages of `solve_gated_source` (same arguments; not differentiable).
 
     Returns:
@@ -404,4 +453,4 @@ def gated_source_nodes(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       positive bits: the drop from the ideal source).
     """
     return _nodes("gated_source", g, b, r_row, r_col, g_neg, r_driver, r_integrator, extra_rows,
-                  tol, max_iters, batch_chunk)
+                  tol, max_iters, batch_chunk, lines)

@@ -29,12 +29,18 @@ from jaxbar.core.ir.circuit import (
     to_layout,
 )
 from jaxbar.core.ir.constants import STALL_SWEEPS
-from jaxbar.core.ir.convergence import control_init, control_step, make_info, safe_div
+from jaxbar.core.ir.convergence import (
+    PATH_DIRECT,
+    control_init,
+    control_step,
+    make_info,
+    safe_div,
+)
 from jaxbar.core.ir.lines import line_solve
 
 
-def sweep(cir, e_row, e_col, a, w, omega, with_loss):
-    """One block-SOR sweep (omega = 1: Gauss-Seidel).
+def sweep(cir, e_row, e_col, a, w, omega, with_loss, lines):
+    """One block-SOR sweep (omega = 1: Gauss-Seidel); `lines`: the line solves' form.
 
     The unknowns are drops: `a` (K, N, P, Bc) along the A-lines (row lines: drive minus node
     voltage; supply lines: minus the node voltage) and `w` (K, N, 1, Bc), the bit-line node
@@ -76,16 +82,16 @@ def sweep(cir, e_row, e_col, a, w, omega, with_loss):
     # omega (Bc,) broadcasts against every line slice (..., Bc).
     a, J_a, _ = line_solve(
         cir.rho_a, c_a, (cir.g, *mask, *drives, w), a.shape, cir.a_axis, True, cir.r_a_end,
-        cir.r_a, (a, omega),
+        cir.r_a, (a, omega), lines,
     )
     w, J_b, lost = line_solve(
         cir.rho_b, c_b, (cir.g, *mask, *drives, a), w.shape, 0, False, cir.r_b_end, cir.r_b,
-        (w, omega), loss if with_loss else None, (cir.g, a, *mask) if with_loss else (),
+        (w, omega), lines, loss if with_loss else None, (cir.g, a, *mask) if with_loss else (),
     )
     return a, w, J_a, J_b, lost
 
 
-def start_fields(cir, e_row, e_col, n_vec, with_loss, cols=None):
+def start_fields(cir, e_row, e_col, n_vec, with_loss, lines, cols=None):
     """Bit lines solved first, with ideal A-lines (`a = 0`): the starting fields of the sweeps.
 
     The bit-line drop is the large effect (a bit line collects the currents of every row), the
@@ -121,7 +127,7 @@ def start_fields(cir, e_row, e_col, n_vec, with_loss, cols=None):
         return jnp.sum(cell_g(g, m[0] if m else None) * w_j, axis=-2, keepdims=True)
 
     w, J_b, lost = line_solve(
-        cir.rho_b, c_b, (Ge,), (K, N, 1, n_lines), 0, False, cir.r_b_end, cir.r_b, None,
+        cir.rho_b, c_b, (Ge,), (K, N, 1, n_lines), 0, False, cir.r_b_end, cir.r_b, None, lines,
         loss if with_loss else None, (cir.g, *mask) if with_loss else (),
     )
     if cols is None:
@@ -135,7 +141,7 @@ def start_fields(cir, e_row, e_col, n_vec, with_loss, cols=None):
 
 
 def sweep_loop(cir, e_row, e_col, tol, max_iters, n_vec, readout, readout_init, with_loss,
-               cols=None):
+               lines, cols=None):
     """Block-SOR sweeps until every vector's readout converged or stalled, or max_iters.
 
     `readout(r_state, a, w, J_a, J_b, lost, omega) -> (r_state, d)` turns the fields after a
@@ -147,7 +153,7 @@ def sweep_loop(cir, e_row, e_col, tol, max_iters, n_vec, readout, readout_init, 
     """
     dtype = cir.rho_b.dtype
     ones = jnp.ones((n_vec,), dtype)
-    a0, w0, J_a, J_b, lost = start_fields(cir, e_row, e_col, n_vec, with_loss, cols)
+    a0, w0, J_a, J_b, lost = start_fields(cir, e_row, e_col, n_vec, with_loss, lines, cols)
     readout_init, _ = readout(readout_init, a0, w0, J_a, J_b, lost, ones)
 
     def running(state):
@@ -160,7 +166,7 @@ def sweep_loop(cir, e_row, e_col, tol, max_iters, n_vec, readout, readout_init, 
 
     def body(state):
         t, a, w, r_state, ctl = state
-        a, w, J_a, J_b, lost = sweep(cir, e_row, e_col, a, w, ctl.omega, with_loss)
+        a, w, J_a, J_b, lost = sweep(cir, e_row, e_col, a, w, ctl.omega, with_loss, lines)
         r_state, d = readout(r_state, a, w, J_a, J_b, lost, ctl.omega)
         return t + 1, a, w, r_state, control_step(ctl, t, d)
 
@@ -169,13 +175,14 @@ def sweep_loop(cir, e_row, e_col, tol, max_iters, n_vec, readout, readout_init, 
     return r_state, a, w, t, ctl.err
 
 
-def iterate(cir, e_row, e_col, tol, max_iters, cells=False):
+def iterate(cir, e_row, e_col, tol, max_iters, lines, cells=False):
     """Solve one chunk of input vectors to tolerance on the integrator currents.
 
     Args:
       cir: the `Circuit`.
       e_row: (K, 1, P, Bc) cell drive per row (sign of the polarity included).
       e_col: None or (1, N, 1, Bc) cell drive per column (the adjoint sources).
+      lines: the form of the line solves ("sequential" or "parallel").
       cells: converge relative to each vector's largest ideal current of the cells of both
         polarities added (`error_scale="cells"`), not to its largest output current.
 
@@ -207,13 +214,13 @@ def iterate(cir, e_row, e_col, tol, max_iters, cells=False):
 
     zero = jnp.zeros((Bc, N), dtype)
     (I, _), a, w, t, err = sweep_loop(
-        cir, e_row, e_col, tol, max_iters, Bc, readout, (zero, zero), True
+        cir, e_row, e_col, tol, max_iters, Bc, readout, (zero, zero), True, lines
     )
     return I, a, w, t, err
 
 
-def solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, with_states,
-                cells=False):
+def solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, lines,
+                with_states, cells=False):
     """Forward solve of all vectors x (B, K), chunked. Returns I (B, N), info, [states]."""
     B, K = x.shape
     P, _, N = g_stack.shape
@@ -221,13 +228,13 @@ def solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, w
     n_chunks, chunk = chunking(
         B, per_vector_bytes(topology, K, N, P, dtype.itemsize), batch_chunk
     )
-    shared = shared_circuit(topology, g_stack, res)
+    shared = shared_circuit(topology, g_stack, res, lines)
     xs = split_chunks(x, n_chunks, chunk)
 
     def one(xc):
         g_l, e_row, mask = to_layout(topology, g_stack, xc, signs)
-        cir = chunk_circuit(topology, shared, g_l, mask, res)
-        I, a, w, t, err = iterate(cir, e_row, None, tol, max_iters, cells)
+        cir = chunk_circuit(topology, shared, g_l, mask, res, lines)
+        I, a, w, t, err = iterate(cir, e_row, None, tol, max_iters, lines, cells)
         out = (I, t, jnp.max(err))
         if with_states:
             out = out + (jnp.moveaxis(a, -1, 0), jnp.moveaxis(w[:, :, 0, :], -1, 0))
@@ -235,7 +242,7 @@ def solve_batch(topology, g_stack, x, res, tol, max_iters, batch_chunk, signs, w
 
     outs = map_chunks(one, xs)
     I = outs[0].reshape(n_chunks * chunk, N)[:B]
-    info = make_info(jnp.max(outs[1]), jnp.max(outs[2]), tol, dtype)
+    info = make_info(jnp.max(outs[1]), jnp.max(outs[2]), tol, dtype, PATH_DIRECT, lines)
     if not with_states:
         return I, info
     a = outs[3].reshape((n_chunks * chunk,) + outs[3].shape[2:])[:B]  # (B, K, N, P)

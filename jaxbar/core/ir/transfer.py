@@ -26,6 +26,7 @@ from jaxbar.core.ir.circuit import (
     shared_circuit,
 )
 from jaxbar.core.ir.convergence import (
+    LINES_CODES,
     PATH_KERNEL,
     PATH_KERNEL_THEN_XLA,
     PATH_TRANSFER,
@@ -38,7 +39,7 @@ from jaxbar.core.ir.sweeps import sweep_loop
 _TRANSFER_RATIO = 1
 
 
-def _iterate_transfer(cir, e_col, cols, x, signs, tol, max_iters, cells=False):
+def _iterate_transfer(cir, e_col, cols, x, signs, tol, max_iters, lines, cells=False):
     """Rows of the transfer matrix `M` (I = x @ M.T) for a chunk of output columns.
 
     By reciprocity, row j of `M` (the response of integrator j to every input) is the set of
@@ -78,7 +79,7 @@ def _iterate_transfer(cir, e_col, cols, x, signs, tol, max_iters, cells=False):
 
     init = (jnp.zeros((K, P, Nc), dtype), jnp.zeros((x.shape[0], Nc), dtype))
     (J, _), _, _, t, err = sweep_loop(
-        cir, None, e_col, tol, max_iters, Nc, readout, init, False, cols
+        cir, None, e_col, tol, max_iters, Nc, readout, init, False, lines, cols
     )
     return _rows(J, signs), t, err
 
@@ -98,25 +99,26 @@ def use_transfer(topology, B, N):
     return topology == "input_source" and B >= _TRANSFER_RATIO * N
 
 
-def transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs, cells=False):
+def transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs, lines, cells=False):
     """Transfer matrix M (N, K) of an input-source array (I = x @ M.T), chunked over columns."""
     P, K, N = g_stack.shape
     dtype = g_stack.dtype
     n_chunks, chunk = chunking(
         N, per_vector_bytes("input_source", K, N, P, dtype.itemsize), batch_chunk
     )
-    shared = shared_circuit("input_source", g_stack, res)
+    shared = shared_circuit("input_source", g_stack, res, lines)
     cols = jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk)
 
     def one(cols_c):
         # Adjoint drive of output column j: -1 in every cell of column j (padding: none).
         e_col = -(jnp.arange(N)[:, None] == cols_c[None, :]).astype(dtype)[None, :, None, :]
-        M, t, err = _iterate_transfer(shared, e_col, cols_c, x, signs, tol, max_iters, cells)
+        M, t, err = _iterate_transfer(shared, e_col, cols_c, x, signs, tol, max_iters, lines,
+                                      cells)
         return M, t, jnp.max(err)
 
     Ms, ts, errs = map_chunks(one, cols)
     M = Ms.reshape(n_chunks * chunk, K)[:N]
-    return M, make_info(jnp.max(ts), jnp.max(errs), tol, dtype, PATH_TRANSFER)
+    return M, make_info(jnp.max(ts), jnp.max(errs), tol, dtype, PATH_TRANSFER, lines)
 
 
 def uses_cpu_kernel(cpu_kernel, dtype):
@@ -128,8 +130,8 @@ def uses_cpu_kernel(cpu_kernel, dtype):
 
 
 @functools.cache
-def kernel_or_xla(tol, max_iters, batch_chunk, cells):
-    """Transfer matrix by the CPU kernel, falling back to the XLA solver where it gives up.
+def kernel_or_xla(tol, max_iters, batch_chunk, cells, lines):
+    """Transfer matrix by the CPU kernel, falling back to the XLA solver (line form `lines`).
 
     Under vmap the fallback must stay a real branch (a batched `cond` would run both), so
     batches are mapped sequentially (the kernel runs one array at a time anyway).
@@ -142,16 +144,16 @@ def kernel_or_xla(tol, max_iters, batch_chunk, cells):
         def xla(_):
             signs = jnp.asarray([1.0, -1.0][: g_stack.shape[0]], g_stack.dtype)
             M2, info = transfer_batch(g_stack, x, res, tol, max_iters, batch_chunk, signs,
-                                      cells)
-            return M2, info.iterations, info.error, jnp.int32(PATH_KERNEL_THEN_XLA)
+                                      lines, cells)
+            return M2, info.iterations, info.error, jnp.int32(PATH_KERNEL_THEN_XLA), info.lines
 
-        return lax.cond(ok, lambda _: (M, iterations, error, jnp.int32(PATH_KERNEL)), xla,
-                        None)
+        kernel = (M, iterations, error, jnp.int32(PATH_KERNEL), jnp.int32(LINES_CODES[None]))
+        return lax.cond(ok, lambda _: kernel, xla, None)
 
     @transfer.def_vmap
     def _rule(axis_size, in_batched, *args):
         args = [a if b else jnp.broadcast_to(a, (axis_size, *jnp.shape(a)))
                 for a, b in zip(args, in_batched, strict=True)]
-        return lax.map(lambda a: transfer(*a), tuple(args)), (True, True, True, True)
+        return lax.map(lambda a: transfer(*a), tuple(args)), (True,) * 5
 
     return transfer
