@@ -134,16 +134,13 @@ def threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _control_state(lanes, relax=True):
-    """The kernel's control state (see `kernel_common.control`).
-
-    `relax` False: Gauss-Seidel passes only (no factor update ever; the factor stays 1).
-    """
+def _control_state(lanes):
+    """The kernel's control state (see `kernel_common.control`)."""
     state = np.full((10, lanes), np.inf)
     state[4] = 0.0  # not yet in exact mode
     state[6] = -1.0  # no rate yet
     state[7] = 1.0  # Gauss-Seidel until the control sets a relaxation factor
-    state[8] = -SOR_WAIT if relax else np.inf  # pass of the factor's last update
+    state[8] = -SOR_WAIT  # pass of the factor's last update
     state[9] = 1.0  # the factor of the last pass
     return state
 
@@ -179,7 +176,7 @@ def release_scratch() -> None:
         _SCRATCH.clear()
 
 
-def _worker(i, fn, L, K, head, tail, shapes, starts, lock, results, relax):
+def _worker(i, fn, L, K, head, tail, shapes, starts, lock, results):
     """Solves blocks of driven columns taken from `starts` until none is left (worker i).
 
     Calls `fn(*head, j0, *tail, *work, state, out, err)` with work arrays of the given
@@ -193,7 +190,7 @@ def _worker(i, fn, L, K, head, tail, shapes, starts, lock, results, relax):
             return
         out = np.zeros((L, K), np.float32)
         err = np.full(L, np.inf)
-        passes, status = fn(*head, j0, *tail, *work, _control_state(L, relax), out, err)
+        passes, status = fn(*head, j0, *tail, *work, _control_state(L), out, err)
         results[j0] = passes, status, out, err
 
 
@@ -302,11 +299,8 @@ def _solve_blocks(common, lanes, g, x, r_a, r_a_end, r_b, r_b_end, tol, max_iter
         # Each worker holds one block's elimination field; more workers only while they fit.
         n_workers = max(1, min(threads(), len(starts), _WORKER_BYTES // max(field_bytes, 1)))
         lock = threading.Lock()
-        # Interleaved pairs keep Gauss-Seidel passes: relaxed, the 1152 x 256 benchmark pair
-        # at r = 1e-3 stopped converging (rate near 1 after 14 passes; not understood yet).
-        relax = P == 1
-        for f in [pool.submit(_worker, i, fn, L, K, head, tail, shapes, queue, lock, results,
-                              relax) for i in range(n_workers)]:
+        for f in [pool.submit(_worker, i, fn, L, K, head, tail, shapes, queue, lock, results)
+                  for i in range(n_workers)]:
             f.result()
     results = [results[j0] for j0 in starts]
     M = np.concatenate([out for _, _, out, _ in results])[:N]

@@ -64,7 +64,10 @@ def control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err):
     KERNEL_SLOW_RATE per pass SOR_WAIT passes after the relaxation factor's last update (from
     pass 3 on where relaxation is off: `state[8, 0]` inf), unless the change is rounding noise
     (below `floor`): such a lane is accepted after KERNEL_STALL passes if the smallest exact
-    change seen is within tol (that change is then its error).
+    change seen is within tol (that change is then its error). A bound that contracts slower
+    than KERNEL_SLOW_RATE switches to the exact change before any lane may give up: where a
+    vector's outputs cancel (interleaved pairs), the bound's rounding floor lies far above the
+    exact change's.
 
     `state` (10, lanes): previous bound, smallest change so far, pass of its last halving,
     smallest exact change, exact mode (row 4, first lane), previous exact change, last rate
@@ -89,12 +92,19 @@ def control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err):
             rate[b] = _ratio(bound[b], state[0, b])
     d = bound
     exact = state[4, 0] > 0
+    switched = False  # exact from this pass on: no rate of exact changes yet
     if not exact and t >= 2:
         _estimate(bound, rate, t, eps, err, monotone)
         worst = 0.0
+        slow = False
         for b in range(n_live):
             worst = max(worst, err[b])
-        exact = tol < worst <= KERNEL_EXACT_ZONE * tol
+            # The bound's own rounding floor (|dM|_2 of noise-level changes) can sit far above
+            # the exact change where outputs cancel (interleaved pairs): a bound that contracts
+            # slowly is measured exactly before it may give up.
+            slow = slow or t >= 3 and err[b] > tol and rate[b] > KERNEL_SLOW_RATE
+        exact = tol < worst <= KERNEL_EXACT_ZONE * tol or slow
+        switched = exact
     if exact:
         dm = np.ascontiguousarray((m_new[:n_live] - m_old[:n_live]).T)
         prod = np.abs(np.dot(xs, dm))
@@ -130,7 +140,8 @@ def control(m_old, m_new, n_live, t, tol, cx2, cxi, xs, state, err):
                 err[b] = state[3, b]  # converged to rounding
                 continue
             give_up = give_up or stalled
-        elif stalled or rate[b] > KERNEL_SLOW_RATE and (settled or gauss_seidel_only and t >= 3):
+        elif stalled or not switched and rate[b] > KERNEL_SLOW_RATE and (
+                settled or gauss_seidel_only and t >= 3):
             give_up = True
         done = False
     if done:
