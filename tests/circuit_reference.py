@@ -3,7 +3,7 @@
 The circuit is assembled element by element from textbook nodal-analysis stamps (every wire
 segment, cell and terminal resistor is its own stamp; ideal sources and virtual grounds are
 nodes of known voltage) and solved densely with NumPy. It shares no code and no formulation with
-``jaxbar.core.parasitics``: zero resistances are handled by merging nodes (union-find), unused rows
+``jaxbar.core.ir``: zero resistances are handled by merging nodes (union-find), unused rows
 are modelled as real bit-line nodes without cells, and the integrator current is the current
 flowing into the integrator's node group. Only meant for small arrays (up to about 8 x 6).
 """

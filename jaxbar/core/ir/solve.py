@@ -268,7 +268,7 @@ def solve_input_source(g, v, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       batch_chunk: input vectors (transfer path: adjoint columns) solved together; memory is
         about `chunk * K * N * (4 P + 4)` values. None: about 384 MiB of solver state.
       cpu_kernel: on the CPU backend, compute the transfer matrix with the numba kernel of
-        `jaxbar.core.ir_cpu` (falling back to this solver where its Gauss-Seidel passes
+        `jaxbar.core.ir.cpu_kernel` (falling back to this solver where its Gauss-Seidel passes
         converge slowly); False: always this XLA solver.
       error_scale: what the error of each vector's currents is relative to: `"output"` its
         largest output current; `"cells"` its largest current of the cells of both polarities
@@ -324,7 +324,7 @@ def solve_gated_source(g, b, r_row, r_col, *, g_neg=None, r_driver=0.0, r_integr
       max_iters: maximum number of adjoint sweeps.
       batch_chunk: input vectors of one adjoint solve; memory is about
         `chunk * K * N * (6 P + 6)` values. None: about 384 MiB of solver state.
-      cpu_kernel: on a CPU, eliminate with the numba kernel of `jaxbar.core.ir_cpu`
+      cpu_kernel: on a CPU, eliminate with the numba kernel of `jaxbar.core.ir.ladder_kernel`
         (rows whose bit is 0 skipped) where numba is installed; False: always the XLA scan.
       lines: the form of the line eliminations of the gradient's sweeps, as
         `solve_input_source`.
