@@ -166,8 +166,9 @@ def test_read_noise_with_parasitics_is_rejected():
 @pytest.mark.parametrize("mapping", [
     {"scheme": "differential"},
     {"scheme": "differential", "subtract": "digital"},
-    {"scheme": "offset", "offset_subtraction": "unit_column"},
-    {"scheme": "offset", "slices": 2},
+    pytest.param({"scheme": "offset", "offset_subtraction": "unit_column"},
+                 marks=pytest.mark.slow),
+    pytest.param({"scheme": "offset", "slices": 2}, marks=pytest.mark.slow),
 ])
 def test_precomputed_transfer_equals_per_mvm_solves_in_conv_layers(mapping):
     """Input-source arrays are linear: the transfer matrix found once in `program` gives the
@@ -193,6 +194,7 @@ def test_precomputed_transfer_equals_per_mvm_solves_in_conv_layers(mapping):
     assert not np.allclose(ys[0], y0, rtol=1e-3)  # the IR drop is really there
 
 
+@pytest.mark.slow
 def test_precomputed_transfer_has_gradients():
     rng = np.random.default_rng(5)
     W_np, x_np = rng.normal(size=(10, 4)), rng.uniform(0, 1, size=(3, 10))
@@ -210,7 +212,8 @@ def test_precomputed_transfer_has_gradients():
     assert float(g[3, 1]) == pytest.approx(float(fd), rel=1e-4)
 
 
-@pytest.mark.parametrize("K, N, tol", [(400, 48, 1e-4), (800, 128, 1e-6)])
+@pytest.mark.parametrize("K, N, tol", [(400, 48, 1e-4),
+                                        pytest.param(800, 128, 1e-6, marks=pytest.mark.slow)])
 def test_precomputed_transfer_converges_in_float32_with_strongly_attenuated_rows(K, N, tol):
     """At large r the rows far from the integrators reach them attenuated ~10^4 times. The
     transfer matrix must still converge in float32 (no spurious non-convergence error) and

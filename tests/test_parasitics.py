@@ -122,7 +122,7 @@ def test_transfer_chunks_with_padding_match_reference():
     assert _rel_err(currents, ref) <= 1e-10
 
 
-@pytest.mark.parametrize("lines", ["sequential", "parallel"])
+@pytest.mark.parametrize("lines", ["sequential", pytest.param("parallel", marks=pytest.mark.slow)])
 def test_transfer_start_equals_general_start(lines):
     """The transfer path's start (one (K, N) bit-line family spread to the driven columns) is the
     general start (bit lines solved with ideal row lines) of the same one-hot column drives."""
