@@ -188,10 +188,13 @@ def test_mean_file_is_the_file_given(setup, tmp_path, capsys):
     _error(capsys, _args(setup, "--mean", str(other)), str(other), "(5, 5)")
 
 
-def test_ir_nonconvergence_one_line(setup, capsys):
-    sets = [a for s in ["parasitics.topology=input_source", "parasitics.r_row=1.0",
-                        "parasitics.r_col=1.0", "parasitics.max_iters=3"] for a in ("--set", s)]
-    line = _error(capsys, _args(setup, *sets, "--limit", "3"), "did not converge",
+def test_ir_nonconvergence_one_line(setup, tmp_path, capsys):
+    # Parasitics on the first layer only: the error comes from there, and the other layers
+    # need no circuit solves compiled.
+    cfg = tmp_path / "net.yaml"
+    cfg.write_text("crossbar: {}\nlayers:\n  stem.conv: {parasitics: {topology: input_source,"
+                   " r_row: 1.0, r_col: 1.0}, ir_solver: {max_iters: 3}}\n")
+    line = _error(capsys, _args(setup, "--config", str(cfg), "--limit", "3"), "did not converge",
                   "layer 'stem.conv'", "parasitics.r_row = 1,", "3 iterations", "relative error")
     assert "JaxRuntimeError" not in line and "CpuCallback" not in line
 

@@ -384,7 +384,8 @@ def test_kernel_on_an_array_without_conducting_cells():
 def _compact(g, r):
     """prepare_compact's outputs for a (P, K, N) or (K, N) array, from NaN-filled arrays."""
     common, _ = ir_cpu._kernels()
-    g = np.asarray(g, np.float32).reshape((-1,) + np.shape(g)[-2:])
+    # Read-only, as the solver passes it: the kernels' compiled versions are reused.
+    g = ir_cpu.read_only(np.reshape(g, (-1,) + np.shape(g)[-2:]))
     P, K, N = g.shape
     nnz = int(np.count_nonzero(np.any(g != 0, axis=0)))
     rp, col = np.full(K + 1, -1, np.int32), np.full(nnz + 1, -1, np.int32)

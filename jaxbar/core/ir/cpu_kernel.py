@@ -260,9 +260,22 @@ def _host_transfer(g, x, r_a, r_a_end, r_b, r_b_end, *, tol, max_iters, cells=Fa
                              cells)
 
 
+def read_only(a: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """A C-contiguous, read-only view (or copy) of `a` in `dtype`.
+
+    numba compiles a kernel once per argument type, and an array's writeability is part of
+    it: the arrays a callback receives are read-only, arrays from NumPy code are not. The
+    kernels see one type either way, so each compiles once (about 30 s for a lane kernel).
+    """
+    a = np.ascontiguousarray(a, dtype)
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
 def _solve_blocks(common, lanes, g, x, r_a, r_a_end, r_b, r_b_end, tol, max_iters, cells):
-    g = np.ascontiguousarray(g, np.float32)
-    x = np.ascontiguousarray(x, np.float32)
+    g, x = read_only(g), read_only(x)
     P, K, N = g.shape
     B = x.shape[0]
     L = lanes.LANES

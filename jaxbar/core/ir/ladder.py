@@ -110,10 +110,10 @@ def _kernels():
 def _host_ladder(g, x, res):
     """Numpy in, numpy out: the integrator currents (B, N) of a gated-source array."""
     kernels = _kernels()
-    g = np.ascontiguousarray(g)
+    g = ir_cpu.read_only(g, g.dtype)
     g = g[None] if g.ndim == 3 else g
-    x = np.ascontiguousarray(x, g.dtype)
-    res = np.ascontiguousarray(res, g.dtype)
+    x = ir_cpu.read_only(x, g.dtype)
+    res = ir_cpu.read_only(res, g.dtype)
     _, P, _, N = g.shape
     B = x.shape[0]
     out = np.empty((B, N), g.dtype)
