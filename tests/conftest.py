@@ -24,6 +24,15 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA}".strip()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def host_devices_env(devices: int) -> dict[str, str]:
+    """The environment of a subprocess that sees `devices` virtual CPU devices.
+
+    The test's own XLA flags (the fast compilation above) are kept.
+    """
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
 CIFAR_DEPTHS = (14, 20, 32, 56)
 
 

@@ -17,7 +17,7 @@ from jaxbar.nn.models import ResNetV1Cifar, layer_names, named_layers
 from jaxbar.nn.network_config import NetworkConfig
 from jaxbar.study.engine import accuracy_stats, evaluate
 
-from .conftest import cifar_weights_path
+from .conftest import cifar_weights_path, host_devices_env
 
 
 def forward(model, x, net, key=None):
@@ -241,12 +241,10 @@ print(jax.device_count(), list(map(float, r.accuracies)))
 
 @pytest.mark.parametrize("strategy", ["map"])
 def test_sharded_trials_match_single_device(strategy):
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
+    env = host_devices_env(4)
     outs = []
     for shard in (True, False):
         p = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT.replace("{shard}", str(shard))],

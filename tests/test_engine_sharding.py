@@ -11,7 +11,6 @@ read noise is on so that a data-axis split that repeated or reshuffled draws wou
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 
 from jaxbar.study import engine, montecarlo
 from tests import test_sweep
+from tests.conftest import host_devices_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRIALS = 6
@@ -83,8 +83,7 @@ print("RESULT", json.dumps(out), flush=True)
 
 
 def _env(devices: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                JAX_PLATFORMS="cpu")
+    return host_devices_env(devices)
 
 
 def _result(stdout: str) -> dict:
