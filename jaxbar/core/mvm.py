@@ -630,6 +630,9 @@ def analog_matmul(x: jax.Array, W: jax.Array, config: CrossbarConfig,
                   key: jax.Array | None = None) -> jax.Array:
     """`program` then `matmul`: one trial's analog `x @ W`.
 
+    Compiled once per config and shapes. A config that holds traced values (one swept by
+    `vmap`) is traced along with the caller's transform instead.
+
     Args:
       x: inputs (..., K).
       W: weights (K, N).
@@ -640,7 +643,19 @@ def analog_matmul(x: jax.Array, W: jax.Array, config: CrossbarConfig,
     Returns:
       y of shape (..., N).
     """
+    try:
+        hash(config)
+    except TypeError:  # traced settings: not a compile-time constant
+        return _analog_matmul(x, W, config, key)
+    return _analog_matmul_jit(x, W, config, key)
+
+
+def _analog_matmul(x, W, config, key):
     k_prog = k_read = None
     if key is not None:
         k_prog, k_read = jax.random.split(key)
     return matmul(x, program_at_time(W, config, k_prog), config, k_read)
+
+
+# Outside `jit`, the operations would otherwise run (and compile) one by one.
+_analog_matmul_jit = jax.jit(_analog_matmul, static_argnames="config")
