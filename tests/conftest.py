@@ -6,6 +6,8 @@ The shared folder is ``$JAXBAR_SHARED`` if set, else ``shared`` beside the repos
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,36 @@ def host_devices_env(devices: int) -> dict[str, str]:
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
 CIFAR_DEPTHS = (14, 20, 32, 56)
+
+
+# Compiles the CPU kernel of one pair layout (argv[1]: 1 or 2) into numba's on-disk cache.
+_KERNEL_WARMUP = """
+import sys
+import numpy as np
+from jaxbar.core import ir
+from jaxbar.core.ir import cpu_kernel
+if cpu_kernel.available():
+    rng = np.random.default_rng(0)
+    g = rng.uniform(0.01, 1, (64, 16)).astype(np.float32)
+    v = rng.uniform(0, 1, (64, 64)).astype(np.float32)
+    g_neg = g[:, ::-1].copy() if sys.argv[1] == "2" else None
+    ir.solve_input_source(g, v, 1e-4, 1e-4, g_neg=g_neg)[0].block_until_ready()
+"""
+
+
+def pytest_configure(config):
+    """With several workers, compiles the CPU kernels once before they start.
+
+    Each lane kernel takes about half a minute to compile, and every worker that solves a
+    circuit would compile it again; two processes fill numba's cache in parallel instead.
+    """
+    if hasattr(config, "workerinput") or getattr(config.option, "numprocesses", 0) in (0, None):
+        return
+    procs = [subprocess.Popen([sys.executable, "-c", _KERNEL_WARMUP, p], cwd=REPO_ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for p in ("1", "2")]
+    for p in procs:
+        p.wait()
 
 
 def shared_dir() -> Path:

@@ -21,10 +21,16 @@ from .conftest import cifar_weights_path, host_devices_env
 
 
 def forward(model, x, net, key=None):
-    """One analog forward pass of `model` under `net` (a trial from `key`)."""
-    analog = analogize(model, net)
-    program_model(analog, key)
-    return analog(jnp.asarray(x))
+    """One analog forward pass of `model` under `net` (a trial from `key`), compiled."""
+    graphdef, state = nnx.split(analogize(model, net))
+
+    @jax.jit
+    def run(state, x, key):
+        analog = nnx.merge(graphdef, state)
+        program_model(analog, key)
+        return analog(x)
+
+    return run(state, jnp.asarray(x), key)
 
 
 @pytest.fixture(scope="module")
@@ -155,14 +161,14 @@ def test_accuracy_stats_t_interval():
 def test_real_resnet14_ideal_and_baseline(cifar_test_batch):
     x, labels = cifar_test_batch
     model = load_keras_resnet_cifar(cifar_weights_path(14))
-    digital = model(jnp.asarray(x))
+    digital = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x))
     ideal = forward(model, x, "ideal")
     np.testing.assert_allclose(ideal, digital, rtol=1e-4, atol=1e-4 * float(
         jnp.abs(digital).max()))
     analog = analogize(model, "paper_baseline")
     calibrate_model(analog, x)
     program_model(analog, None)
-    base = analog(jnp.asarray(x))
+    base = nnx.jit(lambda m, x: m(x))(analog, jnp.asarray(x))
     # 8-bit everything: predictions mostly unchanged, logits close but not identical.
     agree = np.mean(np.argmax(base, -1) == np.argmax(digital, -1))
     assert agree >= 0.9 and not np.allclose(base, digital, atol=1e-3)
