@@ -26,6 +26,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA}".strip()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CIFAR_DEPTHS = (14, 20, 32, 56)
 
 
 def host_devices_env(devices: int) -> dict[str, str]:
@@ -35,7 +36,6 @@ def host_devices_env(devices: int) -> dict[str, str]:
     """
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-CIFAR_DEPTHS = (14, 20, 32, 56)
 
 
 # Compiles the CPU kernel of one pair layout (argv[1]: 1 or 2) into numba's on-disk cache.
