@@ -54,7 +54,10 @@ def quantize_uniform(y: jax.Array, lo, hi, levels) -> jax.Array:
       The quantized values, with straight-through gradients inside the range.
     """
     step = (hi - lo) / (levels - 1)
-    idx = round_ste((jnp.clip(y, lo, hi) - lo) / step)
+    # Clipped in two halves around the scaling (the upper limit in level units): a maximum
+    # directly followed by a minimum becomes an XLA `clamp`, which XLA:CPU cannot fuse into
+    # the convolutions' YNNPACK subgraphs, while `maximum` and `minimum` alone it can.
+    idx = round_ste(jnp.minimum((jnp.maximum(y, lo) - lo) / step, levels - 1))
     return lo + idx * step
 
 
