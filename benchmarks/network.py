@@ -2,7 +2,8 @@
 
 Batch 256 of CIFAR-sized images. For each analog config: one trial = program every
 layer (programming error drawn) + forward the batch; time per image vs the digital
-forward of the same batch (median of repeats, after compilation).
+forward of the same batch (median of repeats after compilation, the variants and the
+digital forward timed in turn).
 
 Usage: python benchmarks/network.py [--weights resnet20v1_cifar10.h5] [--repeats 5]
 """
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from timing import median_time
+from timing import interleaved_medians
 
 from jaxbar.nn import load_keras_resnet_cifar, resnet20
 from jaxbar.nn.analogize import analogize, program_model
@@ -43,11 +44,6 @@ def main() -> None:
     def digital(state, x):
         return nnx.merge(graphdef, state)(x)
 
-    t_dig = median_time(digital, state, x, repeats=args.repeats)
-    print(f"backend {jax.default_backend()}; ResNet20 ({'pretrained' if args.weights else 'random'}"
-          f" weights), batch {args.batch}")
-    print(f"digital forward: {t_dig / args.batch * 1e3:.3f} ms/image")
-
     base = NetworkConfig.load("paper_baseline").replace(
         **{"device.programming_error": {"model": "proportional", "sigma": 0.05}})
     variants = {
@@ -57,7 +53,7 @@ def main() -> None:
             **{"inputs.bit_serial": True, "adc.per_input_slice": True}),
     }
     calib_x = np.asarray(x[:64])
-    print(f"{'variant':46s} {'ms/image':>9s} {'x digital':>9s}")
+    calls = {"digital": (digital, (state, x))}
     for name, net in variants.items():
         analog = analogize(model, net)
         calibrate_model(analog, calib_x)
@@ -69,8 +65,16 @@ def main() -> None:
             program_model(m, key)  # once per trial, amortized over the batch
             return m(x)
 
-        t = median_time(trial, a_state, x, jax.random.key(0), repeats=args.repeats)
-        print(f"{name:46s} {t / args.batch * 1e3:9.3f} {t / t_dig:9.2f}")
+        calls[name] = (trial, (a_state, x, jax.random.key(0)))
+    # Timed in turn, one call of each per round: drifts of the machine's speed hit all alike.
+    t = interleaved_medians(calls, repeats=args.repeats)
+    t_dig = t.pop("digital")
+    print(f"backend {jax.default_backend()}; ResNet20 ({'pretrained' if args.weights else 'random'}"
+          f" weights), batch {args.batch}")
+    print(f"digital forward: {t_dig / args.batch * 1e3:.3f} ms/image")
+    print(f"{'variant':46s} {'ms/image':>9s} {'x digital':>9s}")
+    for name, ti in t.items():
+        print(f"{name:46s} {ti / args.batch * 1e3:9.3f} {ti / t_dig:9.2f}")
 
 
 if __name__ == "__main__":

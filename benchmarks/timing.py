@@ -17,3 +17,27 @@ def median_time(fn, *args, repeats: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_medians(calls: dict, *, repeats: int) -> dict:
+    """Median wall times of several calls, timed in turn (one of each per round).
+
+    Alternating the calls spreads slow drifts of the machine's speed over all of them, so
+    their ratios hold even when the absolute times move between rounds.
+
+    Args:
+      calls: name -> (fn, args); each is compiled by a first call before timing.
+      repeats: timed rounds.
+
+    Returns:
+      name -> median seconds per call.
+    """
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
