@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -20,8 +21,10 @@ __all__ = [
     "calibrate",
     "input_range",
     "percentile_range",
+    "pre_adc_outputs",
     "pre_adc_samples",
     "ranges_from_samples",
+    "slice_samples",
     "subsample",
     "with_ranges",
 ]
@@ -71,6 +74,37 @@ def input_range(x, percentile: float = 99.99, signed: bool | None = None) -> tup
     return (-m, m) if signed else (0.0, m)
 
 
+def pre_adc_outputs(x, W, config: CrossbarConfig, op: mvm.ArrayOp | None = None) -> jax.Array:
+    """Pre-ADC array outputs of the real and unit columns (ADC and device errors off).
+
+    Traceable: a layer inside a compiled forward computes them in the program and sends
+    them to the host (`slice_samples` there needs no JAX).
+
+    Args:
+      x: calibration inputs (NHWC images with a conv `op`).
+      W: the (K, N) weight matrix.
+      config: the layer's crossbar config, with its input range set.
+      op: the array op (dense by default).
+
+    Returns:
+      (J, *batch, pr, S, P, M') outputs: M' the real and offset unit columns, not padding.
+    """
+    quiet = config.replace(adc=config.adc.ideal(), **{
+        "device.programming_error": {"model": "none", "sigma": 0.0},
+        "device.read_noise": {"model": "none", "sigma": 0.0}})
+    prog = mvm.program(jnp.asarray(W), quiet)
+    y, _ = mvm.array_outputs(jnp.asarray(x), prog, quiet, op=op)  # (J, *batch, pr, S, P, M)
+    lay = mapping.layout(*prog.shape, config)
+    units = np.arange(len(lay.col_index), y.shape[-1])  # offset unit columns, if any
+    return y[..., np.concatenate([lay.out_index, units])]
+
+
+def slice_samples(y) -> list[np.ndarray]:
+    """One flat sample per weight slice of `pre_adc_outputs` (NumPy only)."""
+    y = np.asarray(y)
+    return [subsample(y[..., s, :, :]) for s in range(y.shape[-3])]
+
+
 def pre_adc_samples(x, W, config: CrossbarConfig, op: mvm.ArrayOp | None = None
                     ) -> list[np.ndarray]:
     """Pre-ADC array outputs per weight slice (ADC and device errors off).
@@ -84,15 +118,7 @@ def pre_adc_samples(x, W, config: CrossbarConfig, op: mvm.ArrayOp | None = None
     Returns:
       One flat sample of values per weight slice (real and unit columns, not padding).
     """
-    quiet = config.replace(adc=config.adc.ideal(), **{
-        "device.programming_error": {"model": "none", "sigma": 0.0},
-        "device.read_noise": {"model": "none", "sigma": 0.0}})
-    prog = mvm.program(jnp.asarray(W), quiet)
-    y, _ = mvm.array_outputs(jnp.asarray(x), prog, quiet, op=op)  # (J, *batch, pr, S, P, M)
-    lay = mapping.layout(*prog.shape, config)
-    units = np.arange(len(lay.col_index), y.shape[-1])  # offset unit columns, if any
-    y = np.asarray(y)[..., np.concatenate([lay.out_index, units])]
-    return [subsample(y[..., s, :, :]) for s in range(y.shape[-3])]
+    return slice_samples(pre_adc_outputs(x, W, config, op))
 
 
 def ranges_from_samples(samples: list[np.ndarray], percentile: float = 99.98,

@@ -281,6 +281,24 @@ def test_calibrate_model_against_direct_calibration():
     assert rel < 0.05
 
 
+def test_calibrate_model_with_a_compiled_forward_and_after_jit():
+    model = Deep(nnx.Rngs(0))
+    x = _x((40, 8))
+    eager = jaxbar.analogize(model, "paper_baseline")
+    want = jaxbar.calibrate_model(eager, x, batch_size=16)
+    compiled = jaxbar.analogize(model, "paper_baseline")
+    # Several layers profiled in one compiled program: samples arrive by callbacks. The
+    # compiled call hands the state back as arrays, the configs' numbers included.
+    got = jaxbar.calibrate_model(compiled, x, batch_size=16,
+                                 forward=nnx.jit(lambda m, b: m(b)))
+    assert isinstance(analog_layers(compiled)["head"][1].config.device.on_off_ratio, float)
+    assert set(got.layers) == set(want.layers) == {"blocks.0.dense", "blocks.1.dense", "head"}
+    for path, w in want.layers.items():
+        np.testing.assert_allclose(got.layers[path].input_range, w.input_range, rtol=1e-5)
+        np.testing.assert_allclose(got.layers[path].adc_range, w.adc_range, rtol=1e-5)
+    assert got.meta["images"] == 40
+
+
 def test_monte_carlo_equals_a_loop_and_compiles_once():
     model = Deep(nnx.Rngs(0))
     x = _x((6, 8))

@@ -180,8 +180,8 @@ class AnalogOp(nnx.Module):
 
     @property
     def config(self) -> CrossbarConfig:
-        """The layer's crossbar config."""
-        return self.crossbar.get_value()
+        """The layer's crossbar config (concrete array numbers read back as Python numbers)."""
+        return _python_numbers(self.crossbar.get_value())
 
     # ---- programming ---------------------------------------------------------------------
     def program(self, kernel: jax.Array, key: jax.Array | None) -> mvm.Programmed:
@@ -261,21 +261,36 @@ class AnalogOp(nnx.Module):
         if self.mode == "inputs":
             _host(lambda v: samples.append(cal.subsample(v)), x)
         elif self.mode == "adc":
+            # The outputs are computed here (traced when the forward is compiled); the host
+            # callback only thins them, since JAX called from a callback can deadlock.
+            lay = mapping.layout(*W.shape[1:], cfg)
+            op = mvm.dense_op(lay) if conv_args is None else mvm.conv_op(lay, *conv_args)
+            ys = [cal.pre_adc_outputs(x[g], W[g], cfg, op) for g in range(W.shape[0])]
 
-            def record(xv, wv):
-                per_group = []
-                for g in range(wv.shape[0]):
-                    lay = mapping.layout(*wv.shape[1:], cfg)
-                    op = (mvm.dense_op(lay) if conv_args is None
-                          else mvm.conv_op(lay, *conv_args))
-                    per_group.append(cal.pre_adc_samples(xv[g], wv[g], cfg, op))
+            def record(*yv):
+                per_group = [cal.slice_samples(v) for v in yv]
                 samples.append([np.concatenate(s) for s in zip(*per_group, strict=True)])
 
-            _host(record, x, W)
+            _host(record, *ys)
         if conv_args is not None:
             return None
         return jnp.einsum("g...k,gkn->g...n", x, W.astype(x.dtype),
                           precision=jax.lax.Precision.HIGHEST)
+
+
+def _python_numbers(config: CrossbarConfig) -> CrossbarConfig:
+    """`config` with its concrete scalar array leaves as Python numbers.
+
+    A compiled call (`nnx.jit`) hands the model's state back as arrays, config numbers
+    included; as Python numbers they validate again when the config is replaced. Traced
+    leaves stay as they are.
+    """
+    def number(v):
+        if isinstance(v, jax.Array) and not isinstance(v, jax.core.Tracer) and v.ndim == 0:
+            return v.item()
+        return v
+
+    return jax.tree.map(number, config)
 
 
 def _host(f, *args):
