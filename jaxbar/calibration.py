@@ -107,17 +107,7 @@ def slice_samples(y) -> list[np.ndarray]:
 
 def pre_adc_samples(x, W, config: CrossbarConfig, op: mvm.ArrayOp | None = None
                     ) -> list[np.ndarray]:
-    """Pre-ADC array outputs per weight slice (ADC and device errors off).
-
-    Args:
-      x: calibration inputs (NHWC images with a conv `op`).
-      W: the (K, N) weight matrix.
-      config: the layer's crossbar config, with its input range set.
-      op: the array op (dense by default).
-
-    Returns:
-      One flat sample of values per weight slice (real and unit columns, not padding).
-    """
+    """One flat sample of pre-ADC outputs per weight slice (arguments of `pre_adc_outputs`)."""
     return slice_samples(pre_adc_outputs(x, W, config, op))
 
 
