@@ -10,13 +10,7 @@ import jax
 
 def median_time(fn, *args, repeats: int) -> float:
     """Median wall time of `fn(*args)` over `repeats` calls, after one compiling call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return interleaved_medians({"fn": (fn, args)}, repeats=repeats)["fn"]
 
 
 def interleaved_medians(calls: dict, *, repeats: int) -> dict:
