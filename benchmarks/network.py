@@ -5,6 +5,10 @@ layer (programming error drawn) + forward the batch; time per image vs the digit
 forward of the same batch (median of repeats after compilation, the variants and the
 digital forward timed in turn).
 
+On a CPU every program is also compiled without XLA:CPU's YNNPACK library fusions (compiler
+option `xla_cpu_experimental_ynn_fusion_type` empty; `XLA_FLAGS` sets the same for a whole
+run) and timed in the same rounds; each ratio is against the digital forward compiled alike.
+
 Usage: python benchmarks/network.py [--weights resnet20v1_cifar10.h5] [--repeats 5]
 """
 
@@ -34,13 +38,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
+    settings = {"XLA's default options": {}}
+    if jax.default_backend() == "cpu":
+        settings["no YNNPACK fusions"] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
     model = load_keras_resnet_cifar(args.weights) if args.weights else resnet20(rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, 32, 32, 3)) * 0.25,
                     jnp.float32)
     graphdef, state = nnx.split(model)
 
-    @jax.jit
     def digital(state, x):
         return nnx.merge(graphdef, state)(x)
 
@@ -53,28 +59,32 @@ def main() -> None:
             **{"inputs.bit_serial": True, "adc.per_input_slice": True}),
     }
     calib_x = np.asarray(x[:64])
-    calls = {"digital": (digital, (state, x))}
+    programs = {"digital": (digital, (state, x))}
     for name, net in variants.items():
         analog = analogize(model, net)
         calibrate_model(analog, calib_x)
         a_graphdef, a_state = nnx.split(analog)
 
-        @jax.jit
         def trial(state, x, key, a_graphdef=a_graphdef):
             m = nnx.merge(a_graphdef, state, copy=True)
             program_model(m, key)  # once per trial, amortized over the batch
             return m(x)
 
-        calls[name] = (trial, (a_state, x, jax.random.key(0)))
+        programs[name] = (trial, (a_state, x, jax.random.key(0)))
+    calls = {(setting, name): (jax.jit(fn).lower(*a).compile(compiler_options=options), a)
+             for setting, options in settings.items() for name, (fn, a) in programs.items()}
     # Timed in turn, one call of each per round: drifts of the machine's speed hit all alike.
     t = interleaved_medians(calls, repeats=args.repeats)
-    t_dig = t.pop("digital")
     print(f"backend {jax.default_backend()}; ResNet20 ({'pretrained' if args.weights else 'random'}"
           f" weights), batch {args.batch}")
-    print(f"digital forward: {t_dig / args.batch * 1e3:.3f} ms/image")
-    print(f"{'variant':46s} {'ms/image':>9s} {'x digital':>9s}")
-    for name, ti in t.items():
-        print(f"{name:46s} {ti / args.batch * 1e3:9.3f} {ti / t_dig:9.2f}")
+    t_ref = t["XLA's default options", "digital"]
+    for setting in settings:
+        t_dig = t[setting, "digital"]
+        print(f"\ncompiled with {setting}")
+        print(f"{'program':46s} {'ms/image':>9s} {'x digital':>9s} {'x default digital':>17s}")
+        for name in programs:
+            ti = t[setting, name]
+            print(f"{name:46s} {ti / args.batch * 1e3:9.3f} {ti / t_dig:9.2f} {ti / t_ref:17.2f}")
 
 
 if __name__ == "__main__":
