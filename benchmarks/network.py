@@ -8,6 +8,9 @@ digital forward timed in turn).
 On a CPU every program is also compiled without XLA:CPU's YNNPACK library fusions (compiler
 option `xla_cpu_experimental_ynn_fusion_type` empty; `XLA_FLAGS` sets the same for a whole
 run) and timed in the same rounds; each ratio is against the digital forward compiled alike.
+For each program the script also prints the CPU load while it ran (busy cores) and where its
+convolutions went: XLA's own kernels, a YNNPACK subgraph of their own, or a YNNPACK subgraph
+shared with other operations.
 
 Usage: python benchmarks/network.py [--weights resnet20v1_cifar10.h5] [--repeats 5]
 """
@@ -16,18 +19,37 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from timing import interleaved_medians
+from timing import interleaved_timings
 
 from jaxbar.nn import load_keras_resnet_cifar, resnet20
 from jaxbar.nn.analogize import analogize, program_model
 from jaxbar.nn.calibrate import calibrate_model
 from jaxbar.nn.network_config import NetworkConfig
+
+
+def conv_placement(compiled) -> str:
+    """Where a compiled program's convolutions run: XLA kernels or YNNPACK subgraphs."""
+    text = compiled.as_text()
+    bodies = {m.group(1): m.group(2) for m in re.finditer(r"^%(\S+) [^\n]*\{\n(.*?)\n\}", text,
+                                                          re.M | re.S)}
+    ynn = set(re.findall(r"calls=%([\w.\-]+)[^\n]*__ynn_fusion", text))
+    alone = grouped = 0
+    for name in ynn:
+        body = bodies.get(name, "")
+        n = body.count(" convolution(")
+        ops = set(re.findall(r"= \S+ ([a-z\-]+)\(", body)) - {
+            "parameter", "bitcast", "convolution", "constant", "broadcast"}
+        alone += n if n == 1 and not ops else 0
+        grouped += 0 if n == 1 and not ops else n
+    total = text.count(" convolution(")
+    return f"{total - alone - grouped} XLA, {alone} YNNPACK alone, {grouped} YNNPACK shared"
 
 
 def main() -> None:
@@ -74,17 +96,19 @@ def main() -> None:
     calls = {(setting, name): (jax.jit(fn).lower(*a).compile(compiler_options=options), a)
              for setting, options in settings.items() for name, (fn, a) in programs.items()}
     # Timed in turn, one call of each per round: drifts of the machine's speed hit all alike.
-    t = interleaved_medians(calls, repeats=args.repeats)
+    t = interleaved_timings(calls, repeats=args.repeats)
     print(f"backend {jax.default_backend()}; ResNet20 ({'pretrained' if args.weights else 'random'}"
           f" weights), batch {args.batch}")
-    t_ref = t["XLA's default options", "digital"]
+    t_ref = t["XLA's default options", "digital"].median
     for setting in settings:
-        t_dig = t[setting, "digital"]
+        t_dig = t[setting, "digital"].median
         print(f"\ncompiled with {setting}")
-        print(f"{'program':46s} {'ms/image':>9s} {'x digital':>9s} {'x default digital':>17s}")
+        print(f"{'program':46s} {'ms/image':>9s} {'x digital':>9s} {'x default digital':>17s} "
+              f"{'CPU load':>8s}  convolutions")
         for name in programs:
-            ti = t[setting, name]
-            print(f"{name:46s} {ti / args.batch * 1e3:9.3f} {ti / t_dig:9.2f} {ti / t_ref:17.2f}")
+            ti, load = t[setting, name]
+            print(f"{name:46s} {ti / args.batch * 1e3:9.3f} {ti / t_dig:9.2f} {ti / t_ref:17.2f} "
+                  f"{load:8.2f}  {conv_placement(calls[setting, name][0])}")
 
 
 if __name__ == "__main__":

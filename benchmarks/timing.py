@@ -1,11 +1,24 @@
-"""Timing helper shared by the benchmark scripts."""
+"""Timing helpers shared by the benchmark scripts."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from typing import NamedTuple
 
 import jax
+
+
+class Timing(NamedTuple):
+    """One call's timing over the rounds.
+
+    Attributes:
+      median: median wall seconds per call.
+      cpu_load: process CPU seconds per wall second while it ran (2.0: two cores busy).
+    """
+
+    median: float
+    cpu_load: float
 
 
 def median_time(fn, *args, repeats: int) -> float:
@@ -26,12 +39,19 @@ def interleaved_medians(calls: dict, *, repeats: int) -> dict:
     Returns:
       name -> median seconds per call.
     """
+    return {name: t.median for name, t in interleaved_timings(calls, repeats=repeats).items()}
+
+
+def interleaved_timings(calls: dict, *, repeats: int) -> dict[str, Timing]:
+    """`interleaved_medians` with the CPU load of each call (how many cores it kept busy)."""
     for fn, args in calls.values():
         jax.block_until_ready(fn(*args))
     times = {name: [] for name in calls}
+    cpu = dict.fromkeys(calls, 0.0)
     for _ in range(repeats):
         for name, (fn, args) in calls.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             jax.block_until_ready(fn(*args))
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+            cpu[name] += time.process_time() - c0
+    return {name: Timing(statistics.median(t), cpu[name] / sum(t)) for name, t in times.items()}

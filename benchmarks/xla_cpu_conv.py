@@ -1,0 +1,53 @@
+"""One ResNet20 convolution per stage, compiled with XLA's defaults and without YNNPACK fusions.
+
+XLA:CPU hands a convolution with more than 16 channels to YNNPACK; unless XLA grows a larger
+YNNPACK subgraph around it, the convolution runs there alone. This script times one
+convolution of each ResNet20 stage both ways (batch 256, float32, 3×3, stride 1) and prints the
+CPU load while it ran, the number of cores the convolution kept busy.
+
+Usage: python benchmarks/xla_cpu_conv.py [--batch 256] [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from timing import interleaved_timings
+
+SETTINGS = {"XLA's default options": {}, "no YNNPACK fusions": {
+    "xla_cpu_experimental_ynn_fusion_type": ""}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    calls = {}
+    for size, channels in [(32, 16), (16, 32), (8, 64)]:
+        x = jnp.asarray(rng.random((args.batch, size, size, channels)), jnp.float32)
+        k = jnp.asarray(rng.random((3, 3, channels, channels)), jnp.float32)
+        for setting, options in SETTINGS.items():
+            compiled = jax.jit(conv).lower(x, k).compile(compiler_options=options)
+            ynn = "__ynn_fusion" in compiled.as_text()
+            calls[(size, channels, setting, ynn)] = (compiled, (x, k))
+    t = interleaved_timings(calls, repeats=args.repeats)
+    print(f"backend {jax.default_backend()}; batch {args.batch}, 3x3 convolutions, float32")
+    print(f"{'input':>12s} {'compiled with':24s} {'runs in':8s} {'ms':>7s} {'CPU load':>8s}")
+    for (size, channels, setting, ynn), (median, load) in t.items():
+        where = "YNNPACK" if ynn else "XLA"
+        print(f"{f'{size}x{size}x{channels}':>12s} {setting:24s} {where:8s} {median * 1e3:7.2f} "
+              f"{load:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
