@@ -3,7 +3,9 @@
 A small transformer encoder (nnx.MultiHeadAttention, 8 tokens of 64 features, 2 blocks) and a
 small CNN, each at one batch: the digital jit forward of the stock model, then, per analog
 config, one trial (`program_model` + forward, jitted) and the forward alone on programmed
-conductances. Median of repeats after compilation.
+conductances. Median of repeats after compilation, the programs of a model timed in turn (one
+call of each per round). On a CPU every program is also compiled without XLA:CPU's YNNPACK
+fusions, timed in the same rounds; each ratio is against the digital forward compiled alike.
 
 Usage: python benchmarks/analogize.py [--batch 256] [--repeats 20]
 """
@@ -14,7 +16,7 @@ import argparse
 
 import jax
 from flax import nnx
-from timing import median_time
+from timing import compile_settings, interleaved_timings
 
 import jaxbar
 
@@ -64,16 +66,12 @@ class CNN(nnx.Module):
 
 def bench(name, model, x, configs, repeats):
     graphdef, state = nnx.split(model)
-    digital = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    t_dig = median_time(digital, state, x, repeats=repeats)
-    print(f"\n{name}, batch {x.shape[0]}: digital forward {t_dig * 1e3:.3f} ms")
-    print(f"{'config':40s} {'trial x dig':>11s} {'forward x dig':>13s}")
+    programs = {"digital": (lambda s, x: nnx.merge(graphdef, s)(x), (state, x))}
     for label, cfg in configs.items():
         analog = jaxbar.analogize(model, cfg)
         jaxbar.calibrate_model(analog, x[:64])
         g, s = nnx.split(analog)
 
-        @jax.jit
         def trial(s, x, key, g=g):
             m = nnx.merge(g, s, copy=True)
             jaxbar.program_model(m, key)
@@ -81,10 +79,20 @@ def bench(name, model, x, configs, repeats):
 
         jaxbar.program_model(analog, jax.random.key(0))
         g2, s2 = nnx.split(analog)
-        forward = jax.jit(lambda s, x, g2=g2: nnx.merge(g2, s, copy=True)(x))
-        t_trial = median_time(trial, s, x, jax.random.key(0), repeats=repeats)
-        t_fwd = median_time(forward, s2, x, repeats=repeats)
-        print(f"{label:40s} {t_trial / t_dig:11.2f} {t_fwd / t_dig:13.2f}")
+        programs[label, "trial"] = (trial, (s, x, jax.random.key(0)))
+        programs[label, "forward"] = (lambda s, x, g2=g2: nnx.merge(g2, s, copy=True)(x), (s2, x))
+    settings = compile_settings()
+    calls = {(setting, key): (jax.jit(fn).lower(*a).compile(compiler_options=options), a)
+             for setting, options in settings.items() for key, (fn, a) in programs.items()}
+    t = interleaved_timings(calls, repeats=repeats)
+    print(f"\n{name}, batch {x.shape[0]}")
+    for setting in settings:
+        t_dig = t[setting, "digital"].median
+        print(f"compiled with {setting}: digital forward {t_dig * 1e3:.3f} ms")
+        print(f"  {'config':38s} {'trial x dig':>11s} {'forward x dig':>13s}")
+        for label in configs:
+            ratios = [t[setting, (label, part)].median / t_dig for part in ("trial", "forward")]
+            print(f"  {label:38s} {ratios[0]:11.2f} {ratios[1]:13.2f}")
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from timing import interleaved_timings
+from timing import compile_settings, interleaved_timings
 
 from jaxbar.nn import load_keras_resnet_cifar, resnet20
 from jaxbar.nn.analogize import analogize, program_model
@@ -60,9 +60,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    settings = {"XLA's default options": {}}
-    if jax.default_backend() == "cpu":
-        settings["no YNNPACK fusions"] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    settings = compile_settings()
 
     model = load_keras_resnet_cifar(args.weights) if args.weights else resnet20(rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, 32, 32, 3)) * 0.25,

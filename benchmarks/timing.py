@@ -21,6 +21,18 @@ class Timing(NamedTuple):
     cpu_load: float
 
 
+def compile_settings() -> dict[str, dict]:
+    """The compiler options each benchmark compiles its programs with, by name.
+
+    XLA's defaults, and on a CPU also without XLA:CPU's YNNPACK library fusions (there a
+    YNNPACK convolution alone keeps one core busy; `XLA_FLAGS` sets the same for a whole run).
+    """
+    settings = {"XLA's default options": {}}
+    if jax.default_backend() == "cpu":
+        settings["no YNNPACK fusions"] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    return settings
+
+
 def median_time(fn, *args, repeats: int) -> float:
     """Median wall time of `fn(*args)` over `repeats` calls, after one compiling call."""
     return interleaved_medians({"fn": (fn, args)}, repeats=repeats)["fn"]

@@ -15,10 +15,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import interleaved_timings
-
-SETTINGS = {"XLA's default options": {}, "no YNNPACK fusions": {
-    "xla_cpu_experimental_ynn_fusion_type": ""}}
+from timing import compile_settings, interleaved_timings
 
 
 def main() -> None:
@@ -36,7 +33,7 @@ def main() -> None:
     for size, channels in [(32, 16), (16, 32), (8, 64)]:
         x = jnp.asarray(rng.random((args.batch, size, size, channels)), jnp.float32)
         k = jnp.asarray(rng.random((3, 3, channels, channels)), jnp.float32)
-        for setting, options in SETTINGS.items():
+        for setting, options in compile_settings().items():
             compiled = jax.jit(conv).lower(x, k).compile(compiler_options=options)
             ynn = "__ynn_fusion" in compiled.as_text()
             calls[(size, channels, setting, ynn)] = (compiled, (x, k))
