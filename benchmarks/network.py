@@ -46,8 +46,10 @@ def conv_placement(compiled) -> str:
         n = body.count(" convolution(")
         ops = set(re.findall(r"= \S+ ([a-z\-]+)\(", body)) - {
             "parameter", "bitcast", "convolution", "constant", "broadcast"}
-        alone += n if n == 1 and not ops else 0
-        grouped += 0 if n == 1 and not ops else n
+        if n == 1 and not ops:
+            alone += 1
+        else:
+            grouped += n
     total = text.count(" convolution(")
     return f"{total - alone - grouped} XLA, {alone} YNNPACK alone, {grouped} YNNPACK shared"
 
