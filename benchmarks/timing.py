@@ -28,8 +28,15 @@ def compile_settings() -> dict[str, dict]:
     YNNPACK convolution alone keeps one core busy; `XLA_FLAGS` sets the same for a whole run).
     """
     settings = {"XLA's default options": {}}
-    if jax.default_backend() == "cpu":
-        settings["no YNNPACK fusions"] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    if jax.default_backend() != "cpu":
+        return settings
+    no_ynn = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    try:
+        jax.jit(lambda x: x + 1).lower(1.0).compile(compiler_options=no_ynn)
+    except jax.errors.JaxRuntimeError as e:  # an XLA without the option
+        print(f"compiling with XLA's defaults only: {str(e).splitlines()[0]}")
+        return settings
+    settings["no YNNPACK fusions"] = no_ynn
     return settings
 
 
