@@ -1,7 +1,8 @@
 """Analog MVM cost relative to the digital product, measured in one run.
 
 W: 1152×256, x: 1024×1152, float32. Prints the median time of each variant
-after compilation divided by the median time of `x @ W`.
+after compilation divided by the median time of `x @ W`, timed in turn with it (one call of
+each per round).
 
 Usage: python benchmarks/mvm.py [--repeats 20]
 """
@@ -13,7 +14,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import median_time
+from timing import interleaved_medians
 
 import jaxbar
 from jaxbar import CrossbarConfig
@@ -49,28 +50,31 @@ def main() -> None:
     }
 
     digital = jax.jit(lambda x, W: x @ W)
-    t_ref = median_time(digital, x, W, repeats=args.repeats)
-    print(f"backend: {jax.default_backend()}, devices: {jax.device_count()}")
-    print(f"x @ W ({B}x{K} @ {K}x{N}, float32): {t_ref * 1e3:.2f} ms")
-    print(f"{'variant':40s} {'ms':>8s} {'x (x@W)':>8s}")
+    calls = {"x @ W": (digital, (x, W))}
     for name, cfg in configs.items():
         prog = jax.jit(lambda W, k, cfg=cfg: jaxbar.program(W, cfg, k))(W, key)
         mm = jax.jit(lambda x, p, cfg=cfg: jaxbar.matmul(x, p, cfg))
-        t = median_time(mm, x, prog, repeats=args.repeats)
-        print(f"matmul: {name:32s} {t * 1e3:8.2f} {t / t_ref:8.2f}")
-
-    prog = jax.jit(lambda W, k: jaxbar.program(W, base, k))
-    t = median_time(prog, W, key, repeats=args.repeats)
-    print(f"{'program (one trial, prog. error)':40s} {t * 1e3:8.2f} {t / t_ref:8.2f}")
+        calls[f"matmul: {name}"] = (mm, (x, prog))
+    calls["program (one trial, prog. error)"] = (
+        jax.jit(lambda W, k: jaxbar.program(W, base, k)), (W, key))
+    t = interleaved_medians(calls, repeats=args.repeats)
+    t_ref = t.pop("x @ W")
+    print(f"backend: {jax.default_backend()}, devices: {jax.device_count()}")
+    print(f"x @ W ({B}x{K} @ {K}x{N}, float32): {t_ref * 1e3:.2f} ms")
+    print(f"{'variant':40s} {'ms':>8s} {'x (x@W)':>8s}")
+    for name, ti in t.items():
+        print(f"{name:40s} {ti * 1e3:8.2f} {ti / t_ref:8.2f}")
 
     keys = jax.random.split(key, args.trials)
     one = lambda x, W, k: jaxbar.analog_matmul(x, W, base, k)  # noqa: E731
     vm = jax.jit(jax.vmap(one, in_axes=(None, None, 0)))
     lm = jax.jit(lambda x, W, ks: jax.lax.map(lambda k: one(x, W, k), ks))
-    for name, fn in (("vmap", vm), ("lax.map", lm)):
-        t = median_time(fn, x, W, keys, repeats=max(3, args.repeats // 4)) / args.trials
+    t = interleaved_medians({"x @ W": (digital, (x, W)), "vmap": (vm, (x, W, keys)),
+                             "lax.map": (lm, (x, W, keys))}, repeats=max(3, args.repeats // 4))
+    for name in ("vmap", "lax.map"):
+        ti = t[name] / args.trials
         print(f"{f'per trial of {args.trials}, {name} (incl. program)':40s} "
-              f"{t * 1e3:8.2f} {t / t_ref:8.2f}")
+              f"{ti * 1e3:8.2f} {ti / t['x @ W']:8.2f}")
 
 
 if __name__ == "__main__":
