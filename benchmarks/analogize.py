@@ -16,7 +16,7 @@ import argparse
 
 import jax
 from flax import nnx
-from timing import compile_settings, interleaved_timings
+from timing import compile_settings, compiled_calls, interleaved_timings
 
 import jaxbar
 
@@ -82,8 +82,7 @@ def bench(name, model, x, configs, repeats):
         programs[label, "trial"] = (trial, (s, x, jax.random.key(0)))
         programs[label, "forward"] = (lambda s, x, g2=g2: nnx.merge(g2, s, copy=True)(x), (s2, x))
     settings = compile_settings()
-    calls = {(setting, key): (jax.jit(fn).lower(*a).compile(compiler_options=options), a)
-             for setting, options in settings.items() for key, (fn, a) in programs.items()}
+    calls = compiled_calls(programs, settings)
     t = interleaved_timings(calls, repeats=repeats)
     print(f"\n{name}, batch {x.shape[0]}")
     for setting in settings:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from timing import compile_settings, interleaved_timings
+from timing import compile_settings, compiled_calls, interleaved_timings
 
 from jaxbar.nn import load_keras_resnet_cifar, resnet20
 from jaxbar.nn.analogize import analogize, program_model
@@ -93,8 +93,7 @@ def main() -> None:
             return m(x)
 
         programs[name] = (trial, (a_state, x, jax.random.key(0)))
-    calls = {(setting, name): (jax.jit(fn).lower(*a).compile(compiler_options=options), a)
-             for setting, options in settings.items() for name, (fn, a) in programs.items()}
+    calls = compiled_calls(programs, settings)
     # Timed in turn, one call of each per round: drifts of the machine's speed hit all alike.
     t = interleaved_timings(calls, repeats=args.repeats)
     print(f"backend {jax.default_backend()}; ResNet20 ({'pretrained' if args.weights else 'random'}"

@@ -40,6 +40,20 @@ def compile_settings() -> dict[str, dict]:
     return settings
 
 
+def compiled_calls(programs: dict, settings: dict[str, dict]) -> dict:
+    """Every program compiled with every setting, ready for `interleaved_timings`.
+
+    Args:
+      programs: name -> (fn, args).
+      settings: setting name -> compiler options (`compile_settings()`).
+
+    Returns:
+      (setting, name) -> (compiled fn, args).
+    """
+    return {(setting, name): (jax.jit(fn).lower(*args).compile(compiler_options=options), args)
+            for setting, options in settings.items() for name, (fn, args) in programs.items()}
+
+
 def median_time(fn, *args, repeats: int) -> float:
     """Median wall time of `fn(*args)` over `repeats` calls, after one compiling call."""
     return interleaved_medians({"fn": (fn, args)}, repeats=repeats)["fn"]
