@@ -2,8 +2,9 @@
 
 XLA:CPU hands a convolution with more than 16 channels to YNNPACK; unless XLA grows a larger
 YNNPACK subgraph around it, the convolution runs there alone. This script times one
-convolution of each ResNet20 stage both ways (batch 256, float32, 3×3, stride 1) and prints the
-CPU load while it ran, the number of cores the convolution kept busy.
+convolution of each ResNet20 stage both ways (batch 256, float32, 3×3, stride 1), as
+`lax.conv_general_dilated` and as `jaxbar.core.conv2d.conv2d` (what the crossbar layers run),
+and prints the CPU load while it ran, the number of cores the convolution kept busy.
 
 Usage: python benchmarks/xla_cpu_conv.py [--batch 256] [--repeats 30]
 """
@@ -17,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from timing import compile_settings, interleaved_timings
 
+from jaxbar.core.conv2d import conv2d
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
@@ -25,25 +28,29 @@ def main() -> None:
     args = p.parse_args()
     rng = np.random.default_rng(0)
 
-    def conv(x, k):
-        return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
+    same = ((1, 1), (1, 1))
+    functions = {
+        "lax": lambda x, k: jax.lax.conv_general_dilated(
+            x, k, (1, 1), same, dimension_numbers=("NHWC", "HWIO", "NHWC")),
+        "conv2d": lambda x, k: conv2d(x, k, (1, 1), same),
+    }
     calls = {}
     for size, channels in [(32, 16), (16, 32), (8, 64)]:
         x = jnp.asarray(rng.random((args.batch, size, size, channels)), jnp.float32)
         k = jnp.asarray(rng.random((3, 3, channels, channels)), jnp.float32)
         for setting, options in compile_settings().items():
-            compiled = jax.jit(conv).lower(x, k).compile(compiler_options=options)
-            ynn = "__ynn_fusion" in compiled.as_text()
-            calls[(size, channels, setting, ynn)] = (compiled, (x, k))
+            for name, f in functions.items():
+                compiled = jax.jit(f).lower(x, k).compile(compiler_options=options)
+                ynn = "__ynn_fusion" in compiled.as_text()
+                calls[(size, channels, setting, name, ynn)] = (compiled, (x, k))
     t = interleaved_timings(calls, repeats=args.repeats)
     print(f"backend {jax.default_backend()}; batch {args.batch}, 3x3 convolutions, float32")
-    print(f"{'input':>12s} {'compiled with':24s} {'runs in':8s} {'ms':>7s} {'CPU load':>8s}")
-    for (size, channels, setting, ynn), (median, load) in t.items():
+    print(f"{'input':>12s} {'compiled with':24s} {'function':8s} {'runs in':8s} {'ms':>7s} "
+          f"{'CPU load':>8s}")
+    for (size, channels, setting, name, ynn), (median, load) in t.items():
         where = "YNNPACK" if ynn else "XLA"
-        print(f"{f'{size}x{size}x{channels}':>12s} {setting:24s} {where:8s} {median * 1e3:7.2f} "
-              f"{load:8.2f}")
+        print(f"{f'{size}x{size}x{channels}':>12s} {setting:24s} {name:8s} {where:8s} "
+              f"{median * 1e3:7.2f} {load:8.2f}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbar.config import ConfigError, CrossbarConfig
-from jaxbar.core import adc_circuits, converters, devices, mapping
+from jaxbar.core import adc_circuits, conv2d, converters, devices, mapping
 
 __all__ = [
     "ArrayOp",
@@ -353,9 +353,8 @@ def conv_op(lay: mapping.Layout, kernel_shape: tuple[int, int, int, int],
 
     def conv(u, kernel):
         lead = u.shape[:-3]
-        y = jax.lax.conv_general_dilated(u.reshape(-1, *u.shape[-3:]), kernel, strides, padding,
-                                         rhs_dilation=dilation, dimension_numbers=dims,
-                                         precision=hp)
+        y = conv2d.conv2d(u.reshape(-1, *u.shape[-3:]), kernel, strides, padding,
+                          dilation=dilation, precision=hp)
         return y.reshape(*lead, *y.shape[1:])
 
     def contract(u, g):

@@ -38,6 +38,7 @@ from flax import nnx
 from jaxbar import calibration as cal
 from jaxbar.config import ConfigError, CrossbarConfig
 from jaxbar.core import ir, mapping, mvm
+from jaxbar.core.conv2d import conv2d
 from jaxbar.nn.graph import modules
 from jaxbar.nn.network_config import CalibrationSettings, NetworkConfig
 from jaxbar.nn.ranges import LearnedRanges, host_ranges, init_ranges, learned_product, range_spec
@@ -445,9 +446,8 @@ class AnalogConv(AnalogOp):
         conv_args = (shape, strides, pads, dil)
         if self.mode != "analog":
             self._profile(x, rhs, conv_args)
-            y = jax.lax.conv_general_dilated(
-                lhs, rhs, strides, pads, rhs_dilation=dil, feature_group_count=G,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
+            y = conv2d(lhs, rhs, strides, pads, dilation=dil, feature_group_count=G,
+                       precision=jax.lax.Precision.HIGHEST)
         else:
             y = self.product(  # (G, N, H', W', cout/G)
                 x, rhs, lambda lay: mvm.conv_op(lay, *conv_args),

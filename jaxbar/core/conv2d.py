@@ -1,0 +1,81 @@
+"""The 2-D convolution every crossbar convolution runs on (NHWC images, HWIO kernels).
+
+The result is `lax.conv_general_dilated`'s. On a CPU the convolution is laid out so that
+XLA runs it on its own multi-threaded kernel: XLA:CPU hands a float convolution with more
+than 16 channels to YNNPACK, and a YNNPACK convolution that XLA does not fuse with its
+neighbours runs on one core (on a 2-core machine 8–9 ms against 5–6 ms for a 16×16×32 or
+8×8×64 convolution of 256 images). The analog layers put DAC and ADC operations between
+their convolutions, so XLA leaves most of them alone there. XLA keeps a convolution whose
+output has more rows than its input on its own kernel; `conv2d` pads one more row at the
+bottom (`extra_rows`) and drops the row it adds. Each output pixel's sum is the one the
+plain convolution computes on XLA's kernel.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["conv2d", "extra_rows"]
+
+# XLA:CPU's rule: YNNPACK takes a float32/float64 2-D convolution with more than this many
+# input or output channels whose output is no larger than its input.
+_YNNPACK_MIN_CHANNELS = 16
+# Pay at most a quarter more work to stay on XLA's multi-threaded kernel.
+_MAX_EXTRA_FRACTION = 0.25
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def extra_rows(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dtype,
+               strides: tuple[int, int], padding: Padding,
+               dilation: tuple[int, int] = (1, 1), backend: str | None = None) -> int:
+    """Rows `conv2d` adds below the image so that XLA:CPU keeps the convolution (0: none).
+
+    Args:
+      x_shape: the NHWC input shape.
+      kernel_shape: the HWIO kernel shape.
+      dtype: the input dtype.
+      strides: window strides.
+      padding: ((top, bottom), (left, right)).
+      dilation: kernel dilation.
+      backend: the platform compiled for; the default backend when None.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    if backend != "cpu" or jnp.dtype(dtype) not in (jnp.float32, jnp.float64):
+        return 0
+    if max(x_shape[-1], kernel_shape[-1]) <= _YNNPACK_MIN_CHANNELS or strides[0] != 1:
+        return 0
+    rows = x_shape[1]
+    span = (kernel_shape[0] - 1) * dilation[0] + 1
+    out = rows + sum(padding[0]) - span + 1
+    extra = rows + 1 - out
+    if out <= 0 or extra <= 0 or extra > _MAX_EXTRA_FRACTION * out:
+        return 0
+    return extra
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, *,
+           dilation: tuple[int, int] = (1, 1), feature_group_count: int = 1,
+           precision=None) -> jax.Array:
+    """`lax.conv_general_dilated` over NHWC images and an HWIO kernel, explicit padding.
+
+    Args:
+      x: (N, H, W, C_in) images.
+      kernel: (kh, kw, C_in / groups, C_out).
+      strides: window strides.
+      padding: ((top, bottom), (left, right)).
+      dilation: kernel dilation.
+      feature_group_count: as `lax.conv_general_dilated`.
+      precision: as `lax.conv_general_dilated`.
+
+    Returns:
+      (N, H', W', C_out), the convolution.
+    """
+    (top, bottom), cols = padding
+    extra = extra_rows(x.shape, kernel.shape, x.dtype, strides, padding, dilation)
+    y = jax.lax.conv_general_dilated(
+        x, kernel, tuple(strides), ((top, bottom + extra), tuple(cols)), rhs_dilation=dilation,
+        feature_group_count=feature_group_count, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=precision)
+    return y[:, :y.shape[1] - extra] if extra else y

@@ -1,0 +1,90 @@
+"""`core.conv2d`: the plain convolution's result, kept on XLA:CPU's multi-threaded kernel."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbar.core.conv2d import conv2d, extra_rows
+
+DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def _plain(x, k, strides, padding, dilation=(1, 1), groups=1):
+    return jax.lax.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation,
+                                        feature_group_count=groups, dimension_numbers=DIMS,
+                                        precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("rows, kernel, strides, padding, dilation, expected", [
+    (16, 3, (1, 1), ((1, 1), (1, 1)), (1, 1), 1),   # SAME: one more output row than input
+    (16, 3, (1, 1), ((0, 0), (0, 0)), (1, 1), 3),   # VALID: output 14 rows, needs 17
+    (16, 3, (1, 1), ((2, 2), (1, 1)), (2, 1), 1),   # dilated SAME
+    (16, 3, (1, 1), ((2, 2), (0, 0)), (1, 1), 0),   # output 18 > 16 rows already
+    (16, 3, (2, 1), ((1, 1), (1, 1)), (1, 1), 0),   # strided rows: would double the work
+    (2, 3, (1, 1), ((1, 1), (1, 1)), (1, 1), 0),    # one row is half the work of 2
+    (4, 3, (1, 1), ((1, 1), (1, 1)), (1, 1), 1),    # a quarter more work is the limit
+])
+def test_extra_rows(rows, kernel, strides, padding, dilation, expected):
+    got = extra_rows((8, rows, 8, 32), (kernel, kernel, 32, 32), jnp.float32, strides, padding,
+                     dilation, backend="cpu")
+    assert got == expected
+
+
+def test_extra_rows_only_where_xla_cpu_would_use_ynnpack():
+    same = ((1, 1), (1, 1))
+    assert extra_rows((8, 16, 16, 16), (3, 3, 16, 16), jnp.float32, (1, 1), same,
+                      backend="cpu") == 0
+    assert extra_rows((8, 16, 16, 16), (3, 3, 16, 17), jnp.float32, (1, 1), same,
+                      backend="cpu") == 1
+    assert extra_rows((8, 16, 16, 32), (3, 3, 32, 32), jnp.bfloat16, (1, 1), same,
+                      backend="cpu") == 0
+    assert extra_rows((8, 16, 16, 32), (3, 3, 32, 32), jnp.float32, (1, 1), same,
+                      backend="gpu") == 0
+
+
+@pytest.mark.parametrize("strides, padding, dilation, groups", [
+    ((1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+    ((1, 1), ((0, 0), (0, 0)), (1, 1), 1),
+    ((1, 1), ((2, 1), (0, 2)), (2, 1), 1),
+    ((1, 2), ((1, 1), (1, 1)), (1, 1), 1),
+    ((2, 1), ((1, 1), (1, 1)), (1, 1), 1),
+    ((1, 1), ((1, 1), (1, 1)), (1, 1), 4),
+])
+def test_conv2d_is_the_plain_convolution(strides, padding, dilation, groups):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 9, 7, 32)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 32 // groups, 24)), jnp.float32)
+    got = jax.jit(lambda x, k: conv2d(x, k, strides, padding, dilation=dilation,
+                                      feature_group_count=groups))(x, k)
+    want = _plain(x, k, strides, padding, dilation, groups)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_conv2d_gradients_are_the_plain_convolutions():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 20)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 20, 20)), jnp.float32)
+    pad = ((1, 1), (1, 1))
+
+    def loss(f):
+        return jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), argnums=(0, 1))(x, k)
+
+    got = loss(lambda x, k: conv2d(x, k, (1, 1), pad))
+    want = loss(lambda x, k: _plain(x, k, (1, 1), pad))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_stays_off_ynnpack_where_xla_cpu_gives_it_the_plain_convolution():
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA:CPU's placement")
+    x = jnp.ones((4, 16, 16, 32), jnp.float32)
+    k = jnp.ones((3, 3, 32, 32), jnp.float32)
+    pad = ((1, 1), (1, 1))
+    plain = jax.jit(lambda x, k: _plain(x, k, (1, 1), pad)).lower(x, k).compile().as_text()
+    if "__ynn_fusion" not in plain:
+        pytest.skip("this XLA:CPU runs the plain convolution on its own kernel")
+    ours = jax.jit(lambda x, k: conv2d(x, k, (1, 1), pad)).lower(x, k).compile().as_text()
+    assert "__ynn_fusion" not in ours
