@@ -44,13 +44,18 @@ def main() -> None:
                 ynn = "__ynn_fusion" in compiled.as_text()
                 calls[(size, channels, setting, name, ynn)] = (compiled, (x, k))
     t = interleaved_timings(calls, repeats=args.repeats)
+    outputs = {(size, channels, setting, name): np.asarray(c(*a))
+               for (size, channels, setting, name, _), (c, a) in calls.items()}
     print(f"backend {jax.default_backend()}; batch {args.batch}, 3x3 convolutions, float32")
+    print("(max |y - y_lax|: conv2d's largest difference from lax compiled alike)")
     print(f"{'input':>12s} {'compiled with':24s} {'function':8s} {'runs in':8s} {'ms':>7s} "
-          f"{'CPU load':>8s}")
+          f"{'CPU load':>8s} {'max |y - y_lax|':>15s}")
     for (size, channels, setting, name, ynn), (median, load) in t.items():
         where = "YNNPACK" if ynn else "XLA"
+        y = outputs[size, channels, setting, name]
+        diff = np.max(np.abs(y - outputs[size, channels, setting, "lax"]))
         print(f"{f'{size}x{size}x{channels}':>12s} {setting:24s} {name:8s} {where:8s} "
-              f"{median * 1e3:7.2f} {load:8.2f}")
+              f"{median * 1e3:7.2f} {load:8.2f} {diff:15.3g}")
 
 
 if __name__ == "__main__":
