@@ -6,9 +6,10 @@ than 16 channels to YNNPACK, and a YNNPACK convolution that XLA does not fuse wi
 neighbours runs on one core (on a 2-core machine 8–9 ms against 5–6 ms for a 16×16×32 or
 8×8×64 convolution of 256 images). The analog layers put DAC and ADC operations between
 their convolutions, so XLA leaves most of them alone there. XLA keeps a convolution whose
-output has more rows than its input on its own kernel; `conv2d` pads one more row at the
-bottom (`extra_rows`) and drops the row it adds. Each output pixel's sum is the one the
-plain convolution computes on XLA's kernel.
+output has more rows than its input on its own kernel; `conv2d` pads rows at the bottom until
+the output has one row more than the input (`extra_rows`: one for SAME padding) and drops the
+rows it adds. Each output pixel's sum is the one the plain convolution computes on XLA's
+kernel. Gradients are JAX's for the padded convolution; XLA may run those on YNNPACK.
 """
 
 from __future__ import annotations
