@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbar.core.conv2d import conv2d, extra_rows
+from jaxbar.core.conv2d import conv2d, extra_padding
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -16,31 +16,35 @@ def _plain(x, k, strides, padding, dilation=(1, 1), groups=1):
                                         precision=jax.lax.Precision.HIGHEST)
 
 
-@pytest.mark.parametrize("rows, kernel, strides, padding, dilation, expected", [
-    (16, 3, (1, 1), ((1, 1), (1, 1)), (1, 1), 1),   # SAME: one more output row than input
-    (16, 3, (1, 1), ((0, 0), (0, 0)), (1, 1), 3),   # VALID: output 14 rows, needs 17
-    (16, 3, (1, 1), ((2, 2), (1, 1)), (2, 1), 1),   # dilated SAME
-    (16, 3, (1, 1), ((2, 2), (0, 0)), (1, 1), 0),   # output 18 > 16 rows already
-    (16, 3, (2, 1), ((1, 1), (1, 1)), (1, 1), 0),   # strided rows: would double the work
-    (2, 3, (1, 1), ((1, 1), (1, 1)), (1, 1), 0),    # one row is half the work of 2
-    (4, 3, (1, 1), ((1, 1), (1, 1)), (1, 1), 1),    # a quarter more work is the limit
+@pytest.mark.parametrize("shape, kernel, strides, padding, dilation, expected", [
+    ((16, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 0)),  # SAME: one row more than input
+    ((16, 8), (3, 3), (1, 1), ((0, 0), (0, 0)), (1, 1), (3, 0)),  # VALID: 14 rows out, needs 17
+    ((16, 8), (3, 3), (1, 1), ((2, 2), (1, 1)), (2, 1), (1, 0)),  # dilated SAME
+    ((16, 8), (3, 3), (1, 1), ((2, 2), (0, 0)), (1, 1), (0, 0)),  # 18 > 16 rows out already
+    ((16, 8), (3, 3), (1, 1), ((1, 1), (2, 2)), (1, 1), (0, 0)),  # 10 > 8 columns out already
+    ((16, 8), (3, 3), (2, 1), ((1, 1), (1, 1)), (1, 1), (0, 1)),  # strided rows: a column
+    ((16, 8), (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1), (0, 0)),  # both strided: twice the work
+    ((2, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (0, 1)),   # a row is half the work of 2
+    ((1, 64), (1, 3), (1, 1), ((0, 0), (1, 1)), (1, 1), (0, 1)),  # a 1-D convolution
+    ((1, 2), (1, 3), (1, 1), ((0, 0), (1, 1)), (1, 1), (0, 0)),   # too short for either
+    ((4, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 0)),   # a quarter more is the limit
 ])
-def test_extra_rows(rows, kernel, strides, padding, dilation, expected):
-    got = extra_rows((8, rows, 8, 32), (kernel, kernel, 32, 32), jnp.float32, strides, padding,
-                     dilation, backend="cpu")
+def test_extra_padding(shape, kernel, strides, padding, dilation, expected):
+    got = extra_padding((8, *shape, 32), (*kernel, 32, 32), jnp.float32, strides, padding,
+                        dilation, backend="cpu")
     assert got == expected
 
 
-def test_extra_rows_only_where_xla_cpu_would_use_ynnpack():
+def test_extra_padding_only_where_xla_cpu_would_use_ynnpack():
     same = ((1, 1), (1, 1))
-    assert extra_rows((8, 16, 16, 16), (3, 3, 16, 16), jnp.float32, (1, 1), same,
-                      backend="cpu") == 0
-    assert extra_rows((8, 16, 16, 16), (3, 3, 16, 17), jnp.float32, (1, 1), same,
-                      backend="cpu") == 1
-    assert extra_rows((8, 16, 16, 32), (3, 3, 32, 32), jnp.bfloat16, (1, 1), same,
-                      backend="cpu") == 0
-    assert extra_rows((8, 16, 16, 32), (3, 3, 32, 32), jnp.float32, (1, 1), same,
-                      backend="gpu") == 0
+    assert extra_padding((8, 16, 16, 16), (3, 3, 16, 16), jnp.float32, (1, 1), same,
+                         backend="cpu") == (0, 0)
+    assert extra_padding((8, 16, 16, 16), (3, 3, 16, 17), jnp.float32, (1, 1), same,
+                         backend="cpu") == (1, 0)
+    assert extra_padding((8, 16, 16, 32), (3, 3, 32, 32), jnp.bfloat16, (1, 1), same,
+                         backend="cpu") == (0, 0)
+    assert extra_padding((8, 16, 16, 32), (3, 3, 32, 32), jnp.float32, (1, 1), same,
+                         backend="gpu") == (0, 0)
 
 
 @pytest.mark.parametrize("strides, padding, dilation, groups", [
@@ -49,6 +53,7 @@ def test_extra_rows_only_where_xla_cpu_would_use_ynnpack():
     ((1, 1), ((2, 1), (0, 2)), (2, 1), 1),
     ((1, 2), ((1, 1), (1, 1)), (1, 1), 1),
     ((2, 1), ((1, 1), (1, 1)), (1, 1), 1),
+    ((2, 2), ((1, 1), (1, 1)), (1, 1), 1),
     ((1, 1), ((1, 1), (1, 1)), (1, 1), 4),
 ])
 def test_conv2d_is_the_plain_convolution(strides, padding, dilation, groups):
@@ -77,12 +82,15 @@ def test_conv2d_gradients_are_the_plain_convolutions():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
-def test_conv2d_stays_off_ynnpack_where_xla_cpu_gives_it_the_plain_convolution():
+@pytest.mark.parametrize("image, window, pad", [
+    ((16, 16), (3, 3), ((1, 1), (1, 1))),
+    ((1, 64), (1, 3), ((0, 0), (1, 1))),  # a 1-D convolution
+])
+def test_conv2d_stays_off_ynnpack_where_xla_cpu_gives_it_the_plain_convolution(image, window, pad):
     if jax.default_backend() != "cpu":
         pytest.skip("XLA:CPU's placement")
-    x = jnp.ones((4, 16, 16, 32), jnp.float32)
-    k = jnp.ones((3, 3, 32, 32), jnp.float32)
-    pad = ((1, 1), (1, 1))
+    x = jnp.ones((4, *image, 32), jnp.float32)
+    k = jnp.ones((*window, 32, 32), jnp.float32)
     plain = jax.jit(lambda x, k: _plain(x, k, (1, 1), pad)).lower(x, k).compile().as_text()
     if "__ynn_fusion" not in plain:
         pytest.skip("this XLA:CPU runs the plain convolution on its own kernel")

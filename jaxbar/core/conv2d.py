@@ -6,9 +6,10 @@ than 16 channels to YNNPACK, and a YNNPACK convolution that XLA does not fuse wi
 neighbours runs on one core (on a 2-core machine 8–9 ms against 5–6 ms for a 16×16×32 or
 8×8×64 convolution of 256 images). The analog layers put DAC and ADC operations between
 their convolutions, so XLA leaves most of them alone there. XLA keeps a convolution whose
-output has more rows than its input on its own kernel; `conv2d` pads rows at the bottom until
-the output has one row more than the input (`extra_rows`: one for SAME padding) and drops the
-rows it adds. Each output pixel's sum is the one the plain convolution computes on XLA's
+output has more rows (or columns) than its input on its own kernel; `conv2d` pads rows at the
+bottom until the output has one row more than the input (`extra_padding`: one for SAME
+padding), or columns at the right where rows would cost too much (1-D convolutions), and
+drops what it adds. Each output pixel's sum is the one the plain convolution computes on XLA's
 kernel. Gradients are JAX's for the padded convolution; XLA may run those on YNNPACK.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["conv2d", "extra_rows"]
+__all__ = ["conv2d", "extra_padding"]
 
 # XLA:CPU's rule: YNNPACK takes a float32/float64 2-D convolution with more than this many
 # input or output channels whose output is no larger than its input.
@@ -28,10 +29,14 @@ _MAX_EXTRA_FRACTION = 0.25
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def extra_rows(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dtype,
-               strides: tuple[int, int], padding: Padding,
-               dilation: tuple[int, int] = (1, 1), backend: str | None = None) -> int:
-    """Rows `conv2d` adds below the image so that XLA:CPU keeps the convolution (0: none).
+def extra_padding(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dtype,
+                  strides: tuple[int, int], padding: Padding,
+                  dilation: tuple[int, int] = (1, 1),
+                  backend: str | None = None) -> tuple[int, int]:
+    """Rows and columns `conv2d` adds below or right of the image; at most one is nonzero.
+
+    Rows when they cost at most a quarter more work, else columns (a 1-D convolution is a
+    2-D one over a single row), else none.
 
     Args:
       x_shape: the NHWC input shape.
@@ -41,19 +46,25 @@ def extra_rows(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dtype,
       padding: ((top, bottom), (left, right)).
       dilation: kernel dilation.
       backend: the platform compiled for; the default backend when None.
+
+    Returns:
+      (extra rows, extra columns).
     """
     backend = jax.default_backend() if backend is None else backend
     if backend != "cpu" or jnp.dtype(dtype) not in (jnp.float32, jnp.float64):
-        return 0
-    if max(x_shape[-1], kernel_shape[-1]) <= _YNNPACK_MIN_CHANNELS or strides[0] != 1:
-        return 0
-    rows = x_shape[1]
-    span = (kernel_shape[0] - 1) * dilation[0] + 1
-    out = rows + sum(padding[0]) - span + 1
-    extra = rows + 1 - out
-    if out <= 0 or extra <= 0 or extra > _MAX_EXTRA_FRACTION * out:
-        return 0
-    return extra
+        return 0, 0
+    if max(x_shape[-1], kernel_shape[-1]) <= _YNNPACK_MIN_CHANNELS:
+        return 0, 0
+    extra = [0, 0]
+    for axis in (0, 1):
+        size = x_shape[1 + axis]
+        span = (kernel_shape[axis] - 1) * dilation[axis] + 1
+        out = (size + sum(padding[axis]) - span) // strides[axis] + 1
+        if out > size:  # XLA keeps it already
+            return 0, 0
+        if strides[axis] == 1 and size + 1 - out <= _MAX_EXTRA_FRACTION * out:
+            extra[axis] = size + 1 - out
+    return (extra[0], 0) if extra[0] else (0, extra[1])
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, *,
@@ -73,10 +84,12 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: P
     Returns:
       (N, H', W', C_out), the convolution.
     """
-    (top, bottom), cols = padding
-    extra = extra_rows(x.shape, kernel.shape, x.dtype, strides, padding, dilation)
+    (top, bottom), (left, right) = padding
+    rows, cols = extra_padding(x.shape, kernel.shape, x.dtype, strides, padding, dilation)
     y = jax.lax.conv_general_dilated(
-        x, kernel, tuple(strides), ((top, bottom + extra), tuple(cols)), rhs_dilation=dilation,
-        feature_group_count=feature_group_count, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=precision)
-    return y[:, :y.shape[1] - extra] if extra else y
+        x, kernel, tuple(strides), ((top, bottom + rows), (left, right + cols)),
+        rhs_dilation=dilation, feature_group_count=feature_group_count,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+    if rows or cols:
+        y = y[:, :y.shape[1] - rows, :y.shape[2] - cols]
+    return y
