@@ -82,6 +82,57 @@ def test_conv2d_gradients_are_the_plain_convolutions():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
+def test_conv2d_over_a_trial_axis_of_kernels():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 20)), jnp.float32)
+    ks = jnp.asarray(rng.standard_normal((3, 3, 3, 20, 20)), jnp.float32)
+    pad = ((1, 1), (1, 1))
+
+    def loss(f):
+        return jax.vmap(jax.grad(lambda k: jnp.sum(jnp.sin(f(x, k)))))(ks)
+
+    got = jax.jit(lambda: (jax.vmap(lambda k: conv2d(x, k, (1, 1), pad))(ks),
+                           loss(lambda x, k: conv2d(x, k, (1, 1), pad))))()
+    want = (jax.vmap(lambda k: _plain(x, k, (1, 1), pad))(ks),
+            loss(lambda x, k: _plain(x, k, (1, 1), pad)))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def _convolutions(jaxpr):
+    """(input shapes, output shape, padding) of every convolution in a jaxpr, nested ones too."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            found.append((tuple(v.aval.shape for v in eqn.invars), eqn.outvars[0].aval.shape,
+                          tuple(eqn.params["padding"])))
+        for p in eqn.params.values():
+            inner = getattr(p, "jaxpr", p)
+            if hasattr(inner, "eqns"):
+                found += _convolutions(inner)
+    return found
+
+
+def test_conv2d_backward_pass_is_the_plain_convolutions():
+    """Only the forward convolution is padded; the gradient convolutions are the plain ones."""
+    x = jnp.ones((2, 8, 8, 20), jnp.float32)
+    k = jnp.ones((3, 3, 20, 20), jnp.float32)
+    pad = ((1, 1), (1, 1))
+
+    def grad_convolutions(f):
+        g = jax.grad(lambda x, k: jnp.sum(f(x, k) ** 2), argnums=(0, 1))
+        return _convolutions(jax.make_jaxpr(g)(x, k).jaxpr)
+
+    ours = grad_convolutions(lambda x, k: conv2d(x, k, (1, 1), pad))
+    plain = grad_convolutions(lambda x, k: _plain(x, k, (1, 1), pad))
+    rows = extra_padding(x.shape, k.shape, x.dtype, (1, 1), pad, backend="cpu")[0]
+    assert rows == 1
+    assert len(ours) == len(plain) == 3
+    forward = [c for c in ours if c[2] == ((1, 1 + rows), (1, 1))]
+    assert len(forward) == 1 and forward[0][1] == (2, 9, 8, 20)
+    assert sorted(c for c in ours if c not in forward) == sorted(plain[1:])
+
+
 @pytest.mark.parametrize("image, window, pad", [
     ((16, 16), (3, 3), ((1, 1), (1, 1))),
     ((1, 64), (1, 3), ((0, 0), (1, 1))),  # a 1-D convolution
