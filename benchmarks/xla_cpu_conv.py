@@ -16,7 +16,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import compile_settings, interleaved_timings
+from timing import compile_settings, compiled_calls, interleaved_timings
 
 from jaxbar.core.conv2d import conv2d
 
@@ -34,15 +34,15 @@ def main() -> None:
             x, k, (1, 1), same, dimension_numbers=("NHWC", "HWIO", "NHWC")),
         "conv2d": lambda x, k: conv2d(x, k, (1, 1), same),
     }
-    calls = {}
+    programs = {}
     for size, channels in [(32, 16), (16, 32), (8, 64)]:
         x = jnp.asarray(rng.random((args.batch, size, size, channels)), jnp.float32)
         k = jnp.asarray(rng.random((3, 3, channels, channels)), jnp.float32)
-        for setting, options in compile_settings().items():
-            for name, f in functions.items():
-                compiled = jax.jit(f).lower(x, k).compile(compiler_options=options)
-                ynn = "__ynn_fusion" in compiled.as_text()
-                calls[(size, channels, setting, name, ynn)] = (compiled, (x, k))
+        for name, f in functions.items():
+            programs[size, channels, name] = (f, (x, k))
+    calls = {(size, channels, setting, name, "__ynn_fusion" in c.as_text()): (c, a)
+             for (setting, (size, channels, name)), (c, a)
+             in compiled_calls(programs, compile_settings()).items()}
     t = interleaved_timings(calls, repeats=args.repeats)
     outputs = {(size, channels, setting, name): np.asarray(c(*a))
                for (size, channels, setting, name, _), (c, a) in calls.items()}
